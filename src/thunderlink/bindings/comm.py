@@ -1,0 +1,397 @@
+"""``Comm``: one C communicator, used from Python without copying buffers.
+
+Buffers are numpy arrays or any object with the buffer protocol; they are
+lent to the C core for the duration of a call (``ffi.from_buffer``) and never
+copied. The GIL is released while the core runs.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, fields
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from ..errors import ClosedError, InvalidArgumentError, check
+from ._core import ffi, lib
+
+__all__ = ["Comm", "Endpoint", "Options", "dtype_code", "DTYPES", "REDUCTIONS"]
+
+# numpy dtype name -> core dtype code. bfloat16 has no numpy dtype: pass
+# dtype="bfloat16" with a uint16 array holding the bits (or an ml_dtypes array).
+DTYPES = {
+    "bool": lib.TL_BOOL,
+    "uint8": lib.TL_UINT8,
+    "uint16": lib.TL_UINT16,
+    "uint32": lib.TL_UINT32,
+    "uint64": lib.TL_UINT64,
+    "int8": lib.TL_INT8,
+    "int16": lib.TL_INT16,
+    "int32": lib.TL_INT32,
+    "int64": lib.TL_INT64,
+    "float16": lib.TL_FLOAT16,
+    "float32": lib.TL_FLOAT32,
+    "float64": lib.TL_FLOAT64,
+    "bfloat16": lib.TL_BFLOAT16,
+    "complex64": lib.TL_COMPLEX64,
+}
+
+REDUCTIONS = {"sum": lib.TL_SUM, "prod": lib.TL_PROD, "max": lib.TL_MAX, "min": lib.TL_MIN}
+
+ALGORITHMS = {"auto": lib.TL_ALGO_AUTO, "ring": lib.TL_ALGO_RING, "oneshot": lib.TL_ALGO_ONESHOT}
+
+LOG_LEVELS = {
+    "none": lib.TL_LOG_NONE,
+    "warn": lib.TL_LOG_WARN,
+    "info": lib.TL_LOG_INFO,
+    "trace": lib.TL_LOG_TRACE,
+}
+
+
+def dtype_code(dtype) -> int:
+    """Core dtype code of a numpy dtype (or its name, "bfloat16" included)."""
+    name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise InvalidArgumentError(
+            f"[thunderlink] unsupported dtype {name!r}: thunderlink supports "
+            f"{', '.join(DTYPES)}"
+        ) from None
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Rank ``owner`` listens on host:port. ``facing`` is the rank meant to
+    connect there (the far end of a cable), or -1 for any rank."""
+
+    owner: int
+    host: str
+    port: int
+    facing: int = -1
+    ifname: str = ""
+    weight: float = 1.0
+
+
+@dataclass
+class Options:
+    """Knobs of a communicator; None keeps the core's default.
+
+    Times are in seconds. ``algo`` is "auto", "ring" or "oneshot";
+    ``log_level`` "none", "warn", "info" or "trace". Fields marked (*) in
+    tl.h must be equal on every rank (the handshake checks it)."""
+
+    job_id: int | None = None
+    connect_timeout: float | None = None
+    timeout: float | None = None
+    conns_per_peer: int | None = None
+    pipeline_depth: int | None = None
+    chunk_bytes: int | None = None
+    algo_threshold: int | None = None
+    algo: str | None = None
+    spin_us: int | None = None
+    stripe_min_bytes: int | None = None
+    sockbuf_bytes: int | None = None
+    log_level: str | None = None
+
+    def to_c(self):
+        o = ffi.new("tl_options_t *")
+        lib.tl_options_default(o)
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if v is None:
+                continue
+            if f.name == "connect_timeout":
+                o.connect_timeout_ms = _ms(v, f.name)
+            elif f.name == "timeout":
+                o.timeout_ms = _ms(v, f.name)
+            elif f.name == "algo":
+                o.algo = _choice(ALGORITHMS, v, "algo")
+            elif f.name == "log_level":
+                o.log_level = _choice(LOG_LEVELS, v, "log_level")
+            elif f.name == "job_id":
+                o.job_id = int(v) & 0xFFFFFFFFFFFFFFFF
+            else:
+                setattr(o, f.name, int(v))
+        return o
+
+    @staticmethod
+    def defaults() -> dict:
+        """The core's defaults, in this class's units."""
+        o = ffi.new("tl_options_t *")
+        lib.tl_options_default(o)
+        inv = {v: k for k, v in ALGORITHMS.items()}
+        lv = {v: k for k, v in LOG_LEVELS.items()}
+        return {
+            "connect_timeout": o.connect_timeout_ms / 1000,
+            "timeout": o.timeout_ms / 1000,
+            "conns_per_peer": o.conns_per_peer,
+            "pipeline_depth": o.pipeline_depth,
+            "chunk_bytes": o.chunk_bytes,
+            "algo_threshold": o.algo_threshold,
+            "algo": inv[o.algo],
+            "spin_us": o.spin_us,
+            "stripe_min_bytes": o.stripe_min_bytes,
+            "sockbuf_bytes": o.sockbuf_bytes,
+            "log_level": lv[o.log_level],
+        }
+
+
+def _ms(seconds: float, name: str) -> int:
+    ms = int(round(float(seconds) * 1000))
+    if ms <= 0 or ms > 2**31 - 1:
+        raise InvalidArgumentError(f"[thunderlink] {name} must be between 0.001 and 2e6 seconds, not {seconds}")
+    return ms
+
+
+def _choice(table: dict, value: str, name: str) -> int:
+    try:
+        return table[str(value).lower()]
+    except KeyError:
+        raise InvalidArgumentError(
+            f"[thunderlink] {name} must be one of {', '.join(table)}, not {value!r}"
+        ) from None
+
+
+def _view(obj, dtype, writable: bool, what: str):
+    """(cdata, element count, dtype code) of a buffer, without copying."""
+    if isinstance(obj, np.ndarray):
+        arr = obj
+    else:
+        try:
+            arr = np.asarray(memoryview(obj))
+        except TypeError:
+            raise InvalidArgumentError(
+                f"[thunderlink] {what}: expected a numpy array or a buffer, got {type(obj).__name__}"
+            ) from None
+    if not arr.flags.c_contiguous:
+        raise InvalidArgumentError(
+            f"[thunderlink] {what}: the array must be C-contiguous (use numpy.ascontiguousarray)"
+        )
+    if writable and not arr.flags.writeable:
+        raise InvalidArgumentError(f"[thunderlink] {what}: the output array is read-only")
+    code = dtype_code(dtype if dtype is not None else arr.dtype)
+    size = int(lib.tl_dtype_size(code))
+    if arr.nbytes % size:
+        raise InvalidArgumentError(
+            f"[thunderlink] {what}: {arr.nbytes} bytes is not a whole number of {dtype} elements"
+        )
+    buf = ffi.from_buffer(arr, require_writable=writable) if arr.nbytes else ffi.NULL
+    return buf, arr.nbytes // size, code, arr
+
+
+class Comm:
+    """A connected communicator; create one with :meth:`Comm.create`.
+
+    Calls on one Comm from several threads are serialised by the core;
+    distinct communicators (e.g. from :meth:`split`) run concurrently."""
+
+    def __init__(self, handle):
+        self._h = handle
+        self._lock = threading.Lock()
+
+    # ---- life cycle -------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        rank: int,
+        size: int,
+        endpoints: Iterable[Endpoint],
+        options: Options | None = None,
+        ring: Sequence[int] | None = None,
+    ) -> "Comm":
+        """Create and connect rank ``rank`` of ``size``. Blocks until every
+        connection of this rank is up, or the connect timeout."""
+        if not (0 <= rank < size):
+            raise InvalidArgumentError(f"[thunderlink] rank {rank} is out of range for world size {size}")
+        opts = (options or Options()).to_c()
+        out = ffi.new("tl_comm_t **")
+        rc = lib.tl_comm_create(out, rank, size, opts)
+        if rc:
+            check(rc)
+        comm = cls(out[0])
+        try:
+            for e in endpoints:
+                check(
+                    lib.tl_comm_add_endpoint(
+                        comm._h, e.owner, e.facing, e.host.encode(), e.port,
+                        e.ifname.encode() if e.ifname else ffi.NULL, float(e.weight),
+                    ),
+                    comm._h,
+                )
+            if ring is not None:
+                order = ffi.new("int32_t[]", list(ring))
+                check(lib.tl_comm_set_ring(comm._h, order, len(ring)), comm._h)
+            check(lib.tl_comm_connect(comm._h), comm._h)
+        except BaseException:
+            comm.close()
+            raise
+        return comm
+
+    def close(self) -> None:
+        """Close the connections and free the communicator (idempotent)."""
+        with self._lock:
+            h, self._h = self._h, None
+        if h is not None:
+            lib.tl_comm_release(h)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    @property
+    def handle(self):
+        if self._h is None:
+            raise ClosedError("[thunderlink] the communicator is closed")
+        return self._h
+
+    def handle_address(self) -> int:
+        """A new reference to the communicator, as an integer, for the MLX
+        shim (which releases it)."""
+        h = self.handle
+        lib.tl_comm_retain(h)
+        return int(ffi.cast("uintptr_t", h))
+
+    @property
+    def rank(self) -> int:
+        return lib.tl_comm_rank(self.handle)
+
+    @property
+    def size(self) -> int:
+        return lib.tl_comm_size(self.handle)
+
+    def __repr__(self):
+        if self._h is None:
+            return "<thunderlink.Comm closed>"
+        return f"<thunderlink.Comm rank {self.rank} of {self.size}>"
+
+    # ---- collectives ------------------------------------------------------
+
+    def all_reduce(self, x, out=None, op: str = "sum", dtype=None):
+        """out = op over ranks of x (in place when out is x). Returns out."""
+        h = self.handle
+        src, n, code, arr = _view(x, dtype, False, "all_reduce input")
+        if out is None:
+            out = np.empty_like(arr)
+        dst, m, code2, _ = _view(out, dtype, True, "all_reduce output")
+        if (m, code2) != (n, code):
+            raise InvalidArgumentError("[thunderlink] all_reduce: output must match the input's size and dtype")
+        check(lib.tl_all_reduce(h, src, dst, n, code, _choice(REDUCTIONS, op, "op")), h)
+        return out
+
+    def all_sum(self, x, out=None, dtype=None):
+        return self.all_reduce(x, out, "sum", dtype)
+
+    def all_max(self, x, out=None, dtype=None):
+        return self.all_reduce(x, out, "max", dtype)
+
+    def all_min(self, x, out=None, dtype=None):
+        return self.all_reduce(x, out, "min", dtype)
+
+    def all_gather(self, x, out=None, dtype=None):
+        """out = concatenation over ranks of x along the first axis."""
+        h = self.handle
+        src, n, code, arr = _view(x, dtype, False, "all_gather input")
+        size = self.size
+        if out is None:
+            shape = (arr.shape[0] * size,) + arr.shape[1:] if arr.ndim else (size,)
+            out = np.empty(shape, dtype=arr.dtype)
+        dst, m, code2, _ = _view(out, dtype, True, "all_gather output")
+        if (m, code2) != (n * size, code):
+            raise InvalidArgumentError(
+                f"[thunderlink] all_gather: output must hold {size} x {n} elements of the input's dtype"
+            )
+        check(lib.tl_all_gather(h, src, dst, n, code), h)
+        return out
+
+    def reduce_scatter(self, x, out=None, op: str = "sum", dtype=None):
+        """Rank r gets op over ranks of block r of x (x's first axis is cut
+        into size blocks; it must be divisible by size)."""
+        h = self.handle
+        src, n, code, arr = _view(x, dtype, False, "reduce_scatter input")
+        size = self.size
+        if n % size:
+            raise InvalidArgumentError(
+                f"[thunderlink] reduce_scatter: {n} elements cannot be cut into {size} equal blocks"
+            )
+        if out is None:
+            if arr.ndim and arr.shape[0] % size == 0:
+                out = np.empty((arr.shape[0] // size,) + arr.shape[1:], dtype=arr.dtype)
+            else:
+                out = np.empty(n // size, dtype=arr.dtype)
+        dst, m, code2, _ = _view(out, dtype, True, "reduce_scatter output")
+        if (m, code2) != (n // size, code):
+            raise InvalidArgumentError("[thunderlink] reduce_scatter: output must hold one block of the input")
+        check(lib.tl_reduce_scatter(h, src, dst, n // size, code, _choice(REDUCTIONS, op, "op")), h)
+        return out
+
+    def send(self, x, peer: int, dtype=None) -> None:
+        h = self.handle
+        src, n, code, _ = _view(x, dtype, False, "send")
+        check(lib.tl_send(h, src, n, code, peer), h)
+
+    def recv(self, out, peer: int, dtype=None):
+        h = self.handle
+        dst, n, code, _ = _view(out, dtype, True, "recv")
+        check(lib.tl_recv(h, dst, n, code, peer), h)
+        return out
+
+    def broadcast(self, x, root: int = 0, dtype=None):
+        """Copy x of ``root`` into x of every rank (in place). Returns x."""
+        h = self.handle
+        buf, n, code, _ = _view(x, dtype, True, "broadcast")
+        check(lib.tl_broadcast(h, buf, n, code, root), h)
+        return x
+
+    def barrier(self) -> None:
+        h = self.handle
+        check(lib.tl_barrier(h), h)
+
+    def split(self, color: int, key: int = -1) -> "Comm | None":
+        """Collective: ranks with the same color form a new communicator,
+        ordered by key. A negative color returns None."""
+        h = self.handle
+        out = ffi.new("tl_comm_t **")
+        check(lib.tl_comm_split(h, color, key, out), h)
+        return Comm(out[0]) if out[0] != ffi.NULL else None
+
+    def stats(self) -> dict:
+        return _stats(self.handle)
+
+
+OP_NAMES = {
+    "all_reduce": lib.TL_OP_ALL_REDUCE,
+    "all_gather": lib.TL_OP_ALL_GATHER,
+    "reduce_scatter": lib.TL_OP_REDUCE_SCATTER,
+    "send": lib.TL_OP_SEND,
+    "broadcast": lib.TL_OP_BROADCAST,
+    "barrier": lib.TL_OP_BARRIER,
+    "split": lib.TL_OP_SPLIT,
+}
+
+
+def _stats(handle) -> dict:
+    s = ffi.new("tl_stats_t *")
+    check(lib.tl_comm_stats(handle, s), handle)
+    return {
+        "calls": {name: int(s.calls[code]) for name, code in OP_NAMES.items()},
+        "bytes_sent": int(s.bytes_sent),
+        "bytes_received": int(s.bytes_received),
+        "last_in": int(s.last_in),
+        "last_out": int(s.last_out),
+    }
+
+
+def process_stats() -> dict:
+    """Counters summed over every communicator of this process."""
+    return _stats(ffi.NULL)

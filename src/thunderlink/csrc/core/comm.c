@@ -1,0 +1,457 @@
+/*
+ * Communicator life cycle: creation, endpoints, connection, split, closing,
+ * reference counting, statistics and the function table for the MLX shim.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+
+/* Process-wide counters: the sum of every communicator's, added as each
+ * operation ends. */
+static struct {
+  _Atomic uint64_t calls[TL_NUM_OPS];
+  _Atomic uint64_t bytes_sent;
+  _Atomic uint64_t bytes_received;
+  _Atomic uint64_t last_in;
+  _Atomic uint64_t last_out;
+} g_stats;
+
+void tl_options_default(tl_options_t *o) {
+  memset(o, 0, sizeof *o);
+  o->job_id = 0;
+  o->connect_timeout_ms = 60 * 1000;
+  o->timeout_ms = 600 * 1000;
+  o->conns_per_peer = 2;
+  o->pipeline_depth = 4;
+  o->chunk_bytes = 1 << 20;
+  o->algo_threshold = 64 << 10;
+  o->algo = TL_ALGO_AUTO;
+  o->spin_us = 50;
+  o->stripe_min_bytes = 256 << 10;
+  o->sockbuf_bytes = 0;
+  o->log_level = TL_LOG_WARN;
+}
+
+static int check_options(const tl_options_t *o, char *why, size_t cap) {
+  if (o->connect_timeout_ms <= 0 || o->timeout_ms <= 0)
+    return snprintf(why, cap, "timeouts must be positive (connect %d ms, "
+                    "collective %d ms)", o->connect_timeout_ms, o->timeout_ms), 1;
+  if (o->conns_per_peer < 1 || o->conns_per_peer > TL_MAX_CONNS)
+    return snprintf(why, cap, "connections per peer must be 1..%d, not %d",
+                    TL_MAX_CONNS, o->conns_per_peer), 1;
+  if (o->pipeline_depth < 1 || o->pipeline_depth > 64)
+    return snprintf(why, cap, "pipeline depth must be 1..64, not %d",
+                    o->pipeline_depth), 1;
+  if (o->chunk_bytes < 4096 || (size_t)o->chunk_bytes > TL_MAX_FRAME)
+    return snprintf(why, cap, "chunk size must be 4 KiB..1 GiB, not %lld B",
+                    (long long)o->chunk_bytes), 1;
+  if (o->algo_threshold < 0 || o->stripe_min_bytes < 0 || o->spin_us < 0 ||
+      o->sockbuf_bytes < 0)
+    return snprintf(why, cap, "thresholds, spin time and socket buffer sizes "
+                    "must not be negative"), 1;
+  if (o->algo < TL_ALGO_AUTO || o->algo > TL_ALGO_ONESHOT)
+    return snprintf(why, cap, "unknown algorithm %d", o->algo), 1;
+  return 0;
+}
+
+int tl_comm_create(tl_comm_t **out, int rank, int size,
+                   const tl_options_t *opts) {
+  if (!out) return TL_ERR_INVALID;
+  *out = NULL;
+  if (size < 1 || rank < 0 || rank >= size) return TL_ERR_INVALID;
+  tl_options_t o;
+  if (opts) o = *opts; else tl_options_default(&o);
+  char why[256];
+  if (check_options(&o, why, sizeof why)) return TL_ERR_CONFIG;
+
+  tl_comm_t *c = calloc(1, sizeof *c);
+  if (!c) return TL_ERR_NOMEM;
+  c->rank = rank;
+  c->size = size;
+  c->opts = o;
+  c->comm_id = o.job_id;
+  atomic_init(&c->refs, 1);
+  pthread_mutex_init(&c->lock, NULL);
+  c->ops = &tl__tcp_ops;
+  c->links = calloc((size_t)size, sizeof *c->links);
+  c->ring = malloc((size_t)size * sizeof *c->ring);
+  if (!c->links || !c->ring) {
+    free(c->links);
+    free(c->ring);
+    free(c);
+    return TL_ERR_NOMEM;
+  }
+  for (int i = 0; i < size; i++) c->ring[i] = i;
+  c->ring_pos = rank;
+  *out = c;
+  return TL_OK;
+}
+
+const char *tl_comm_last_error(tl_comm_t *c) { return c ? c->err : ""; }
+
+int tl_comm_add_endpoint(tl_comm_t *c, int owner, int facing, const char *host,
+                         int port, const char *ifname, double weight) {
+  if (!c) return TL_ERR_INVALID;
+  if (c->connected)
+    return tl__error(c, TL_ERR_INVALID, "endpoints must be declared before "
+                     "tl_comm_connect");
+  if (owner < 0 || owner >= c->size)
+    return tl__error(c, TL_ERR_CONFIG, "endpoint owner rank %d is out of range "
+                     "(world size %d)", owner, c->size);
+  if (facing < -1 || facing >= c->size || facing == owner)
+    return tl__error(c, TL_ERR_CONFIG, "endpoint of rank %d faces rank %d, which "
+                     "is not another rank of this world of %d", owner, facing,
+                     c->size);
+  if (!host || !*host || strlen(host) >= TL_HOST_LEN)
+    return tl__error(c, TL_ERR_CONFIG, "endpoint of rank %d has an empty or "
+                     "overlong host", owner);
+  if (port < 0 || port > 65535)
+    return tl__error(c, TL_ERR_CONFIG, "endpoint %s of rank %d has port %d, "
+                     "outside 0..65535", host, owner, port);
+  if (ifname && strlen(ifname) >= TL_IFNAME_LEN)
+    return tl__error(c, TL_ERR_CONFIG, "interface name '%s' is too long", ifname);
+  if (!(weight > 0))
+    return tl__error(c, TL_ERR_CONFIG, "endpoint %s of rank %d has weight %g; "
+                     "weights must be positive", host, owner, weight);
+  for (int i = 0; i < c->neps; i++) {
+    tl_endpoint_t *e = &c->eps[i];
+    if (port != 0 && e->port == port && strcmp(e->host, host) == 0 &&
+        e->owner != owner)
+      return tl__error(c, TL_ERR_CONFIG, "ranks %d and %d both listen on %s "
+                       "port %d: every rank needs its own address or port",
+                       e->owner, owner, host, port);
+  }
+  if (c->neps == c->eps_cap) {
+    int cap = c->eps_cap ? 2 * c->eps_cap : 8;
+    tl_endpoint_t *n = realloc(c->eps, (size_t)cap * sizeof *n);
+    if (!n) return tl__error(c, TL_ERR_NOMEM, "out of memory adding an endpoint");
+    c->eps = n;
+    c->eps_cap = cap;
+  }
+  tl_endpoint_t *e = &c->eps[c->neps++];
+  memset(e, 0, sizeof *e);
+  e->owner = owner;
+  e->facing = facing;
+  snprintf(e->host, sizeof e->host, "%s", host);
+  e->port = port;
+  if (ifname) snprintf(e->ifname, sizeof e->ifname, "%s", ifname);
+  e->weight = weight;
+  return TL_OK;
+}
+
+int tl_comm_set_ring(tl_comm_t *c, const int32_t *order, int n) {
+  if (!c || !order) return TL_ERR_INVALID;
+  if (n != c->size)
+    return tl__error(c, TL_ERR_CONFIG, "ring order lists %d ranks, world size is "
+                     "%d", n, c->size);
+  char *seen = calloc((size_t)n, 1);
+  if (!seen) return TL_ERR_NOMEM;
+  for (int i = 0; i < n; i++) {
+    if (order[i] < 0 || order[i] >= n || seen[order[i]]) {
+      free(seen);
+      return tl__error(c, TL_ERR_CONFIG, "ring order must list each rank 0..%d "
+                       "exactly once (entry %d is %d)", n - 1, i, order[i]);
+    }
+    seen[order[i]] = 1;
+  }
+  free(seen);
+  for (int i = 0; i < n; i++) {
+    c->ring[i] = order[i];
+    if (order[i] == c->rank) c->ring_pos = i;
+  }
+  return TL_OK;
+}
+
+/* Ring neighbours must share a link; other pairs may not (a Thunderbolt ring
+ * has cables between neighbours only), which rules out the one-round
+ * algorithms that need every pair. */
+static int check_links(tl_comm_t *c) {
+  c->mesh = 1;
+  for (int p = 0; p < c->size; p++)
+    if (p != c->rank && c->links[p].nconns == 0) c->mesh = 0;
+  int n = c->size;
+  int left = c->ring[(c->ring_pos + n - 1) % n], right = c->ring[(c->ring_pos + 1) % n];
+  int bad = c->links[left].nconns == 0 ? left : c->links[right].nconns == 0 ? right : -1;
+  if (bad >= 0)
+    return tl__error(c, TL_ERR_CONFIG, "ranks %d and %d are neighbours in the ring "
+                     "but the hostfile gives neither an address the other can "
+                     "reach: add one, or order the ring along the cables", c->rank,
+                     bad);
+  return TL_OK;
+}
+
+int tl_comm_connect(tl_comm_t *c) {
+  if (!c) return TL_ERR_INVALID;
+  pthread_mutex_lock(&c->lock);
+  int rc;
+  if (c->connected || c->closed) {
+    rc = tl__error(c, TL_ERR_INVALID, "tl_comm_connect called twice, or after "
+                   "close");
+  } else if (c->size == 1) {
+    c->connected = 1;
+    rc = TL_OK;
+  } else {
+    rc = c->ops->listen(c);
+    if (!rc) rc = c->ops->connect(c);
+    if (!rc) rc = check_links(c);
+    if (!rc) c->connected = 1;
+  }
+  pthread_mutex_unlock(&c->lock);
+  return rc;
+}
+
+int tl_comm_close(tl_comm_t *c) {
+  if (!c) return TL_ERR_INVALID;
+  pthread_mutex_lock(&c->lock);
+  if (!c->closed) {
+    c->closed = 1;
+    c->ops->shutdown(c);
+  }
+  pthread_mutex_unlock(&c->lock);
+  return TL_OK;
+}
+
+int tl_comm_retain(tl_comm_t *c) {
+  if (!c) return TL_ERR_INVALID;
+  atomic_fetch_add(&c->refs, 1);
+  return TL_OK;
+}
+
+int tl_comm_release(tl_comm_t *c) {
+  if (!c) return TL_ERR_INVALID;
+  if (atomic_fetch_sub(&c->refs, 1) != 1) return TL_OK;
+  tl_comm_close(c);
+  while (c->free_slices) {
+    tl_slice_t *s = c->free_slices;
+    c->free_slices = s->next;
+    free(s);
+  }
+  pthread_mutex_destroy(&c->lock);
+  free(c->scratch);
+  free(c->eps);
+  free(c->links);
+  free(c->ring);
+  free(c);
+  return TL_OK;
+}
+
+int tl_comm_rank(tl_comm_t *c) { return c ? c->rank : TL_ERR_INVALID; }
+int tl_comm_size(tl_comm_t *c) { return c ? c->size : TL_ERR_INVALID; }
+
+int tl_comm_stats(tl_comm_t *c, tl_stats_t *out) {
+  if (!out) return TL_ERR_INVALID;
+  if (c) {
+    pthread_mutex_lock(&c->lock);
+    *out = c->stats;
+    pthread_mutex_unlock(&c->lock);
+    return TL_OK;
+  }
+  for (int i = 0; i < TL_NUM_OPS; i++) out->calls[i] = atomic_load(&g_stats.calls[i]);
+  out->bytes_sent = atomic_load(&g_stats.bytes_sent);
+  out->bytes_received = atomic_load(&g_stats.bytes_received);
+  out->last_in = atomic_load(&g_stats.last_in);
+  out->last_out = atomic_load(&g_stats.last_out);
+  return TL_OK;
+}
+
+/* Add what this operation did to the process-wide counters. `before` is the
+ * communicator's counters at the start of the operation. */
+void tl__stats_publish(tl_comm_t *c, const tl_stats_t *before) {
+  for (int i = 0; i < TL_NUM_OPS; i++)
+    if (c->stats.calls[i] != before->calls[i])
+      atomic_fetch_add(&g_stats.calls[i], c->stats.calls[i] - before->calls[i]);
+  atomic_fetch_add(&g_stats.bytes_sent, c->stats.bytes_sent - before->bytes_sent);
+  atomic_fetch_add(&g_stats.bytes_received,
+                   c->stats.bytes_received - before->bytes_received);
+  atomic_store(&g_stats.last_in, c->stats.last_in);
+  atomic_store(&g_stats.last_out, c->stats.last_out);
+}
+
+/* ---- split --------------------------------------------------------------------
+ *
+ * The child listens on the parent's addresses on fresh ports before anything
+ * is exchanged, so no rank can connect to a port that is not open yet. One
+ * all_gather over the parent shares every rank's (color, key, ports); each
+ * member then builds the child's endpoint table from the parent's, renumbered.
+ */
+
+typedef struct split_rec {
+  int32_t color;
+  int32_t key;
+  int32_t ports[]; /* one per endpoint owned by this rank, in table order */
+} split_rec_t;
+
+static uint64_t mix64(uint64_t h, uint64_t v) {
+  h ^= v + 0x9e3779b97f4a7c15ull + (h << 6) + (h >> 2);
+  h *= 0xff51afd7ed558ccdull;
+  return h ^ (h >> 33);
+}
+
+/* Build the child's endpoints and ring from the parent's, keeping members. */
+static int reshape_child(tl_comm_t *parent, tl_comm_t *child, const int *newrank,
+                         const char *recs, size_t rec_size, int max_own) {
+  int k = 0;
+  int *seen_own = calloc((size_t)parent->size, sizeof *seen_own);
+  if (!seen_own) return TL_ERR_NOMEM;
+  for (int i = 0; i < parent->neps; i++) {
+    const tl_endpoint_t *e = &parent->eps[i];
+    int idx = seen_own[e->owner]++;
+    if (newrank[e->owner] < 0) continue;
+    if (e->facing >= 0 && newrank[e->facing] < 0) continue;
+    const split_rec_t *r = (const split_rec_t *)(recs + (size_t)e->owner * rec_size);
+    tl_endpoint_t *d = &child->eps[k++];
+    *d = *e;
+    d->owner = newrank[e->owner];
+    d->facing = e->facing >= 0 ? newrank[e->facing] : -1;
+    d->port = idx < max_own ? r->ports[idx] : 0;
+  }
+  free(seen_own);
+  child->neps = k;
+  int p = 0;
+  for (int i = 0; i < parent->size; i++) {
+    int r = parent->ring[i];
+    if (newrank[r] < 0) continue;
+    child->ring[p] = newrank[r];
+    if (newrank[r] == child->rank) child->ring_pos = p;
+    p++;
+  }
+  return TL_OK;
+}
+
+int tl_comm_split(tl_comm_t *c, int color, int key, tl_comm_t **out) {
+  if (!c || !out) return TL_ERR_INVALID;
+  *out = NULL;
+  pthread_mutex_lock(&c->lock);
+  tl_stats_t before = c->stats;
+  int rc = tl__op_begin(c, TL_OP_SPLIT, TL_INT32, 0xff, 0, "split");
+  if (rc) goto unlock;
+
+  int max_own = 0;
+  {
+    int *own = calloc((size_t)c->size, sizeof *own);
+    if (!own) { rc = tl__fail(c, TL_ERR_NOMEM, "out of memory"); goto end; }
+    for (int i = 0; i < c->neps; i++) own[c->eps[i].owner]++;
+    for (int i = 0; i < c->size; i++) max_own = own[i] > max_own ? own[i] : max_own;
+    free(own);
+  }
+  size_t rec_size = sizeof(split_rec_t) + (size_t)max_own * sizeof(int32_t);
+  c->cur.total = rec_size;
+
+  /* The child starts as a copy of the parent's world so that it can listen on
+   * this rank's addresses; it is renumbered once the members are known. */
+  tl_comm_t *child = NULL;
+  rc = tl_comm_create(&child, c->rank, c->size, &c->opts);
+  if (rc) { rc = tl__fail(c, rc, "cannot create the child communicator"); goto end; }
+  child->eps = malloc((size_t)(c->neps ? c->neps : 1) * sizeof *child->eps);
+  if (!child->eps) {
+    tl_comm_release(child);
+    rc = tl__fail(c, TL_ERR_NOMEM, "out of memory");
+    goto end;
+  }
+  memcpy(child->eps, c->eps, (size_t)c->neps * sizeof *child->eps);
+  child->neps = child->eps_cap = c->neps;
+  for (int i = 0; i < child->neps; i++)
+    if (child->eps[i].owner == c->rank) child->eps[i].port = 0;
+
+  char *recs = calloc((size_t)c->size + 1, rec_size);
+  int *newrank = malloc((size_t)c->size * sizeof *newrank);
+  if (!recs || !newrank) {
+    free(recs);
+    free(newrank);
+    tl_comm_release(child);
+    rc = tl__fail(c, TL_ERR_NOMEM, "out of memory");
+    goto end;
+  }
+  split_rec_t *mine = (split_rec_t *)(recs + (size_t)c->size * rec_size);
+  mine->color = color;
+  mine->key = key < 0 ? c->rank : key;
+  if (color >= 0) {
+    rc = child->ops->listen(child);
+    if (rc) {
+      /* Tell the peers through the parent rather than leaving them waiting. */
+      rc = tl__fail(c, rc, "cannot listen for the child communicator: %s",
+                    child->err);
+    }
+    int j = 0;
+    for (int i = 0; i < child->neps; i++)
+      if (child->eps[i].owner == c->rank) mine->ports[j++] = child->eps[i].port;
+  }
+  if (!rc) rc = tl__gather_bytes(c, mine, recs, rec_size);
+
+  if (!rc && color >= 0) {
+    /* Members ordered by (key, parent rank). */
+    int n = 0;
+    for (int i = 0; i < c->size; i++) {
+      const split_rec_t *r = (const split_rec_t *)(recs + (size_t)i * rec_size);
+      newrank[i] = -1;
+      if (r->color != color) continue;
+      int pos = 0;
+      for (int j = 0; j < c->size; j++) {
+        const split_rec_t *q = (const split_rec_t *)(recs + (size_t)j * rec_size);
+        if (q->color != color) continue;
+        if (q->key < r->key || (q->key == r->key && j < i)) pos++;
+      }
+      newrank[i] = pos;
+      n++;
+    }
+    child->rank = newrank[c->rank];
+    child->size = n;
+    child->comm_id = mix64(mix64(c->comm_id, ++c->split_count), (uint64_t)color);
+    rc = reshape_child(c, child, newrank, recs, rec_size, max_own);
+    if (rc) rc = tl__fail(c, rc, "out of memory");
+  } else {
+    c->split_count++;
+  }
+  free(recs);
+  free(newrank);
+  tl__op_end(c);
+  tl__stats_publish(c, &before);
+  pthread_mutex_unlock(&c->lock);
+
+  if (rc || color < 0) {
+    tl_comm_release(child);
+    return rc;
+  }
+  /* Connecting the child needs no lock on the parent. */
+  if (child->size > 1) {
+    rc = child->ops->connect(child);
+    if (!rc) rc = check_links(child);
+    if (rc) {
+      snprintf(c->err, sizeof c->err, "%s", child->err);
+      tl_comm_release(child);
+      return rc;
+    }
+  }
+  child->connected = 1;
+  *out = child;
+  return TL_OK;
+
+end:
+  tl__op_end(c);
+  tl__stats_publish(c, &before);
+unlock:
+  pthread_mutex_unlock(&c->lock);
+  return rc;
+}
+
+/* ---- function table for the MLX shim --------------------------------------- */
+
+static const tl_vtable_t g_vtable = {
+    .abi_version = TL_ABI_VERSION,
+    .size = sizeof(tl_vtable_t),
+    .comm_retain = tl_comm_retain,
+    .comm_release = tl_comm_release,
+    .comm_rank = tl_comm_rank,
+    .comm_size = tl_comm_size,
+    .comm_split = tl_comm_split,
+    .comm_last_error = tl_comm_last_error,
+    .all_reduce = tl_all_reduce,
+    .all_gather = tl_all_gather,
+    .reduce_scatter = tl_reduce_scatter,
+    .send = tl_send,
+    .recv = tl_recv,
+};
+
+const tl_vtable_t *tl_get_vtable(void) { return &g_vtable; }

@@ -1,0 +1,289 @@
+/*
+ * thunderlink C core: public API.
+ *
+ * One communicator (tl_comm_t) connects `size` ranks. Every function returns
+ * an int status: TL_OK (0) or a negative TL_ERR_* code. When a function that
+ * takes a communicator fails, tl_comm_last_error() returns a message naming
+ * the rank, the peer, the operation and the cause.
+ *
+ * Rules every function follows:
+ *  - Buffers belong to the caller. The core reads and writes them only for the
+ *    duration of the call and keeps no pointer afterwards.
+ *  - Every blocking call has a deadline (tl_options_t.timeout_ms for
+ *    collectives, connect_timeout_ms for tl_comm_connect). Waiting is done in
+ *    poll(2), after at most a short spin (spin_us).
+ *  - The first failure of a collective poisons the communicator: the peers are
+ *    told (best effort) and every later call fails fast with the same status
+ *    and message. A poisoned communicator can only be closed and released.
+ *  - Calls on one communicator are serialised by an internal lock; distinct
+ *    communicators (for example the children of tl_comm_split) are
+ *    independent and may be used from different threads at the same time.
+ *  - The core never prints to stdout, never exits and never aborts. Warnings
+ *    (a refused stranger connection, for instance) go to stderr as one line
+ *    each, filtered by tl_options_t.log_level.
+ */
+#ifndef THUNDERLINK_TL_H
+#define THUNDERLINK_TL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Bumped whenever tl_vtable_t or the meaning of a function changes. */
+#define TL_ABI_VERSION 1
+
+/* Wire protocol version, sent in every handshake. */
+#define TL_PROTOCOL_VERSION 1
+
+/* ---- status codes ------------------------------------------------------ */
+
+#define TL_OK 0
+#define TL_ERR_INVALID (-1)     /* bad argument: wrong rank, dtype, size ... */
+#define TL_ERR_CONFIG (-2)      /* bad configuration: addresses, ports ...  */
+#define TL_ERR_SYSTEM (-3)      /* an OS call failed (errno in the message) */
+#define TL_ERR_TIMEOUT (-4)     /* a deadline passed                         */
+#define TL_ERR_PEER (-5)        /* a peer closed, reset or aborted           */
+#define TL_ERR_PROTOCOL (-6)    /* bad handshake or frame on the wire        */
+#define TL_ERR_MISMATCH (-7)    /* ranks called different collectives        */
+#define TL_ERR_UNSUPPORTED (-8) /* operation not available in this build     */
+#define TL_ERR_NOMEM (-9)       /* out of memory                             */
+#define TL_ERR_CLOSED (-10)     /* the communicator was closed               */
+#define TL_ERR_INTERRUPTED (-11) /* a signal interrupted the main thread     */
+
+/* ---- data types (same order as mlx::core::Dtype::Val) ------------------ */
+
+#define TL_BOOL 0
+#define TL_UINT8 1
+#define TL_UINT16 2
+#define TL_UINT32 3
+#define TL_UINT64 4
+#define TL_INT8 5
+#define TL_INT16 6
+#define TL_INT32 7
+#define TL_INT64 8
+#define TL_FLOAT16 9
+#define TL_FLOAT32 10
+#define TL_FLOAT64 11
+#define TL_BFLOAT16 12
+#define TL_COMPLEX64 13
+#define TL_NUM_DTYPES 14
+
+/* ---- reduction operators ---------------------------------------------- */
+
+#define TL_SUM 0
+#define TL_PROD 1
+#define TL_MAX 2
+#define TL_MIN 3
+#define TL_NUM_REDOPS 4
+
+/* ---- collective kinds (for statistics and wire headers) ---------------- */
+
+#define TL_OP_ALL_REDUCE 1
+#define TL_OP_ALL_GATHER 2
+#define TL_OP_REDUCE_SCATTER 3
+#define TL_OP_SEND 4
+#define TL_OP_BROADCAST 5
+#define TL_OP_BARRIER 6
+#define TL_OP_SPLIT 7
+#define TL_NUM_OPS 8
+
+/* ---- algorithm choice for all_reduce ----------------------------------- */
+
+#define TL_ALGO_AUTO 0    /* by size: one-shot up to algo_threshold, ring above */
+#define TL_ALGO_RING 1    /* pipelined ring: reduce-scatter + all-gather */
+#define TL_ALGO_ONESHOT 2 /* every rank sends its buffer to every other rank */
+
+/* ---- log levels --------------------------------------------------------- */
+
+#define TL_LOG_NONE 0
+#define TL_LOG_WARN 1
+#define TL_LOG_INFO 2
+#define TL_LOG_TRACE 3
+
+typedef struct tl_comm tl_comm_t;
+
+/*
+ * Knobs of one communicator. Fill with tl_options_default() and override.
+ * Every rank of a job must use the same values for the fields marked (*):
+ * they decide how messages are cut and striped on the wire.
+ */
+typedef struct tl_options {
+  uint64_t job_id;            /* both ends of every connection must agree  */
+  int32_t connect_timeout_ms; /* deadline of tl_comm_connect               */
+  int32_t timeout_ms;         /* deadline of every collective call         */
+  int32_t conns_per_peer;     /* (*) TCP connections to each peer          */
+  int32_t pipeline_depth;     /* chunks in flight per ring direction       */
+  int64_t chunk_bytes;        /* (*) largest pipelined chunk               */
+  int64_t algo_threshold;     /* (*) all_reduce bytes at or below: one-shot */
+  int32_t algo;               /* (*) TL_ALGO_*                              */
+  int32_t spin_us;            /* busy-poll this long before sleeping        */
+  int64_t stripe_min_bytes;   /* (*) messages below go on one connection    */
+  int32_t sockbuf_bytes;      /* SO_SNDBUF/SO_RCVBUF; 0 = kernel autotuning */
+  int32_t log_level;          /* TL_LOG_*                                   */
+} tl_options_t;
+
+/* Process-wide counters, also kept per communicator. */
+typedef struct tl_stats {
+  uint64_t calls[TL_NUM_OPS]; /* indexed by TL_OP_*                      */
+  uint64_t bytes_sent;        /* payload bytes written to the wire       */
+  uint64_t bytes_received;    /* payload bytes read from the wire        */
+  uint64_t last_in;           /* input pointer of the latest collective  */
+  uint64_t last_out;          /* output pointer of the latest collective */
+} tl_stats_t;
+
+/* ---- errors -------------------------------------------------------------- */
+
+/* Static, one-line description of a status code. Never NULL. */
+const char *tl_strerror(int status);
+
+/* The communicator's latest error message ("" when none). Valid until the next
+ * call on that communicator. */
+const char *tl_comm_last_error(tl_comm_t *comm);
+
+/* ---- communicator life cycle -------------------------------------------- */
+
+void tl_options_default(tl_options_t *opts);
+
+/* Allocate a communicator for `rank` of `size` (size >= 1). Nothing is
+ * connected yet: declare every rank's endpoints, then call tl_comm_connect.
+ * The new communicator holds one reference. */
+int tl_comm_create(tl_comm_t **out, int rank, int size,
+                   const tl_options_t *opts);
+
+/*
+ * Declare that rank `owner` listens on host:port. `facing` is the rank that
+ * should use this endpoint to reach `owner` (a per-cable address), or -1 when
+ * any rank may. `ifname` (may be NULL or "") binds sockets to that interface.
+ * `weight` (> 0) is the endpoint's relative speed: traffic striped over
+ * several endpoints to one peer is split in proportion to it.
+ * `host` may be an IPv4 or IPv6 literal (a link-local "fe80::1%en0" too) or a
+ * name. Every rank must declare the same endpoints in the same order.
+ */
+int tl_comm_add_endpoint(tl_comm_t *comm, int owner, int facing,
+                         const char *host, int port, const char *ifname,
+                         double weight);
+
+/*
+ * Set the order of the ring used by ring collectives (default 0, 1, ...,
+ * size-1). `order` holds each rank once.
+ */
+int tl_comm_set_ring(tl_comm_t *comm, const int32_t *order, int n);
+
+/*
+ * Listen on this rank's endpoints, open conns_per_peer connections to every
+ * other rank, and complete the handshakes. Blocks until every connection of
+ * this rank is up or connect_timeout_ms passes.
+ */
+int tl_comm_connect(tl_comm_t *comm);
+
+/* Close every connection (idempotent). Later calls fail with TL_ERR_CLOSED;
+ * the peers see this rank leave. Memory is kept until the last release. */
+int tl_comm_close(tl_comm_t *comm);
+
+/* Reference counting: the last release closes and frees the communicator. */
+int tl_comm_retain(tl_comm_t *comm);
+int tl_comm_release(tl_comm_t *comm);
+
+int tl_comm_rank(tl_comm_t *comm);
+int tl_comm_size(tl_comm_t *comm);
+
+/*
+ * Collective over `comm`: ranks with the same color form a new communicator,
+ * ordered by key (ties by parent rank; key < 0 means the parent rank). The
+ * child listens on the same addresses as the parent, on new ports, and has
+ * its own connections. A rank whose color is negative gets *out = NULL.
+ */
+int tl_comm_split(tl_comm_t *comm, int color, int key, tl_comm_t **out);
+
+/* Copy the communicator's counters, or the process-wide ones if comm is NULL. */
+int tl_comm_stats(tl_comm_t *comm, tl_stats_t *out);
+
+/* ---- collectives ---------------------------------------------------------
+ * `count` is in elements of `dtype`. `in` may equal `out` (in place); other
+ * overlaps are invalid. Every rank must call the same collective with the
+ * same count and dtype in the same order; if not, every rank gets an error. */
+
+/* out[i] = op over ranks of in[i]. Every rank ends with identical bits. */
+int tl_all_reduce(tl_comm_t *comm, const void *in, void *out, uint64_t count,
+                  int dtype, int op);
+
+/* out = concatenation over ranks of in (count elements each). */
+int tl_all_gather(tl_comm_t *comm, const void *in, void *out, uint64_t count,
+                  int dtype);
+
+/* in holds size blocks of `count` elements; out = op over ranks of block[rank]. */
+int tl_reduce_scatter(tl_comm_t *comm, const void *in, void *out,
+                      uint64_t count, int dtype, int op);
+
+/* Point to point, between any two ranks. Sizes and dtypes must match. */
+int tl_send(tl_comm_t *comm, const void *buf, uint64_t count, int dtype,
+            int peer);
+int tl_recv(tl_comm_t *comm, void *buf, uint64_t count, int dtype, int peer);
+
+/* buf on `root` is copied to buf on every other rank. */
+int tl_broadcast(tl_comm_t *comm, void *buf, uint64_t count, int dtype,
+                 int root);
+
+int tl_barrier(tl_comm_t *comm);
+
+/* ---- local helpers (no communication) ---------------------------------- */
+
+/* Size in bytes of one element of dtype, or 0 if dtype is invalid. */
+size_t tl_dtype_size(int dtype);
+
+/* dst[i] = a[i] op b[i]; dst may equal a or b. The kernel the collectives use. */
+int tl_reduce(void *dst, const void *a, const void *b, uint64_t count,
+              int dtype, int op);
+
+/*
+ * The ring schedule, as a pure function (used by the collectives, exposed for
+ * tests). For a ring of n positions, the data is cut into n blocks of
+ * `count` elements (block b starts at block_off[b]); each block is cut into
+ * `nchunks` chunks. tl_chunk_range gives chunk j of a block of `len`
+ * elements: [*off, *off + *len).
+ */
+int tl_ring_nchunks(uint64_t block_count, size_t elem_size, int64_t chunk_bytes,
+                    int pipeline_depth);
+void tl_chunk_range(uint64_t len, int nchunks, int j, uint64_t *off,
+                    uint64_t *clen);
+
+/* Block sent (*send) and received (*recv) by ring position `pos` (of n) at
+ * step t of a ring all_reduce (t < 2(n-1): reduce-scatter, then
+ * all-gather). Blocks are named by ring position: position p ends the
+ * reduce-scatter owning block p. */
+void tl_ring_step(int n, int pos, int t, int *send, int *recv);
+
+/* The order in which a rank walks its (step, chunk) units: unit u of a
+ * schedule of `steps` steps and `nchunks` chunks per block, in groups of
+ * `group` chunk columns, is (t, j); tl_ring_unit_index is the inverse. */
+void tl_ring_unit(int nchunks, int group, int steps, int64_t u, int *t, int *j);
+int64_t tl_ring_unit_index(int nchunks, int group, int steps, int t, int j);
+
+/* ---- function table for the MLX shim ----------------------------------- */
+
+typedef struct tl_vtable {
+  uint32_t abi_version; /* TL_ABI_VERSION */
+  uint32_t size;        /* sizeof(tl_vtable_t) */
+  int (*comm_retain)(tl_comm_t *);
+  int (*comm_release)(tl_comm_t *);
+  int (*comm_rank)(tl_comm_t *);
+  int (*comm_size)(tl_comm_t *);
+  int (*comm_split)(tl_comm_t *, int, int, tl_comm_t **);
+  const char *(*comm_last_error)(tl_comm_t *);
+  int (*all_reduce)(tl_comm_t *, const void *, void *, uint64_t, int, int);
+  int (*all_gather)(tl_comm_t *, const void *, void *, uint64_t, int);
+  int (*reduce_scatter)(tl_comm_t *, const void *, void *, uint64_t, int, int);
+  int (*send)(tl_comm_t *, const void *, uint64_t, int, int);
+  int (*recv)(tl_comm_t *, void *, uint64_t, int, int);
+} tl_vtable_t;
+
+/* The core's table; lives as long as the process. */
+const tl_vtable_t *tl_get_vtable(void);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* THUNDERLINK_TL_H */

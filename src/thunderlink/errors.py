@@ -1,0 +1,124 @@
+"""Exceptions, and the one place where C status codes become them.
+
+Every thunderlink error is a :class:`ThunderlinkError`, itself a
+``RuntimeError`` (what MLX raises when a collective fails at ``mx.eval``).
+Each also derives from the built-in that matches its cause, so
+``except TimeoutError`` or ``except ValueError`` work as expected.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ThunderlinkError",
+    "ConfigError",
+    "InvalidArgumentError",
+    "CommunicationError",
+    "PeerLostError",
+    "CollectiveTimeoutError",
+    "ProtocolError",
+    "MismatchError",
+    "SystemCallError",
+    "UnsupportedError",
+    "ClosedError",
+    "InterruptedCollectiveError",
+    "check",
+]
+
+
+class ThunderlinkError(RuntimeError):
+    """Base class. ``status`` is the C core's status code (0 when raised in Python)."""
+
+    status = 0
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        if status is not None:
+            self.status = status
+
+
+class ConfigError(ThunderlinkError, ValueError):
+    """Bad configuration: hostfile, addresses, ports, environment variables."""
+
+
+class InvalidArgumentError(ThunderlinkError, ValueError):
+    """A call was given an argument it cannot use (dtype, rank, buffer ...)."""
+
+
+class CommunicationError(ThunderlinkError):
+    """A collective failed on the wire. The communicator is unusable afterwards:
+    every later call raises the same error."""
+
+
+class PeerLostError(CommunicationError, ConnectionError):
+    """A peer closed or reset its connection, or reported its own failure."""
+
+
+class CollectiveTimeoutError(CommunicationError, TimeoutError):
+    """A deadline passed (THUNDERLINK_TIMEOUT, THUNDERLINK_CONNECT_TIMEOUT)."""
+
+
+class ProtocolError(CommunicationError):
+    """Bytes on a connection were not what the protocol allows."""
+
+
+class MismatchError(CommunicationError):
+    """Ranks called different collectives, or with different sizes or dtypes."""
+
+
+class SystemCallError(CommunicationError, OSError):
+    """An operating-system call failed."""
+
+
+class UnsupportedError(ThunderlinkError, NotImplementedError):
+    """The operation or transport is not available in this build or on this host."""
+
+
+class ClosedError(ThunderlinkError):
+    """The communicator was closed."""
+
+
+class InterruptedCollectiveError(CommunicationError, InterruptedError):
+    """A signal (Ctrl-C) interrupted a collective on the main thread."""
+
+
+class _OutOfMemory(ThunderlinkError, MemoryError):
+    """The core could not allocate memory."""
+
+
+def _table():
+    from .bindings import lib
+
+    return {
+        lib.TL_ERR_INVALID: InvalidArgumentError,
+        lib.TL_ERR_CONFIG: ConfigError,
+        lib.TL_ERR_SYSTEM: SystemCallError,
+        lib.TL_ERR_TIMEOUT: CollectiveTimeoutError,
+        lib.TL_ERR_PEER: PeerLostError,
+        lib.TL_ERR_PROTOCOL: ProtocolError,
+        lib.TL_ERR_MISMATCH: MismatchError,
+        lib.TL_ERR_UNSUPPORTED: UnsupportedError,
+        lib.TL_ERR_NOMEM: _OutOfMemory,
+        lib.TL_ERR_CLOSED: ClosedError,
+        lib.TL_ERR_INTERRUPTED: InterruptedCollectiveError,
+    }
+
+
+_classes: dict | None = None
+
+
+def check(rc: int, handle=None) -> int:
+    """Return ``rc`` if it is not an error, else raise the matching exception
+    with the communicator's message (or the code's generic text)."""
+    if rc >= 0:
+        return rc
+    global _classes
+    from .bindings import ffi, lib
+
+    if _classes is None:
+        _classes = _table()
+    message = ""
+    if handle is not None and handle != ffi.NULL:
+        message = ffi.string(lib.tl_comm_last_error(handle)).decode("utf-8", "replace")
+    if not message:
+        message = ffi.string(lib.tl_strerror(rc)).decode()
+    raise _classes.get(rc, ThunderlinkError)(f"[thunderlink] {message}", rc)
