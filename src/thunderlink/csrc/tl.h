@@ -238,6 +238,11 @@ size_t tl_dtype_size(int dtype);
 int tl_reduce(void *dst, const void *a, const void *b, uint64_t count,
               int dtype, int op);
 
+/* Which kernels tl_reduce uses, process-wide: "auto" (the best this CPU
+ * runs, the default), "generic" (portable C) or "avx2" (x86-64). For tests
+ * and benchmarks; TL_ERR_UNSUPPORTED if this CPU or build lacks it. */
+int tl_reduce_select_isa(const char *name);
+
 /*
  * The ring schedule, as a pure function (used by the collectives, exposed for
  * tests). For a ring of n positions, the data is cut into n blocks of

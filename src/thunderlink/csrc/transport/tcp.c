@@ -919,7 +919,7 @@ static int recv_some(tl_comm_t *c, conn_t *k) {
     if (before < H && s->done >= H) {
       if (s->got.magic == TL_FRAME_MAGIC && s->got.type == TL_FRAME_ABORT)
         return peer_aborted(c, k, &s->got, s->buf, s->done - H);
-      char where[120];
+      char where[TL_HOST_LEN + 64];
       snprintf(where, sizeof where, "%s, connection %d", k->remote, k->index);
       int rc = tl__check_frame(c, k->peer, &s->hdr, &s->got, where);
       if (rc) return rc;
@@ -951,7 +951,7 @@ static int peek_idle(tl_comm_t *c, conn_t *k) {
     return 0;
   }
   if ((size_t)r < sizeof f) return 0; /* the rest of the header is on its way */
-  char where[120];
+  char where[TL_HOST_LEN + 64];
   snprintf(where, sizeof where, "%s, connection %d", k->remote, k->index);
   if (f.magic != TL_FRAME_MAGIC)
     return tl__fail(c, TL_ERR_PROTOCOL, "rank %d (%s) sent bytes that are not a "
