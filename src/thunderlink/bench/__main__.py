@@ -1,0 +1,109 @@
+"""thunderlink bench: bandwidth and latency of collectives, nccl-tests style.
+
+With no arguments: 2 ranks on this host, all_sum of float32 from 4 B to
+64 MiB. Inside a launched job (THUNDERLINK_RANK or MLX_RANK set) it runs as
+one rank of that job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ..config import parse_size
+from .ops import DTYPES, OPS
+from .worker import Settings
+
+
+def parse_sizes(text: str) -> tuple[int, ...]:
+    """'4:64M' (x2 steps), '4:64M:x4' (factor), '1M:8M:+1M' (step), or '4,1K,1M'."""
+    if "," in text or ":" not in text:
+        return tuple(parse_size(t, "--sizes") for t in text.split(",") if t)
+    parts = text.split(":")
+    if len(parts) not in (2, 3):
+        raise SystemExit(f"thunderlink bench: --sizes {text!r}: expected MIN:MAX[:xFACTOR|:+STEP]")
+    lo, hi = parse_size(parts[0], "--sizes"), parse_size(parts[1], "--sizes")
+    step = parts[2] if len(parts) == 3 else "x2"
+    if lo < 1 or hi < lo:
+        raise SystemExit(f"thunderlink bench: --sizes {text!r}: need 1 <= MIN <= MAX")
+    sizes, s = [], lo
+    if step.startswith("+"):
+        inc = parse_size(step[1:], "--sizes step")
+        if inc < 1:
+            raise SystemExit("thunderlink bench: --sizes step must be positive")
+        while s <= hi:
+            sizes.append(s)
+            s += inc
+    else:
+        f = float(step.lstrip("x"))
+        if f <= 1:
+            raise SystemExit("thunderlink bench: --sizes factor must be above 1")
+        while s <= hi:
+            sizes.append(s)
+            s = max(s + 1, int(s * f))
+    return tuple(sizes)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="thunderlink bench",
+        description="Measure a collective over a size sweep: time, algbw, busbw and #wrong per size, "
+        "out-of-place and in-place, like nccl-tests.",
+    )
+    p.add_argument("-n", "--ranks", type=int, default=2, help="local ranks to start (default 2)")
+    p.add_argument("--op", choices=sorted(OPS), default="all_sum", help="collective (default all_sum)")
+    p.add_argument("--sizes", default="4:64M", help="MIN:MAX[:xF|:+STEP] or a list, bytes (default 4:64M)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="element type (default float32)")
+    p.add_argument("--warmup", type=int, default=5, help="warm-up iterations per size (default 5)")
+    p.add_argument("--iters", type=int, default=0, help="timed iterations per size (default: about 0.2 s worth)")
+    p.add_argument("--no-check", dest="check", action="store_false", help="do not verify results")
+    p.add_argument("--inplace", choices=("both", "in", "out"), default="both", help="which variants (default both)")
+    p.add_argument("--json", dest="json_path", metavar="PATH", help="also write every measurement as JSON")
+    p.add_argument("--timeout", type=float, default=None, help="stop the job after this many seconds")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def settings_of(args) -> Settings:
+    return Settings(op=args.op, sizes=parse_sizes(args.sizes), dtype=args.dtype, warmup=args.warmup,
+                    iters=args.iters, check=args.check, inplace=args.inplace, json_path=args.json_path)
+
+
+def run_worker(args) -> int:
+    from .. import connect
+    from .worker import run
+
+    s = settings_of(args)
+    with connect() as comm:
+        if comm.size < 2 and s.op == "sendrecv":
+            raise SystemExit("thunderlink bench: sendrecv needs at least 2 ranks")
+        results = run(comm, s)
+    return 1 if any(m.wrong for m in results) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    settings_of(args)  # validate before starting anything
+    from ..config import from_env
+
+    if args.worker or from_env().configured:
+        return run_worker(args)
+    if args.ranks < 1:
+        raise SystemExit("thunderlink bench: -n must be at least 1")
+
+    from ..launch import launch_local
+
+    def on_line(rank: int, stream: str, line: str) -> None:
+        if rank == 0 and stream == "out":
+            print(line, flush=True)
+        else:
+            (sys.stdout if stream == "out" else sys.stderr).write(f"[{rank}] {line}\n")
+
+    cmd = [sys.executable, "-m", "thunderlink.bench", "--worker"] + [a for a in argv if a != "--worker"]
+    return launch_local(args.ranks, cmd, env=dict(os.environ), timeout=args.timeout, on_line=on_line).status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

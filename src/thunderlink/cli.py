@@ -1,0 +1,40 @@
+"""The `thunderlink` command: one entry point, one module per tool."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+TOOLS = {
+    "launch": ("thunderlink.launch.__main__", "start the ranks of a job"),
+    "bench": ("thunderlink.bench.__main__", "measure collectives (nccl-tests style)"),
+}
+
+USAGE = "usage: thunderlink <tool> [args]\n\ntools:\n" + "\n".join(
+    f"  {name:<10} {help}" for name, (_, help) in TOOLS.items()
+) + "\n\n`thunderlink <tool> --help` describes a tool.\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        sys.stdout.write(USAGE)
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from . import __version__
+
+        print(f"thunderlink {__version__}")
+        return 0
+    tool = TOOLS.get(argv[0])
+    if tool is None:
+        sys.stderr.write(f"thunderlink: unknown tool {argv[0]!r}\n\n{USAGE}")
+        return 2
+    module = importlib.import_module(tool[0])
+    try:
+        return int(module.main(argv[1:]) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

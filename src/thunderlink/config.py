@@ -1,0 +1,194 @@
+"""The one reader of environment variables.
+
+Everything else receives a :class:`Config`. ``ENV`` documents every variable
+with its default; the README's table is written from it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from .errors import ConfigError
+
+__all__ = ["Config", "from_env", "ENV", "parse_size", "parse_rate"]
+
+# name -> (default shown to users, description)
+ENV = {
+    "MLX_DISTRIBUTED_BACKEND": (
+        "unset",
+        "thunderlink: unmodified MLX programs calling mx.distributed.init() get a "
+        "thunderlink group (set by thunderlink launch)",
+    ),
+    "THUNDERLINK_TRANSPORT": ("auto", "auto | tcp | shm | rdma; this version implements tcp (auto = tcp)"),
+    "THUNDERLINK_HOSTFILE": ("unset", "hostfile (thunderlink JSON or MLX ring format); falls back to MLX_HOSTFILE"),
+    "MLX_HOSTFILE": ("unset", "MLX ring hostfile, as written by mlx.launch"),
+    "THUNDERLINK_RANK": ("unset", "this process's rank; falls back to MLX_RANK"),
+    "MLX_RANK": ("unset", "rank, as set by mlx.launch"),
+    "THUNDERLINK_WORLD_SIZE": ("unset", "if set, must equal the number of ranks in the hostfile"),
+    "THUNDERLINK_IFNAME": ("unset", "bind this rank's sockets to this interface when the hostfile names none"),
+    "THUNDERLINK_JOB_ID": ("hash of the hostfile", "job id checked in every handshake (set by thunderlink launch)"),
+    "THUNDERLINK_TIMEOUT": ("600", "seconds a collective may wait before failing"),
+    "THUNDERLINK_CONNECT_TIMEOUT": ("60", "seconds to connect to every peer at start-up"),
+    "THUNDERLINK_CONNS": ("2", "TCP connections between each pair of ranks, striped (same on every rank)"),
+    "THUNDERLINK_CHUNK_BYTES": ("1M", "largest pipelined chunk of the ring (same on every rank)"),
+    "THUNDERLINK_PIPELINE_DEPTH": ("4", "chunks in flight per ring direction"),
+    "THUNDERLINK_ALGO": ("auto", "auto | ring | oneshot: all_reduce algorithm (same on every rank)"),
+    "THUNDERLINK_ALGO_THRESHOLD": ("64K", "auto: all_reduce of at most this many bytes uses one round (same on every rank)"),
+    "THUNDERLINK_STRIPE_MIN_BYTES": ("256K", "messages below this travel on one connection (same on every rank)"),
+    "THUNDERLINK_SPIN_US": ("50", "microseconds to poll before sleeping, for small operations"),
+    "THUNDERLINK_SOCKBUF_BYTES": ("0", "SO_SNDBUF/SO_RCVBUF; 0 keeps the kernel's autotuning"),
+    "THUNDERLINK_DEBUG": ("warn", "log level of the core on stderr: none | warn | info | trace"),
+}
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str, what: str = "size") -> int:
+    """'4', '64K', '1M', '1MiB', '2G' -> bytes (K = 1024)."""
+    m = _SIZE.match(str(text))
+    if not m:
+        raise ConfigError(f"[thunderlink] {what}: {text!r} is not a size (examples: 4096, 64K, 1M, 1GiB)")
+    mult = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
+    return int(float(m.group(1)) * mult)
+
+
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(bit|bps|b/s)?\s*$", re.IGNORECASE)
+
+
+def parse_rate(value, what: str = "rate") -> float:
+    """A link rate in Gbit/s: a number (Gbit/s) or '10gbit', '40Gbps', '500mbit'."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value <= 0:
+            raise ConfigError(f"[thunderlink] {what}: {value} must be positive")
+        return float(value)
+    m = _RATE.match(str(value))
+    if not m or float(m.group(1)) <= 0:
+        raise ConfigError(f"[thunderlink] {what}: {value!r} is not a rate (examples: 10, '10gbit', '40Gbps')")
+    unit = m.group(2).lower() or "g"
+    return float(m.group(1)) * {"k": 1e-6, "m": 1e-3, "g": 1.0, "t": 1e3}[unit]
+
+
+@dataclass(frozen=True)
+class Config:
+    backend: str | None = None
+    transport: str = "auto"
+    hostfile: str | None = None
+    hostfile_var: str | None = None
+    rank: int | None = None
+    rank_var: str | None = None
+    world_size: int | None = None
+    ifname: str | None = None
+    job_id: int | None = None
+    # Options for the core, as keyword arguments of bindings.Options.
+    options: dict = field(default_factory=dict)
+
+    @property
+    def configured(self) -> bool:
+        """True when a hostfile and a rank say how to join a job."""
+        return self.hostfile is not None and self.rank is not None
+
+
+def _int(env: Mapping[str, str], name: str, lo: int | None = None) -> int | None:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        v = int(raw, 0)
+    except ValueError:
+        raise ConfigError(f"[thunderlink] {name}={raw!r} is not an integer") from None
+    if lo is not None and v < lo:
+        raise ConfigError(f"[thunderlink] {name}={v} must be at least {lo}")
+    return v
+
+
+def _seconds(env: Mapping[str, str], name: str) -> float | None:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        v = float(raw)
+    except ValueError:
+        raise ConfigError(f"[thunderlink] {name}={raw!r} is not a number of seconds") from None
+    if not v > 0:
+        raise ConfigError(f"[thunderlink] {name}={raw} must be a positive number of seconds")
+    return v
+
+
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str | None:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return None
+    v = raw.strip().lower()
+    if v not in choices:
+        raise ConfigError(f"[thunderlink] {name}={raw!r}: expected one of {', '.join(choices)}")
+    return v
+
+
+def from_env(env: Mapping[str, str] | None = None) -> Config:
+    """Read the configuration from ``env`` (default: os.environ)."""
+    env = os.environ if env is None else env
+    options: dict = {}
+    for key, name in (("timeout", "THUNDERLINK_TIMEOUT"), ("connect_timeout", "THUNDERLINK_CONNECT_TIMEOUT")):
+        v = _seconds(env, name)
+        if v is not None:
+            options[key] = v
+    for key, name, lo in (
+        ("conns_per_peer", "THUNDERLINK_CONNS", 1),
+        ("pipeline_depth", "THUNDERLINK_PIPELINE_DEPTH", 1),
+        ("spin_us", "THUNDERLINK_SPIN_US", 0),
+    ):
+        v = _int(env, name, lo)
+        if v is not None:
+            options[key] = v
+    for key, name in (
+        ("chunk_bytes", "THUNDERLINK_CHUNK_BYTES"),
+        ("algo_threshold", "THUNDERLINK_ALGO_THRESHOLD"),
+        ("stripe_min_bytes", "THUNDERLINK_STRIPE_MIN_BYTES"),
+        ("sockbuf_bytes", "THUNDERLINK_SOCKBUF_BYTES"),
+    ):
+        if env.get(name):
+            options[key] = parse_size(env[name], name)
+    algo = _choice(env, "THUNDERLINK_ALGO", ("auto", "ring", "oneshot"))
+    if algo:
+        options["algo"] = algo
+    debug = env.get("THUNDERLINK_DEBUG")
+    if debug:
+        level = {"0": "warn", "1": "info", "2": "trace"}.get(debug.strip(), debug.strip().lower())
+        if level not in ("none", "warn", "info", "trace"):
+            raise ConfigError(f"[thunderlink] THUNDERLINK_DEBUG={debug!r}: expected none, warn, info or trace")
+        options["log_level"] = level
+
+    hostfile, hostfile_var = None, None
+    for name in ("THUNDERLINK_HOSTFILE", "MLX_HOSTFILE"):
+        if env.get(name):
+            hostfile, hostfile_var = env[name], name
+            break
+    rank, rank_var = None, None
+    for name in ("THUNDERLINK_RANK", "MLX_RANK"):
+        v = _int(env, name, 0)
+        if v is not None:
+            rank, rank_var = v, name
+            break
+    job = env.get("THUNDERLINK_JOB_ID")
+    job_id = None
+    if job:
+        try:
+            job_id = int(job, 0) & 0xFFFFFFFFFFFFFFFF
+        except ValueError:
+            raise ConfigError(f"[thunderlink] THUNDERLINK_JOB_ID={job!r} is not an integer") from None
+    backend = env.get("MLX_DISTRIBUTED_BACKEND") or None
+    return Config(
+        backend=backend.strip().lower() if backend else None,
+        transport=_choice(env, "THUNDERLINK_TRANSPORT", ("auto", "tcp", "shm", "rdma")) or "auto",
+        hostfile=hostfile,
+        hostfile_var=hostfile_var,
+        rank=rank,
+        rank_var=rank_var,
+        world_size=_int(env, "THUNDERLINK_WORLD_SIZE", 1),
+        ifname=env.get("THUNDERLINK_IFNAME") or None,
+        job_id=job_id,
+        options=options,
+    )

@@ -1,0 +1,58 @@
+"""thunderlink launch -n N prog.py [args] | thunderlink launch -n N -- CMD [args]"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .local import launch_local
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="thunderlink launch",
+        description="Start N ranks of a program, prefix their output with the rank, and stop "
+        "them all as soon as one fails (the exit status is that rank's).",
+        epilog="A Python script runs with this interpreter; after --, any command runs as is. "
+        "Each rank gets THUNDERLINK_HOSTFILE, THUNDERLINK_RANK, THUNDERLINK_WORLD_SIZE, "
+        "THUNDERLINK_JOB_ID and MLX_DISTRIBUTED_BACKEND=thunderlink.",
+    )
+    p.add_argument("-n", "--ranks", type=int, required=True, help="number of ranks to start on this host")
+    p.add_argument("--timeout", type=float, default=None, help="stop every rank after this many seconds (status 124)")
+    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="extra environment for every rank")
+    p.add_argument("program", nargs=argparse.REMAINDER, help="prog.py [args] or -- CMD [args]")
+    return p
+
+
+def command_of(program: list[str]) -> list[str]:
+    """The argv to run for `prog.py args` or `-- cmd args`."""
+    if program and program[0] == "--":
+        if len(program) < 2:
+            raise SystemExit("thunderlink launch: nothing to run after --")
+        return program[1:]
+    if not program:
+        raise SystemExit("thunderlink launch: give a Python script (prog.py) or -- CMD")
+    if not os.path.exists(program[0]):
+        raise SystemExit(
+            f"thunderlink launch: {program[0]} does not exist; to run a command rather than a "
+            f"Python script, put it after --"
+        )
+    return [sys.executable] + program
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    env = dict(os.environ)
+    for item in args.env:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"thunderlink launch: --env {item!r} is not NAME=VALUE")
+        env[name] = value
+    if args.ranks < 1:
+        raise SystemExit("thunderlink launch: -n must be at least 1")
+    return launch_local(args.ranks, command_of(args.program), env=env, timeout=args.timeout).status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

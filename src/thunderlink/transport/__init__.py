@@ -1,0 +1,1 @@
+"""Python side of the transports: hostfiles, rendezvous, interfaces."""

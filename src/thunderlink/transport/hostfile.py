@@ -1,0 +1,372 @@
+"""Hostfiles: who the ranks are and where they listen.
+
+Two formats are read (the format is recognised from the JSON itself):
+
+**thunderlink** (a JSON object)::
+
+    {
+      "version": 1,
+      "port": 32323,                      # optional default port (plus the rank)
+      "ring": [0, 2, 1, 3],               # optional ring order
+      "ranks": [
+        {"host": "mac-a",                 # ssh target / label (default: first ip)
+         "ssh": "me@mac-a",               # optional ssh destination
+         "addresses": [
+           "192.168.0.10:32323",          # reachable by any rank
+           {"ip": "10.0.1.1", "port": 32324, "peer": 1,      # a cable to rank 1
+            "iface": "en2", "rate": "40gbit", "prefix": 30}
+         ]},
+        ...
+      ]
+    }
+
+An address with ``"peer": p`` is the near end of a cable to rank p: only rank
+p connects there, and several such addresses to the same peer (several
+cables) share the traffic in proportion to ``rate``. Addresses without
+``peer`` are reachable by every rank.
+
+**MLX ring** (what ``mlx.launch --backend ring`` writes to ``MLX_HOSTFILE``):
+a JSON list, one entry per rank, each a list of ``"ip:port"`` strings. As in
+MLX's ring, rank r's addresses are those its left neighbour (r-1) connects
+to; loopback addresses are reachable by every rank.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import os
+from dataclasses import dataclass, field
+
+from ..config import parse_rate
+from ..errors import ConfigError
+
+__all__ = ["Address", "RankSpec", "Hostfile", "load", "parse", "local_hostfile", "DEFAULT_PORT"]
+
+DEFAULT_PORT = 32323
+
+
+@dataclass(frozen=True)
+class Address:
+    ip: str
+    port: int
+    peer: int | None = None
+    iface: str | None = None
+    rate: float | None = None  # Gbit/s
+    prefix: int | None = None
+
+    def __str__(self):
+        host = f"[{self.ip}]" if ":" in self.ip else self.ip
+        return f"{host}:{self.port}"
+
+
+@dataclass
+class RankSpec:
+    host: str
+    addresses: list[Address]
+    ssh: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Hostfile:
+    ranks: list[RankSpec]
+    ring: list[int] | None = None
+    format: str = "thunderlink"
+    path: str | None = None
+    canonical: str = ""
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+    def job_id(self) -> int:
+        """A 64-bit id every rank derives from the same file."""
+        return int.from_bytes(hashlib.blake2b(self.canonical.encode(), digest_size=8).digest(), "little")
+
+    def endpoints(self, ifname: str | None = None, rank: int | None = None):
+        """Endpoints for the core. ``ifname`` applies to ``rank``'s addresses
+        that name no interface."""
+        from ..bindings import Endpoint
+
+        out = []
+        for r, spec in enumerate(self.ranks):
+            for a in spec.addresses:
+                iface = a.iface or (ifname if rank == r else None) or ""
+                out.append(
+                    Endpoint(owner=r, host=a.ip, port=a.port,
+                             facing=-1 if a.peer is None else a.peer,
+                             ifname=iface, weight=a.rate or 1.0)
+                )
+        return out
+
+    def to_json(self) -> dict:
+        """The thunderlink format of this hostfile."""
+        ranks = []
+        for spec in self.ranks:
+            addrs = []
+            for a in spec.addresses:
+                d = {"ip": a.ip, "port": a.port}
+                if a.peer is not None:
+                    d["peer"] = a.peer
+                if a.iface:
+                    d["iface"] = a.iface
+                if a.rate:
+                    d["rate"] = a.rate
+                if a.prefix is not None:
+                    d["prefix"] = a.prefix
+                addrs.append(d)
+            entry = {"host": spec.host, "addresses": addrs}
+            if spec.ssh:
+                entry["ssh"] = spec.ssh
+            entry.update(spec.extra)
+            ranks.append(entry)
+        out = {"version": 1, "ranks": ranks}
+        if self.ring is not None:
+            out["ring"] = list(self.ring)
+        return out
+
+
+def _where(path: str | None) -> str:
+    return f"hostfile {path}" if path else "hostfile"
+
+
+def load(path: str, var: str | None = None) -> Hostfile:
+    """Read and check a hostfile. ``var`` names the variable that pointed to
+    it, for error messages."""
+    via = f" (from {var})" if var else ""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"[thunderlink] hostfile {path}{via} does not exist") from None
+    except OSError as e:
+        raise ConfigError(f"[thunderlink] cannot read hostfile {path}{via}: {e.strerror}") from None
+    if not text.strip():
+        raise ConfigError(
+            f"[thunderlink] hostfile {path}{via} is empty (mlx.launch writes an empty hostfile "
+            f"for a single host; thunderlink needs at least one rank per entry)"
+        )
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(
+            f"[thunderlink] hostfile {path}{via} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}"
+        ) from None
+    return parse(obj, path)
+
+
+def parse(obj, path: str | None = None) -> Hostfile:
+    if isinstance(obj, list):
+        hf = _parse_mlx_ring(obj, path)
+    elif isinstance(obj, dict):
+        hf = _parse_thunderlink(obj, path)
+    else:
+        raise ConfigError(
+            f"[thunderlink] {_where(path)}: expected a JSON object with \"ranks\" (thunderlink format) "
+            f"or a list of address lists (MLX ring format), got {type(obj).__name__}"
+        )
+    _check(hf)
+    if hf.ring is None:
+        hf.ring = _ring_from_cables(hf)
+    hf.canonical = json.dumps(hf.to_json(), sort_keys=True, separators=(",", ":"))
+    return hf
+
+
+def _split_hostport(text: str, where: str, default_port: int | None) -> tuple[str, int]:
+    text = text.strip()
+    host, port = text, None
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ConfigError(f"[thunderlink] {where}: {text!r} has an unclosed '['")
+        host, rest = text[1:end], text[end + 1:]
+        if rest:
+            if not rest.startswith(":"):
+                raise ConfigError(f"[thunderlink] {where}: {text!r} is not [ipv6]:port")
+            port = rest[1:]
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    if port is None:
+        if default_port is None:
+            raise ConfigError(f"[thunderlink] {where}: {text!r} has no port (write ip:port)")
+        return host, default_port
+    try:
+        p = int(port)
+    except ValueError:
+        raise ConfigError(f"[thunderlink] {where}: port {port!r} in {text!r} is not a number") from None
+    return host, p
+
+
+def _check_port(port, where: str) -> int:
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise ConfigError(f"[thunderlink] {where}: port must be an integer 1..65535, not {port!r}")
+    return port
+
+
+def _check_ip(ip, where: str) -> str:
+    if not isinstance(ip, str) or not ip.strip():
+        raise ConfigError(f"[thunderlink] {where}: \"ip\" must be a non-empty string, not {ip!r}")
+    return ip.strip()
+
+
+def _parse_mlx_ring(obj: list, path: str | None) -> Hostfile:
+    n = len(obj)
+    if n == 0:
+        raise ConfigError(f"[thunderlink] {_where(path)} lists no ranks")
+    ranks = []
+    for r, entry in enumerate(obj):
+        where = f"{_where(path)}, rank {r}"
+        if isinstance(entry, str):
+            entry = [entry]
+        if not isinstance(entry, list) or not entry:
+            raise ConfigError(f"[thunderlink] {where}: expected a non-empty list of \"ip:port\" strings")
+        addrs = []
+        for a in entry:
+            if not isinstance(a, str):
+                raise ConfigError(f"[thunderlink] {where}: {a!r} is not an \"ip:port\" string")
+            ip, port = _split_hostport(a, where, None)
+            _check_port(port, where)
+            loop = _is_loopback(ip)
+            peer = None if (loop or n == 1) else (r - 1) % n
+            addrs.append(Address(ip=ip, port=port, peer=peer))
+        ranks.append(RankSpec(host=addrs[0].ip, addresses=addrs))
+    return Hostfile(ranks=ranks, ring=list(range(n)), format="mlx-ring", path=path)
+
+
+def _parse_thunderlink(obj: dict, path: str | None) -> Hostfile:
+    w = _where(path)
+    if "ranks" not in obj:
+        raise ConfigError(f"[thunderlink] {w}: missing \"ranks\" (a list with one entry per rank)")
+    version = obj.get("version", 1)
+    if version != 1:
+        raise ConfigError(f"[thunderlink] {w}: version {version!r} is not supported (this thunderlink reads version 1)")
+    ranks_in = obj["ranks"]
+    if not isinstance(ranks_in, list) or not ranks_in:
+        raise ConfigError(f"[thunderlink] {w}: \"ranks\" must be a non-empty list")
+    n = len(ranks_in)
+    base_port = obj.get("port", DEFAULT_PORT)
+    _check_port(base_port, f"{w}, \"port\"")
+    ranks = []
+    for r, entry in enumerate(ranks_in):
+        where = f"{w}, ranks[{r}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"[thunderlink] {where}: expected an object with \"addresses\"")
+        raw = entry.get("addresses")
+        if not isinstance(raw, list) or not raw:
+            raise ConfigError(f"[thunderlink] {where}: \"addresses\" must be a non-empty list")
+        default_port = entry.get("port", base_port + r)
+        _check_port(default_port, f"{where}.port")
+        addrs = []
+        for i, a in enumerate(raw):
+            aw = f"{where}.addresses[{i}]"
+            if isinstance(a, str):
+                ip, port = _split_hostport(a, aw, default_port)
+                addrs.append(Address(ip=_check_ip(ip, aw), port=_check_port(port, aw)))
+                continue
+            if not isinstance(a, dict):
+                raise ConfigError(f"[thunderlink] {aw}: expected \"ip:port\" or an object with \"ip\"")
+            unknown = set(a) - {"ip", "port", "peer", "iface", "rate", "prefix"}
+            if unknown:
+                raise ConfigError(f"[thunderlink] {aw}: unknown key(s) {', '.join(sorted(unknown))}")
+            ip = _check_ip(a.get("ip"), aw)
+            port = _check_port(a.get("port", default_port), aw)
+            peer = a.get("peer")
+            if peer is not None and (isinstance(peer, bool) or not isinstance(peer, int) or not 0 <= peer < n or peer == r):
+                raise ConfigError(
+                    f"[thunderlink] {aw}: \"peer\" must be another rank 0..{n - 1}, not {peer!r}"
+                )
+            iface = a.get("iface")
+            if iface is not None and (not isinstance(iface, str) or not iface):
+                raise ConfigError(f"[thunderlink] {aw}: \"iface\" must be an interface name")
+            rate = parse_rate(a["rate"], f"{aw}.rate") if a.get("rate") is not None else None
+            prefix = a.get("prefix")
+            if prefix is not None and (not isinstance(prefix, int) or not 0 <= prefix <= 128):
+                raise ConfigError(f"[thunderlink] {aw}: \"prefix\" must be a prefix length 0..128")
+            addrs.append(Address(ip=ip, port=port, peer=peer, iface=iface, rate=rate, prefix=prefix))
+        host = entry.get("host", addrs[0].ip)
+        if not isinstance(host, str) or not host:
+            raise ConfigError(f"[thunderlink] {where}: \"host\" must be a non-empty string")
+        ssh = entry.get("ssh")
+        if ssh is not None and (not isinstance(ssh, str) or not ssh):
+            raise ConfigError(f"[thunderlink] {where}: \"ssh\" must be a non-empty string")
+        extra = {k: v for k, v in entry.items() if k not in ("host", "ssh", "addresses", "port")}
+        ranks.append(RankSpec(host=host, addresses=addrs, ssh=ssh, extra=extra))
+    ring = obj.get("ring")
+    if ring is not None:
+        if not isinstance(ring, list) or sorted(ring) != list(range(n)):
+            raise ConfigError(f"[thunderlink] {w}: \"ring\" must list every rank 0..{n - 1} exactly once")
+    return Hostfile(ranks=ranks, ring=ring, format="thunderlink", path=path)
+
+
+def _is_loopback(ip: str) -> bool:
+    try:
+        return ipaddress.ip_address(ip.split("%")[0]).is_loopback
+    except ValueError:
+        return ip == "localhost"
+
+
+def _check(hf: Hostfile) -> None:
+    seen: dict[tuple[str, int], int] = {}
+    for r, spec in enumerate(hf.ranks):
+        for a in spec.addresses:
+            key = (a.ip, a.port)
+            if key in seen:
+                other = seen[key]
+                who = f"rank {r} lists it twice" if other == r else f"ranks {other} and {r} both listen there"
+                raise ConfigError(
+                    f"[thunderlink] {_where(hf.path)}: duplicate address {a}: {who}; every rank needs its "
+                    f"own address or port"
+                )
+            seen[key] = r
+
+
+def linked(hf: Hostfile, a: int, b: int) -> bool:
+    """Can ranks a and b connect (the lower one has an address the other may use)?"""
+    lo, hi = min(a, b), max(a, b)
+    addrs = hf.ranks[lo].addresses
+    return any(x.peer == hi for x in addrs) or any(x.peer is None for x in addrs)
+
+
+def _ring_from_cables(hf: Hostfile) -> list[int] | None:
+    """The ring order: 0..n-1 if consecutive ranks are linked, else a cycle
+    through the cables (searched), else None (the core then reports which
+    neighbours lack a link)."""
+    n = hf.size
+    order = list(range(n))
+    if n <= 2 or all(linked(hf, order[i], order[(i + 1) % n]) for i in range(n)):
+        return order
+    if n > 24:
+        return None
+    path = [0]
+    used = {0}
+
+    def extend() -> bool:
+        if len(path) == n:
+            return linked(hf, path[-1], path[0])
+        for nxt in range(n):
+            if nxt not in used and linked(hf, path[-1], nxt):
+                path.append(nxt)
+                used.add(nxt)
+                if extend():
+                    return True
+                used.discard(path.pop())
+        return False
+
+    return list(path) if extend() else None
+
+
+def local_hostfile(n: int, ports: list[int], host: str = "127.0.0.1") -> dict:
+    """A thunderlink hostfile for n ranks on this host."""
+    return {
+        "version": 1,
+        "ranks": [{"host": "localhost", "addresses": [f"{host}:{p}"]} for p in ports[:n]],
+    }
+
+
+def write(obj: dict, path: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)

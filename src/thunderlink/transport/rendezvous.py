@@ -1,0 +1,65 @@
+"""From configuration to a connected communicator."""
+
+from __future__ import annotations
+
+from ..bindings import Comm, Options
+from ..config import Config, from_env
+from ..errors import ConfigError, UnsupportedError
+from . import hostfile as hostfile_mod
+
+__all__ = ["connect", "IMPLEMENTED_TRANSPORTS"]
+
+IMPLEMENTED_TRANSPORTS = ("auto", "tcp")
+
+
+def connect(
+    config: Config | None = None,
+    *,
+    hostfile: str | None = None,
+    rank: int | None = None,
+    transport: str | None = None,
+    options: Options | None = None,
+) -> Comm:
+    """Join the job described by the environment (or the arguments, which
+    win) and return a connected :class:`Comm`.
+
+    ``hostfile`` is a thunderlink or MLX ring hostfile (THUNDERLINK_HOSTFILE,
+    else MLX_HOSTFILE); ``rank`` this process's rank (THUNDERLINK_RANK, else
+    MLX_RANK)."""
+    cfg = config if config is not None else from_env()
+    path = hostfile if hostfile is not None else cfg.hostfile
+    var = None if hostfile is not None else cfg.hostfile_var
+    if rank is None:
+        rank, rank_var = cfg.rank, cfg.rank_var
+    else:
+        rank_var = None
+    if path is None:
+        raise ConfigError(
+            "[thunderlink] no hostfile: set THUNDERLINK_HOSTFILE (or MLX_HOSTFILE), pass hostfile=, "
+            "or start the program with `thunderlink launch`"
+        )
+    if rank is None:
+        raise ConfigError(
+            "[thunderlink] no rank: set THUNDERLINK_RANK (or MLX_RANK), pass rank=, or start the "
+            "program with `thunderlink launch`"
+        )
+    kind = (transport or cfg.transport or "auto").lower()
+    if kind not in IMPLEMENTED_TRANSPORTS:
+        raise UnsupportedError(
+            f"[thunderlink] transport {kind!r} is not available in this version of thunderlink "
+            f"(it implements {', '.join(IMPLEMENTED_TRANSPORTS)}); unset THUNDERLINK_TRANSPORT or set it to tcp"
+        )
+    hf = hostfile_mod.load(path, var)
+    via = f" ({rank_var})" if rank_var else ""
+    if not 0 <= rank < hf.size:
+        raise ConfigError(
+            f"[thunderlink] rank {rank}{via} is out of range: hostfile {path} has {hf.size} ranks (0..{hf.size - 1})"
+        )
+    if cfg.world_size is not None and cfg.world_size != hf.size:
+        raise ConfigError(
+            f"[thunderlink] THUNDERLINK_WORLD_SIZE={cfg.world_size} but hostfile {path} has {hf.size} ranks"
+        )
+    opts = options if options is not None else Options(**cfg.options)
+    if opts.job_id is None:
+        opts.job_id = cfg.job_id if cfg.job_id is not None else hf.job_id()
+    return Comm.create(rank, hf.size, hf.endpoints(cfg.ifname, rank), opts, ring=hf.ring)
