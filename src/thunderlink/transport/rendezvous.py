@@ -21,7 +21,8 @@ def connect(
     options: Options | None = None,
 ) -> Comm:
     """Join the job described by the environment (or the arguments, which
-    win) and return a connected :class:`Comm`.
+    win; fields of ``options`` left at None keep their THUNDERLINK_* value)
+    and return a connected :class:`Comm`.
 
     ``hostfile`` is a thunderlink or MLX ring hostfile (THUNDERLINK_HOSTFILE,
     else MLX_HOSTFILE); ``rank`` this process's rank (THUNDERLINK_RANK, else
@@ -59,7 +60,12 @@ def connect(
         raise ConfigError(
             f"[thunderlink] THUNDERLINK_WORLD_SIZE={cfg.world_size} but hostfile {path} has {hf.size} ranks"
         )
-    opts = options if options is not None else Options(**cfg.options)
+    # Environment first, then whatever the caller set explicitly.
+    opts = Options(**cfg.options)
+    if options is not None:
+        for name, value in vars(options).items():
+            if value is not None:
+                setattr(opts, name, value)
     if opts.job_id is None:
         opts.job_id = cfg.job_id if cfg.job_id is not None else hf.job_id()
     return Comm.create(rank, hf.size, hf.endpoints(cfg.ifname, rank), opts, ring=hf.ring)

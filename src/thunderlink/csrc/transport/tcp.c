@@ -814,13 +814,18 @@ static tl_slice_t *pop(tl_slice_t **head, tl_slice_t **tail) {
   return s;
 }
 
+/* A connection failed while we needed it. `what` is "sending to" or
+ * "receiving from"; err 0 means the peer closed it. */
 static int lost(tl_comm_t *c, conn_t *k, const char *what, int err) {
-  if (err == 0 || err == EPIPE || err == ECONNRESET)
-    return tl__fail(c, TL_ERR_PEER, "rank %d (%s, connection %d) %s: %s; rank %d "
-                    "exited or failed (see its own error)", k->peer, k->remote,
-                    k->index, what, err ? strerror(err) : "connection closed",
-                    k->peer);
-  return tl__fail(c, TL_ERR_PEER, "%s rank %d (%s, connection %d): %s", what,
+  if (err == 0)
+    return tl__fail(c, TL_ERR_PEER, "rank %d (%s, connection %d) closed the "
+                    "connection: it exited or failed (see its own error)",
+                    k->peer, k->remote, k->index);
+  if (err == EPIPE || err == ECONNRESET)
+    return tl__fail(c, TL_ERR_PEER, "%s rank %d (%s, connection %d) failed: %s; "
+                    "rank %d exited or failed (see its own error)", what, k->peer,
+                    k->remote, k->index, strerror(err), k->peer);
+  return tl__fail(c, TL_ERR_PEER, "%s rank %d (%s, connection %d) failed: %s", what,
                   k->peer, k->remote, k->index, strerror(err));
 }
 
@@ -850,7 +855,7 @@ static int send_some(tl_comm_t *c, conn_t *k) {
     if (w < 0) {
       if (errno == EINTR) continue;
       if (errno == EAGAIN || errno == EWOULDBLOCK) break;
-      return lost(c, k, "send to", errno);
+      return lost(c, k, "sending to", errno);
     }
     size_t before = s->done;
     s->done += (size_t)w;
@@ -912,7 +917,7 @@ static int recv_some(tl_comm_t *c, conn_t *k) {
       if (errno == EAGAIN || errno == EWOULDBLOCK) break;
       return lost(c, k, "receiving from", errno);
     }
-    if (r == 0) return lost(c, k, "closed the connection to", 0);
+    if (r == 0) return lost(c, k, "receiving from", 0);
     size_t before = s->done;
     s->done += (size_t)r;
     c->stats.bytes_received += (s->done > H ? s->done - H : 0) - (before > H ? before - H : 0);

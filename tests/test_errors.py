@@ -1,0 +1,182 @@
+"""Bad input and failures: each gets a clear error that names the problem, on
+every rank, within its deadline; nothing hangs and nothing is silently wrong."""
+
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import RANKPROGS, run_ranks
+from thunderlink.launch import free_ports
+
+pytestmark = pytest.mark.multiproc
+
+
+def test_mismatched_collectives_fail_on_every_rank(ranks):
+    for kind in ("op", "size", "dtype", "large_size"):
+        r = ranks(3, "mismatch", kind)
+        assert r.status == 0, r.all_text()
+        for v in r.values:
+            assert v["raised"] in ("MismatchError", "PeerLostError"), (kind, v)
+        # The ranks that compared headers name both sides.
+        assert any(v["raised"] == "MismatchError" for v in r.values), kind
+        msg = next(v["message"] for v in r.values if v["raised"] == "MismatchError")
+        assert "while this rank called" in msg or "sizes or dtypes" in msg, msg
+
+
+def test_mismatched_broadcast_root_is_reported(ranks):
+    r = ranks(3, "mismatch", "root")
+    assert r.status == 0, r.all_text()
+    # Receivers compare roots; the roots themselves see the leftover frame of
+    # the other root at their next call. Either way every rank raises.
+    raised = [v["raised"] for v in r.values]
+    assert all(x in ("MismatchError", "PeerLostError") for x in raised), raised
+
+
+def test_dead_peer_is_an_error_on_every_other_rank(ranks):
+    r = ranks(3, "die_mid_collective", None, timeout=60)
+    assert r.status == 0, r.all_text()
+    for rank in (0, 1):
+        v = r.values[rank]
+        assert v is not None and v["raised"] == "PeerLostError", r.all_text()
+        assert v["seconds"] < 10
+        assert "rank" in v["message"]
+
+
+def test_failure_is_sticky(ranks):
+    r = ranks(2, "then_fail_later", None)
+    assert r.status == 0, r.all_text()
+    for v in r.values:
+        assert v["first"] is not None
+        assert v["same"], v
+
+
+@pytest.mark.parametrize("kind", ["dtype", "peer", "self", "noncontig"])
+def test_bad_arguments_raise_value_errors_and_leave_the_comm_usable(ranks, kind):
+    r = ranks(2, "bad_call", kind)
+    assert r.status == 0, r.all_text()
+    for v in r.values:
+        assert v["raised"] == "InvalidArgumentError", v
+        assert "ValueError" in v["bases"]
+        assert "cffi" not in v["message"]
+
+
+def _hostfile(tmp_path, n, ports):
+    path = tmp_path / "hosts.json"
+    path.write_text(json.dumps({"ranks": [{"addresses": [f"127.0.0.1:{p}"]} for p in ports[:n]]}))
+    return str(path)
+
+
+def _run_one(tmp_path, rank, hostfile, extra_env=None, timeout=30):
+    env = dict(os.environ, THUNDERLINK_HOSTFILE=hostfile, THUNDERLINK_RANK=str(rank), CT="2",
+               THUNDERLINK_JOB_ID="1234")
+    env.update(extra_env or {})
+    p = subprocess.run([sys.executable, RANKPROGS, "connect_only", "[null]"], env=env,
+                       capture_output=True, text=True, timeout=timeout)
+    line = next(l for l in p.stdout.splitlines() if l.startswith("RESULT "))
+    return json.loads(line[7:])
+
+
+def test_unreachable_peer_names_the_address(tmp_path):
+    ports = free_ports(2)
+    hf = _hostfile(tmp_path, 2, ports)
+    t = time.monotonic()
+    v = _run_one(tmp_path, 1, hf)  # rank 1 connects to rank 0, which is absent
+    assert time.monotonic() - t < 15
+    assert v["raised"] == "CollectiveTimeoutError"
+    assert f"127.0.0.1:{ports[0]}" in v["message"] and "rank 0" in v["message"]
+    v = _run_one(tmp_path, 0, hf)  # rank 0 waits for rank 1, which is absent
+    assert v["raised"] == "CollectiveTimeoutError"
+    assert "rank 1 never connected" in v["message"]
+
+
+def test_port_in_use_is_named(tmp_path):
+    ports = free_ports(2)
+    hf = _hostfile(tmp_path, 2, ports)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", ports[0]))
+        s.listen()
+        v = _run_one(tmp_path, 0, hf)
+    assert v["raised"] == "ConfigError"
+    assert f"port {ports[0]}" in v["message"] and "in use" in v["message"]
+
+
+def test_address_not_on_this_host(tmp_path):
+    path = tmp_path / "hosts.json"
+    path.write_text(json.dumps({"ranks": [{"addresses": ["192.0.2.1:5000"]}, {"addresses": ["127.0.0.1:5001"]}]}))
+    v = _run_one(tmp_path, 0, str(path))
+    assert v["raised"] == "ConfigError"
+    assert "192.0.2.1 is not an address of this host" in v["message"]
+
+
+def _stranger(port, payload, wait=0.5):
+    """Connect to a rank's port, send payload, return what came back."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            s = socket.create_connection(("127.0.0.1", port), timeout=2)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    with s:
+        s.sendall(payload)
+        s.settimeout(wait)
+        try:
+            return s.recv(64)
+        except (socket.timeout, ConnectionError):
+            return b""
+
+
+def test_strangers_are_refused_without_disturbing_the_job(tmp_path):
+    """While rank 1 is late, a non-thunderlink client and a thunderlink peer
+    of another job knock on rank 0's port: both are refused (with a log line)
+    and the job still runs."""
+    ports = free_ports(2)
+    hf = _hostfile(tmp_path, 2, ports)
+    env = dict(os.environ, THUNDERLINK_HOSTFILE=hf, THUNDERLINK_JOB_ID="1234")
+    rank0 = subprocess.Popen([sys.executable, RANKPROGS, "connect_only", "[null]"],
+                             env=dict(env, THUNDERLINK_RANK="0"), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        _stranger(ports[0], b"GET / HTTP/1.0\r\n\r\n" + b"x" * 80)
+        # A hello of protocol v1 from another job (job id 99).
+        hello = struct.pack("<IHHQQIIIIII Q32s", 0x4B4E4C54, 1, 0, 99, 0, 1, 0, 0, 2, 2, 0, 0, b"")
+        ack = _stranger(ports[0], hello)
+        assert len(ack) == 16 and struct.unpack("<IHH", ack[:8])[2] == 1  # ACK_WRONG_JOB
+        rank1 = subprocess.run([sys.executable, RANKPROGS, "connect_only", "[null]"],
+                               env=dict(env, THUNDERLINK_RANK="1"), capture_output=True, text=True, timeout=30)
+        out0, err0 = rank0.communicate(timeout=30)
+    finally:
+        rank0.kill()
+        rank0.wait()
+    assert '"raised": null' in rank1.stdout, rank1.stdout + rank1.stderr
+    assert '"raised": null' in out0, out0 + err0
+    assert "refused a connection" in err0 and "not a thunderlink peer" in err0
+    assert "another job" in err0
+
+
+def test_different_tuning_on_two_ranks_is_refused(tmp_path):
+    ports = free_ports(2)
+    hf = _hostfile(tmp_path, 2, ports)
+    env = dict(os.environ, THUNDERLINK_HOSTFILE=hf, THUNDERLINK_JOB_ID="77", CT="10")
+    p0 = subprocess.Popen([sys.executable, RANKPROGS, "connect_only", "[null]"],
+                          env=dict(env, THUNDERLINK_RANK="0", THUNDERLINK_CHUNK_BYTES="2M"),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        p1 = subprocess.run([sys.executable, RANKPROGS, "connect_only", "[null]"],
+                            env=dict(env, THUNDERLINK_RANK="1"), capture_output=True, text=True, timeout=30)
+        out0, _ = p0.communicate(timeout=30)
+    finally:
+        p0.kill()
+        p0.wait()
+    for out in (p1.stdout, out0):
+        v = json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:])
+        assert v["raised"] == "ConfigError", v
+        assert "THUNDERLINK_CHUNK_BYTES" in v["message"]
