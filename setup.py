@@ -4,11 +4,43 @@
 
 import os
 import shutil
+import subprocess
+import sys
 
-from setuptools import setup
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+SHIM_DIR = os.path.join(HERE, "src", "thunderlink", "mlx_backend")
+CSRC = os.path.join(HERE, "src", "thunderlink", "csrc")
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name, source_dir):
+        super().__init__(name, sources=[])
+        self.source_dir = source_dir
+
+
+class BuildExt(build_ext):
+    """cffi's extension goes through setuptools as usual; the shim through CMake."""
+
+    def build_extension(self, ext):
+        if not isinstance(ext, CMakeExtension):
+            return super().build_extension(ext)
+        import mlx.core
+
+        out_dir = os.path.dirname(os.path.abspath(self.get_ext_fullpath(ext.name)))
+        build_dir = os.path.join(os.path.abspath(self.build_temp), "shim")
+        os.makedirs(build_dir, exist_ok=True)
+        generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+        subprocess.check_call(
+            ["cmake", "-S", ext.source_dir, "-B", build_dir, *generator,
+             f"-DPython_EXECUTABLE={sys.executable}", "-DCMAKE_BUILD_TYPE=Release",
+             f"-DTL_CSRC={CSRC}", f"-DTL_OUTPUT_DIR={out_dir}",
+             f"-DTL_MLX_VERSION={mlx.core.__version__}"]
+        )
+        subprocess.check_call(["cmake", "--build", build_dir, "--parallel"])
 
 
 class BuildPyWithPth(build_py):
@@ -18,13 +50,12 @@ class BuildPyWithPth(build_py):
 
     def run(self):
         super().run()
-        src = os.path.join(HERE, "src", "thunderlink", "mlx_backend", "thunderlink.pth")
-        if os.path.exists(src):
-            shutil.copy(src, os.path.join(self.build_lib, "thunderlink.pth"))
+        shutil.copy(os.path.join(SHIM_DIR, "thunderlink.pth"), os.path.join(self.build_lib, "thunderlink.pth"))
 
 
 setup(
     cffi_modules=["src/thunderlink/bindings/_build.py:ffibuilder"],
-    cmdclass={"build_py": BuildPyWithPth},
+    ext_modules=[CMakeExtension("thunderlink.mlx_backend._shim", SHIM_DIR)],
+    cmdclass={"build_ext": BuildExt, "build_py": BuildPyWithPth},
     zip_safe=False,
 )

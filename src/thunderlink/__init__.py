@@ -1,9 +1,10 @@
 """thunderlink: a distributed backend for MLX over Thunderbolt and any IP link.
 
     import thunderlink
-    comm = thunderlink.connect()          # a Comm over the C core (numpy buffers)
+    group = thunderlink.init()            # an mx.distributed.Group
+    comm = thunderlink.connect()          # or a Comm over the C core (numpy buffers)
 
-See README.md for the MLX group (thunderlink.init) and the command-line tools.
+See README.md for the command-line tools.
 """
 
 from .errors import *  # noqa: F401,F403
@@ -20,4 +21,13 @@ def connect(*args, **kwargs):
     return _connect(*args, **kwargs)
 
 
-__all__ = ["connect", "__version__"] + list(_errors_all)
+def init(strict: bool = False, *, transport: str | None = None, hostfile: str | None = None):
+    """Join the job and return an ``mx.distributed.Group`` running on thunderlink
+    (size 1 when nothing is configured, or an error if ``strict``). See
+    thunderlink.mlx_backend.init."""
+    from .mlx_backend import init as _init
+
+    return _init(strict, transport=transport, hostfile=hostfile)
+
+
+__all__ = ["init", "connect", "__version__"] + list(_errors_all)

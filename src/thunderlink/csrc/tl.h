@@ -274,6 +274,7 @@ typedef struct tl_vtable {
   uint32_t size;        /* sizeof(tl_vtable_t) */
   int (*comm_retain)(tl_comm_t *);
   int (*comm_release)(tl_comm_t *);
+  int (*comm_close)(tl_comm_t *);
   int (*comm_rank)(tl_comm_t *);
   int (*comm_size)(tl_comm_t *);
   int (*comm_split)(tl_comm_t *, int, int, tl_comm_t **);

@@ -443,6 +443,7 @@ static const tl_vtable_t g_vtable = {
     .size = sizeof(tl_vtable_t),
     .comm_retain = tl_comm_retain,
     .comm_release = tl_comm_release,
+    .comm_close = tl_comm_close,
     .comm_rank = tl_comm_rank,
     .comm_size = tl_comm_size,
     .comm_split = tl_comm_split,

@@ -1,0 +1,102 @@
+"""thunderlink as an MLX distributed backend.
+
+``init()`` returns a genuine ``mx.distributed.Group`` whose operations run on
+thunderlink's C core: lazily, inside MLX graphs, under ``mx.compile`` and
+autodiff, reading and writing the arrays' own buffers.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from ..errors import ConfigError, ThunderlinkError
+
+__all__ = ["init", "group_from_comm", "close", "is_thunderlink_group"]
+
+_lock = threading.Lock()
+_world = None          # the group init() made (like MLX, one per process)
+_mlx_init = None       # mx.distributed.init before autoload replaced it
+
+
+def _load_shim():
+    """The nanobind module, after checking it matches the running MLX."""
+    import mlx.core as mx  # registers mx.distributed.Group in the shared domain
+
+    try:
+        from . import _shim as shim
+    except ImportError as e:
+        raise ThunderlinkError(
+            f"[thunderlink] the MLX shim cannot be loaded ({e}); reinstall thunderlink with "
+            f"`pip install --force-reinstall --no-deps .` in an environment with mlx=={mx.__version__}"
+        ) from None
+    if shim.built_mlx_version() != mx.__version__ or not shim.abi_ok():
+        raise ThunderlinkError(
+            f"[thunderlink] the MLX shim was built for mlx {shim.built_mlx_version()} but mlx "
+            f"{mx.__version__} is running (or its nanobind ABI differs), so it cannot hand MLX a "
+            f"Group; rebuild it against this mlx: `pip install --force-reinstall --no-deps "
+            f"--no-build-isolation .` (with nanobind 3.0.1-3.1.x installed)"
+        )
+    return shim
+
+
+def group_from_comm(comm):
+    """An ``mx.distributed.Group`` over a connected ``thunderlink.bindings.Comm``.
+    The group keeps the communicator alive; the Comm object may be closed."""
+    from ..bindings import ffi, lib
+
+    shim = _load_shim()
+    return shim.make_group(int(ffi.cast("uintptr_t", lib.tl_get_vtable())), comm.handle_address())
+
+
+def _original_init():
+    import mlx.core as mx
+
+    return _mlx_init or mx.distributed.init
+
+
+def init(strict: bool = False, *, transport: str | None = None, hostfile: str | None = None):
+    """Join the job and return an ``mx.distributed.Group`` on thunderlink.
+
+    The job is described by THUNDERLINK_HOSTFILE/THUNDERLINK_RANK (or MLX's
+    MLX_HOSTFILE/MLX_RANK, as written by mlx.launch), or by ``hostfile`` and
+    THUNDERLINK_RANK. With nothing configured it behaves like
+    ``mx.distributed.init``: a group of size 1, or an error if ``strict``.
+    The group is made once per process; later calls return it."""
+    global _world
+    from ..config import from_env
+    from ..transport.rendezvous import connect
+
+    with _lock:
+        if _world is not None:
+            return _world
+        cfg = from_env()
+        if hostfile is None and not cfg.configured:
+            if strict:
+                seen = ", ".join(
+                    f"{k}={v}" for k, v in (("hostfile", cfg.hostfile), ("rank", cfg.rank)) if v is not None
+                ) or "nothing"
+                raise ConfigError(
+                    "[thunderlink] init(strict=True): no job to join (seen: "
+                    f"{seen}); set THUNDERLINK_HOSTFILE and THUNDERLINK_RANK (or MLX_HOSTFILE and "
+                    "MLX_RANK), or start the program with `thunderlink launch`"
+                )
+            return _original_init()(False)
+        with connect(cfg, hostfile=hostfile, transport=transport) as comm:
+            _world = group_from_comm(comm)
+        return _world
+
+
+def close(group=None) -> None:
+    """Close a thunderlink group's connections now (default: init()'s group).
+    Compiled functions keep groups alive; this ends the connections anyway."""
+    global _world
+    g = group if group is not None else _world
+    if g is None:
+        return
+    _load_shim().close_group(g)
+    if g is _world:
+        _world = None
+
+
+def is_thunderlink_group(group) -> bool:
+    return _load_shim().is_thunderlink_group(group)
