@@ -1,0 +1,147 @@
+"""thunderlink as an MLX backend: a real mx.distributed.Group, lazy, under
+compile and autodiff, zero copy, selected by environment."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import HERE, run_ranks
+from thunderlink.launch import free_ports
+
+mx = pytest.importorskip("mlx.core")
+pytestmark = pytest.mark.multiproc
+
+MLXPROGS = os.path.join(HERE, "mlxprogs.py")
+
+
+def mlx_ranks(n, func, *args, env=None, timeout=120):
+    return run_ranks(n, func, *args, env=env, timeout=timeout,
+                     argv=[sys.executable, MLXPROGS, func, json.dumps(list(args))])
+
+
+def ok(r):
+    assert r.status == 0, r.all_text()
+    assert all(v is not None for v in r.values), r.all_text()
+    return r.values
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_group_ops_every_dtype(n):
+    for v in ok(mlx_ranks(n, "basics", None)):
+        assert v["type_ok"] and v["size"] == n
+        assert v["calls_after_graph"] == 0 and v["calls_after_eval"] == 1
+        assert v["errors"] == []
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_split_groups_work_at_the_same_time(n):
+    for v in ok(mlx_ranks(n, "splits", None)):
+        assert v["ok"] and all(v["thunderlink"]), v
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_grad_vmap_compile(n):
+    for v in ok(mlx_ranks(n, "autodiff", None)):
+        assert all(v.values()), v
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_compiled_data_parallel_training(n):
+    for v in ok(mlx_ranks(n, "training", None)):
+        assert v["identical"] and v["matches_single"], v
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_sharded_layers_match_unsharded(n):
+    for v in ok(mlx_ranks(n, "sharded", None)):
+        assert all(v.values()), v
+
+
+def test_failure_is_runtime_error_at_eval():
+    for v in ok(mlx_ranks(2, "failure", None)):
+        assert v["raised"] == "RuntimeError"
+        assert "[thunderlink]" in v["message"] and "rank" in v["message"]
+        assert v["stream_usable"]
+
+
+def test_abi_mismatch_is_detected():
+    v = ok(mlx_ranks(1, "abi_detection", None))[0]
+    assert v["abi_ok"] and v["built"] == v["running"]
+    assert "built for mlx 0.0.1" in v["raised"] and "rebuild" in v["raised"]
+
+
+def _mlx_ring_hostfile(tmp_path, n):
+    path = tmp_path / "mlx_ring.json"
+    path.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(n)]))
+    return str(path)
+
+
+def test_zero_copy_and_peak_memory_vs_ring(tmp_path):
+    """256 MiB all_sum: the core gets the arrays' own pointers, and the peak
+    memory (MLX's counter and the process's resident high-water mark) is no
+    more than MLX's ring backend doing the same in the same processes."""
+    r = mlx_ranks(2, "zero_copy", 256, env={"MLX_HOSTFILE": _mlx_ring_hostfile(tmp_path, 2)}, timeout=180)
+    for v in ok(r):
+        assert v["in_is_array"] and v["out_is_array"] and v["donated_in_place"], v
+        assert all(v[f"{k}_value"] for k in ("thunderlink", "ring", "thunderlink2", "ring2")), v
+        p = v["peaks"]
+        for ours, theirs in (("thunderlink", "ring"), ("thunderlink2", "ring2")):
+            assert p[ours]["mlx"] <= p[theirs]["mlx"], p
+            assert p[ours]["rss_kib"] <= p[theirs]["rss_kib"] + 1024, p
+
+
+def _wrapped(script):
+    """Run an unmodified script, then print the core's counters."""
+    return [sys.executable, "-c",
+            "import runpy, sys, json; runpy.run_path(sys.argv[1], run_name='__main__');"
+            "from thunderlink.bindings.comm import process_stats; print('STATS', json.dumps(process_stats()))",
+            script]
+
+
+def test_unmodified_program_runs_on_thunderlink():
+    from thunderlink.launch import launch_local
+
+    script = os.path.join(HERE, "unmodified_mlx.py")
+    res = launch_local(3, _wrapped(script), timeout=120, capture=True, on_line=lambda *a: None)
+    assert res.status == 0, res.output
+    for rank, lines in enumerate(res.output):
+        assert f"rank {rank} of 3: ok" in lines
+        stats = json.loads(next(l for l in lines if l.startswith("STATS "))[6:])
+        assert stats["calls"]["all_reduce"] >= 2  # all_sum + average_gradients
+
+
+def test_without_the_variable_mlx_is_untouched():
+    code = ("import mlx.core as mx; g = mx.distributed.init(); "
+            "print(g.size(), mx.distributed.init.__module__)")
+    env = {k: v for k, v in os.environ.items() if k != "MLX_DISTRIBUTED_BACKEND"}
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split()[0] == "1"
+    assert "thunderlink" not in p.stdout
+
+
+def test_mlx_launch_runs_thunderlink_programs(tmp_path):
+    """mlx.launch --backend ring with MLX_DISTRIBUTED_BACKEND=thunderlink: the
+    program joins through the hostfile mlx.launch writes."""
+    script = os.path.join(HERE, "unmodified_mlx.py")
+    port = free_ports(1)[0]
+    launcher = "import sys; from mlx._distributed_utils.launch import main; sys.argv[0] = 'mlx.launch'; sys.exit(main())"
+    cmd = [sys.executable, "-c", launcher, "--backend", "ring",
+           "--env", "MLX_DISTRIBUTED_BACKEND=thunderlink", "--starting-port", str(port),
+           "-n", "2", "--", *_wrapped(script)]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True, cwd=str(tmp_path))
+    try:
+        out, _ = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, 9)
+            p.wait()
+    assert p.returncode == 0, out
+    assert "rank 0 of 2: ok" in out and "rank 1 of 2: ok" in out, out
+    stats = [json.loads(l.split("STATS ", 1)[1]) for l in out.splitlines() if "STATS " in l]
+    assert len(stats) == 2 and all(s["calls"]["all_reduce"] >= 2 for s in stats), out
