@@ -8,6 +8,8 @@ import sys
 TOOLS = {
     "launch": ("thunderlink.launch.__main__", "start the ranks of a job"),
     "bench": ("thunderlink.bench.__main__", "measure collectives (nccl-tests style)"),
+    "doctor": ("thunderlink.doctor.__main__", "check interfaces and a hostfile, with fixes"),
+    "cluster": ("thunderlink.testing.cluster", "emulate a Thunderbolt cluster with network namespaces"),
 }
 
 USAGE = "usage: thunderlink <tool> [args]\n\ntools:\n" + "\n".join(

@@ -13,7 +13,7 @@ from typing import Mapping
 
 from .errors import ConfigError
 
-__all__ = ["Config", "from_env", "ENV", "parse_size", "parse_rate"]
+__all__ = ["Config", "from_env", "ENV", "parse_size", "parse_rate", "cluster_state_dir"]
 
 # name -> (default shown to users, description)
 ENV = {
@@ -41,6 +41,10 @@ ENV = {
     "THUNDERLINK_SPIN_US": ("50", "microseconds to poll before sleeping, for small operations"),
     "THUNDERLINK_SOCKBUF_BYTES": ("0", "SO_SNDBUF/SO_RCVBUF; 0 keeps the kernel's autotuning"),
     "THUNDERLINK_DEBUG": ("warn", "log level of the core on stderr: none | warn | info | trace"),
+    "THUNDERLINK_CLUSTER_STATE_DIR": (
+        "/run/thunderlink/clusters",
+        "where `thunderlink cluster` records the emulated clusters it made",
+    ),
 }
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
@@ -192,3 +196,9 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
         job_id=job_id,
         options=options,
     )
+
+
+def cluster_state_dir(env: Mapping[str, str] | None = None) -> str:
+    """Where emulated clusters are recorded (THUNDERLINK_CLUSTER_STATE_DIR)."""
+    env = os.environ if env is None else env
+    return env.get("THUNDERLINK_CLUSTER_STATE_DIR") or ENV["THUNDERLINK_CLUSTER_STATE_DIR"][0]
