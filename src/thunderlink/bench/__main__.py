@@ -8,6 +8,7 @@ one rank of that job.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -58,16 +59,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=5, help="warm-up iterations per size (default 5)")
     p.add_argument("--iters", type=int, default=0, help="timed iterations per size (default: about 0.2 s worth)")
     p.add_argument("--no-check", dest="check", action="store_false", help="do not verify results")
-    p.add_argument("--inplace", choices=("both", "in", "out"), default="both", help="which variants (default both)")
+    p.add_argument("--inplace", choices=("both", "in", "out"), default=None,
+                   help="which variants of the core (default both; out with --vs/--via)")
     p.add_argument("--json", dest="json_path", metavar="PATH", help="also write every measurement as JSON")
+    p.add_argument("--plot", dest="plot_path", metavar="PNG",
+                   help="draw bus bandwidth and latency against size (needs thunderlink[plot])")
+    p.add_argument("--vs", choices=("mlx-ring",), action="append", default=[],
+                   help="also measure MLX's ring backend over the same hosts, interleaved, with the ratio")
+    p.add_argument("--via", choices=("core", "mlx"), action="append", default=[],
+                   help="mlx: also measure through mx.distributed (thunderlink's Group), MLX overhead included")
     p.add_argument("--timeout", type=float, default=None, help="stop the job after this many seconds")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     return p
 
 
 def settings_of(args) -> Settings:
+    inplace = args.inplace or ("out" if (args.vs or "mlx" in args.via) else "both")
     return Settings(op=args.op, sizes=parse_sizes(args.sizes), dtype=args.dtype, warmup=args.warmup,
-                    iters=args.iters, check=args.check, inplace=args.inplace, json_path=args.json_path)
+                    iters=args.iters, check=args.check, inplace=inplace, json_path=args.json_path,
+                    plot_path=args.plot_path, vs=tuple(args.vs), via_mlx="mlx" in args.via)
 
 
 def run_worker(args) -> int:
@@ -86,6 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     settings_of(args)  # validate before starting anything
+    if args.plot_path:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise SystemExit("thunderlink bench: --plot needs matplotlib: pip install 'thunderlink[plot]'") from None
     from ..config import from_env
 
     if args.worker or from_env().configured:
@@ -93,16 +108,66 @@ def main(argv: list[str] | None = None) -> int:
     if args.ranks < 1:
         raise SystemExit("thunderlink bench: -n must be at least 1")
 
-    from ..launch import launch_local
+    import tempfile
+
+    from ..launch import free_ports, launch_local
+
+    progress = Progress(len(settings_of(args).sizes))
 
     def on_line(rank: int, stream: str, line: str) -> None:
         if rank == 0 and stream == "out":
+            progress.clear()
             print(line, flush=True)
+            if not line.startswith("#"):
+                progress.step()
         else:
+            progress.clear()
             (sys.stdout if stream == "out" else sys.stderr).write(f"[{rank}] {line}\n")
 
+    env = dict(os.environ)
     cmd = [sys.executable, "-m", "thunderlink.bench", "--worker"] + [a for a in argv if a != "--worker"]
-    return launch_local(args.ranks, cmd, env=dict(os.environ), timeout=args.timeout, on_line=on_line).status
+    with tempfile.TemporaryDirectory(prefix="thunderlink-bench-") as tmp:
+        if args.vs:
+            # MLX's ring over the same loopback, on its own ports.
+            path = os.path.join(tmp, "mlx_ring.json")
+            with open(path, "w") as f:
+                json.dump([[f"127.0.0.1:{p}"] for p in free_ports(args.ranks)], f)
+            env["MLX_HOSTFILE"] = path
+        try:
+            return launch_local(args.ranks, cmd, env=env, timeout=args.timeout, on_line=on_line).status
+        finally:
+            progress.clear()
+
+
+class Progress:
+    """A progress line on stderr, for sweeps that take more than a few
+    seconds, when stderr is a terminal."""
+
+    def __init__(self, total: int):
+        import time
+
+        self.total, self.done, self.start, self.time = total, 0, time.monotonic(), time
+        self.shown = False
+        self.tty = sys.stderr.isatty()
+
+    def step(self) -> None:
+        self.done += 1
+        elapsed = self.time.monotonic() - self.start
+        if not self.tty or elapsed < 3 or self.done >= self.total:
+            return
+        width = 30
+        filled = width * self.done // self.total
+        eta = elapsed / self.done * (self.total - self.done)
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} sizes, "
+                         f"about {eta:.0f} s left ")
+        sys.stderr.flush()
+        self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            sys.stderr.write("\r" + " " * 70 + "\r")
+            sys.stderr.flush()
+            self.shown = False
 
 
 if __name__ == "__main__":

@@ -2,50 +2,88 @@
 
 from __future__ import annotations
 
+import math
 import platform
 import socket
 import time
 
-__all__ = ["header", "row", "footer"]
+__all__ = ["header", "row", "footer", "series_name"]
 
-_COLS = f"{'time':>9} {'p50':>9} {'p99':>9} {'algbw':>7} {'busbw':>7} {'#wrong':>6}"
-_UNITS = f"{'(us)':>9} {'(us)':>9} {'(us)':>9} {'(GB/s)':>7} {'(GB/s)':>7} {'':>6}"
+_COLS = f"{'time':>9} {'p50':>9} {'p99':>9} {'algbw':>6} {'busbw':>6} {'#wrong':>6} {'cpu':>4}"
+_UNITS = f"{'(us)':>9} {'(us)':>9} {'(us)':>9} {'(GB/s)':>6} {'(GB/s)':>6} {'':>6} {'':>4}"
+_WIDTH = len(_COLS) + 2
 
 
-def header(out, s, n: int, backends: list[str], variants) -> None:
+def series_name(backend: str, inplace: bool, variants) -> str:
+    if len(variants) == 1 and backend != "thunderlink":
+        return backend
+    return f"{backend} {'in-place' if inplace else 'out-of-place'}"
+
+
+def _short(backend: str, inplace: bool) -> str:
+    if backend == "thunderlink":
+        return "core-in" if inplace else "core"
+    return "mlx-group" if backend == "thunderlink/mlx" else backend
+
+
+def _ratio_names(series) -> list[str]:
+    """Columns "x ring": p50 time of MLX's ring over each other series'."""
+    if "mlx-ring" not in [b.name for b, _ in series]:
+        return []
+    return [_short(b.name, v) for b, v in series if b.name != "mlx-ring"]
+
+
+def header(out, s, n: int, series) -> None:
     out.write(f"# thunderlink bench: {s.op}, {n} ranks, {s.dtype}, on {socket.gethostname()} "
               f"({platform.system()} {platform.machine()}), {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     out.write(f"# warmup {s.warmup}, iterations {s.iters or 'auto'}, check {'on' if s.check else 'off'}; "
-              f"time = mean over iterations of the slowest rank; busbw as in nccl-tests\n")
-    groups = []
-    for b in backends:
-        for inplace in variants:
-            groups.append(f"{b} {'in-place' if inplace else 'out-of-place'}")
-    width = len(_COLS) + 2
-    out.write("#" + " " * 34 + "".join(f"{g:^{width}}" for g in groups) + "\n")
-    out.write(f"# {'size':>12} {'count':>12} {'type':>8}" + ("  " + _COLS) * len(groups) + "\n")
+              f"time = mean over iterations of the slowest rank, p50/p99 likewise; busbw as in nccl-tests;\n"
+              f"# cpu = CPU time of all ranks / (wall time x ranks) over the timed loop\n")
+    groups = [series_name(b.name, v, b.variants) for b, v in series]
+    ratios = _ratio_names(series)
+    if ratios:
+        out.write("# x ring = MLX ring's p50 time / this series' p50 time (above 1: faster than MLX's ring)\n")
+    out.write("#" + " " * 34 + "".join(f"{g:^{_WIDTH}}" for g in groups)
+              + ("  " + "x ring" if ratios else "") + "\n")
+    out.write(f"# {'size':>12} {'count':>12} {'type':>8}" + ("  " + _COLS) * len(groups)
+              + "".join(f"  {r:>12}" for r in ratios) + "\n")
     out.write(f"# {'(B)':>12} {'(elements)':>12} {'':>8}" + ("  " + _UNITS) * len(groups) + "\n")
     out.flush()
 
 
-def row(out, ms, variants, backends) -> None:
+def _cells(m) -> str:
+    if not m.supported:
+        return f"{'n/a':>9} {'':>9} {'':>9} {'':>6} {'':>6} {'':>6} {'':>4}"
+    cpu = "" if math.isnan(m.cpu) else f"{m.cpu:.2f}"
+    return (f"{m.time_us:>9.1f} {m.p50_us:>9.1f} {m.p99_us:>9.1f} {m.algbw:>6.2f} "
+            f"{m.busbw:>6.2f} {m.wrong:>6} {cpu:>4}")
+
+
+def row(out, ms) -> None:
     m0 = ms[0]
     line = f"  {m0.size:>12} {m0.count:>12} {m0.dtype:>8}"
     for m in ms:
-        line += (f"  {m.time_us:>9.1f} {m.p50_us:>9.1f} {m.p99_us:>9.1f} {m.algbw:>7.2f} "
-                 f"{m.busbw:>7.2f} {m.wrong:>6}")
+        line += "  " + _cells(m)
+    ring = next((m for m in ms if m.backend == "mlx-ring"), None)
+    if ring is not None:
+        for m in ms:
+            if m.backend == "mlx-ring":
+                continue
+            r = ring.p50_us / m.p50_us if (ring.supported and m.supported and m.p50_us > 0) else float("nan")
+            line += f"  {'n/a' if math.isnan(r) else f'{r:.2f}':>12}"
     out.write(line + "\n")
     out.flush()
 
 
-def footer(out, results, backends) -> None:
+def footer(out, results, series) -> None:
     if not results:
         return
-    wrong = sum(m.wrong for m in results)
-    for b in backends:
-        mine = [m for m in results if m.backend == b]
+    for b, v in series:
+        mine = [m for m in results if m.backend == b.name and m.inplace == v and m.supported]
         if mine:
             avg = sum(m.busbw for m in mine) / len(mine)
-            out.write(f"# {b}: out of bounds values: {sum(m.wrong for m in mine)}; avg bus bandwidth: {avg:.3f} GB/s\n")
+            out.write(f"# {series_name(b.name, v, b.variants)}: #wrong {sum(m.wrong for m in mine)}; "
+                      f"avg bus bandwidth {avg:.3f} GB/s\n")
+    wrong = sum(m.wrong for m in results)
     out.write(f"# {'OK' if wrong == 0 else 'WRONG RESULTS'}\n")
     out.flush()

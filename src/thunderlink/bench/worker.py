@@ -1,24 +1,35 @@
 """The benchmark's body, run by every rank.
 
-For each size and each backend (interleaved, so every backend sees the same
-machine), for out-of-place and in-place: warm up, time every iteration on
-every rank, take the slowest rank of each iteration, and report the mean,
-median (p50) and p99. Then check one result (#wrong counts the elements that
-differ from the exact expected value, summed over ranks).
+For each size, every backend in turn (interleaved, so that each sees the same
+machine), out of place and in place: warm up, time every iteration on every
+rank, take the slowest rank of each iteration, and report the mean, median
+(p50) and p99 time, the CPU time of all ranks over the timed loop relative
+to their wall time, and then check one result (#wrong: elements that differ
+from the exact expected value, summed over ranks).
+
+Backends:
+  thunderlink   the C core through cffi, with buffers prepared once: the loop
+                calls the core directly, so the time is the core's.
+  thunderlink/mlx  thunderlink's mx.distributed.Group (--via mlx): MLX's own
+                overhead (graph, eval, stream dispatch) included.
+  mlx-ring      MLX's ring backend over the same hosts (--vs mlx-ring).
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
+import resource
 import sys
 import time
-from dataclasses import dataclass, asdict
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from .ops import DTYPES, OPS
 
-__all__ = ["Settings", "Measurement", "run"]
+__all__ = ["Settings", "Measurement", "run", "CoreBackend", "MLXBackend"]
 
 
 @dataclass
@@ -32,6 +43,9 @@ class Settings:
     check: bool = True
     inplace: str = "both"   # both | in | out
     json_path: str | None = None
+    plot_path: str | None = None
+    vs: tuple = ()          # ("mlx-ring",)
+    via_mlx: bool = False
 
 
 @dataclass
@@ -50,114 +64,236 @@ class Measurement:
     busbw: float
     wrong: int
     ranks: int
+    cpu: float = float("nan")  # CPU seconds of all ranks / (wall seconds x ranks)
+    supported: bool = True
+
+
+# ---- backends ---------------------------------------------------------------------
 
 
 class CoreBackend:
-    """The C core through cffi (no MLX)."""
+    """The C core through cffi; buffers are turned into cdata once, so that
+    the timed loop is one call into the core per iteration."""
 
     name = "thunderlink"
+    variants = (False, True)
 
     def __init__(self, comm):
-        self.comm = comm
+        from ..bindings import ffi, lib
+        from ..bindings.comm import dtype_code
 
-    def prepare(self, op, x, out):
-        return x, out
+        self.comm, self.ffi, self.lib, self.dtype_code = comm, ffi, lib, dtype_code
 
-    def result(self, op, x, out):
-        return x if op in ("broadcast",) else out
+    def supports(self, op: str) -> bool:
+        return True
 
-    def run(self, op, x, out):
-        c = self.comm
+    def prepare(self, op, x, out, dtype):
+        ffi, lib, h = self.ffi, self.lib, self.comm.handle
+        code = self.dtype_code(dtype)
+        px = ffi.from_buffer(x, require_writable=op == "broadcast") if x.nbytes else ffi.NULL
+        po = ffi.from_buffer(out, require_writable=True) if out.nbytes else ffi.NULL
+        n, rank, last = self.comm.size, self.comm.rank, self.comm.size - 1
+        count = x.size
+        from ..errors import check
+
         if op == "all_sum":
-            c.all_reduce(x, out, "sum", dtype=self.dtype)
+            call = lambda: lib.tl_all_reduce(h, px, po, count, code, lib.TL_SUM)  # noqa: E731
         elif op == "all_gather":
-            c.all_gather(x, out, dtype=self.dtype)
+            call = lambda: lib.tl_all_gather(h, px, po, count, code)  # noqa: E731
         elif op == "sum_scatter":
-            c.reduce_scatter(x, out, "sum", dtype=self.dtype)
+            call = lambda: lib.tl_reduce_scatter(h, px, po, count // n, code, lib.TL_SUM)  # noqa: E731
         elif op == "broadcast":
-            c.broadcast(x, 0, dtype=self.dtype)
+            call = lambda: lib.tl_broadcast(h, px, count, code, 0)  # noqa: E731
         elif op == "sendrecv":
-            last = c.size - 1
-            if c.rank == 0:
-                c.send(x, last, dtype=self.dtype)
-                c.recv(out, last, dtype=self.dtype)
-            elif c.rank == last:
-                c.recv(out, 0, dtype=self.dtype)
-                c.send(x, 0, dtype=self.dtype)
+            if rank == 0:
+                call = lambda: lib.tl_send(h, px, count, code, last) or lib.tl_recv(h, po, count, code, last)  # noqa: E731
+            elif rank == last:
+                call = lambda: lib.tl_recv(h, po, count, code, 0) or lib.tl_send(h, px, count, code, 0)  # noqa: E731
+            else:
+                call = lambda: 0  # noqa: E731
+        else:
+            raise ValueError(op)
+
+        def run():
+            rc = call()
+            if rc:
+                check(rc, h)
+
+        return {"run": run, "x": x, "out": out, "op": op}
+
+    def run(self, prepared) -> None:
+        prepared["run"]()
+
+    def result(self, prepared) -> np.ndarray:
+        return prepared["x"] if prepared["op"] == "broadcast" else prepared["out"]
 
 
-def _stats(comm, times: np.ndarray):
-    slowest = comm.all_max(times)  # per iteration, the slowest rank
-    return float(slowest.mean()), float(np.percentile(slowest, 50)), float(np.percentile(slowest, 99))
+class MLXBackend:
+    """An mx.distributed.Group: thunderlink's (--via mlx) or MLX's ring."""
+
+    variants = (False,)  # MLX decides when to work in place (donation)
+
+    def __init__(self, name: str, group, ring: bool):
+        import mlx.core as mx
+
+        self.mx, self.name, self.group, self.ring = mx, name, group, ring
+
+    def supports(self, op: str) -> bool:
+        if op == "broadcast":
+            return False  # MLX has no broadcast
+        if op == "sum_scatter" and self.ring:
+            return False  # "[ring] sum_scatter not supported"
+        return True
+
+    def prepare(self, op, x, out, dtype):
+        mx = self.mx
+        a = mx.array(x)
+        if dtype == "bfloat16":
+            a = mx.array(x.view(np.uint16)).view(mx.bfloat16)
+        mx.eval(a)
+        return {"x": a, "op": op, "y": None, "dtype": dtype}
+
+    def run(self, prepared) -> None:
+        mx, g, d = self.mx, self.group, self.mx.distributed
+        x, op = prepared["x"], prepared["op"]
+        if op == "all_sum":
+            y = d.all_sum(x, group=g)
+        elif op == "all_gather":
+            y = d.all_gather(x, group=g)
+        elif op == "sum_scatter":
+            y = d.sum_scatter(x, group=g)
+        elif op == "sendrecv":
+            rank, last = g.rank(), g.size() - 1
+            y = None
+            if rank == 0:
+                mx.eval(d.send(x, last, group=g))
+                y = d.recv_like(x, last, group=g)
+            elif rank == last:
+                y = d.recv_like(x, 0, group=g)
+                mx.eval(y)
+                mx.eval(d.send(x, 0, group=g))
+        else:
+            raise ValueError(op)
+        if y is not None:
+            mx.eval(y)
+        prepared["y"] = y
+
+    def result(self, prepared) -> np.ndarray:
+        y = prepared["y"]
+        if y is None:
+            return None
+        if prepared["dtype"] == "bfloat16":
+            return np.array(y.view(self.mx.uint16))
+        return np.array(y)
+
+
+# ---- measuring ----------------------------------------------------------------------
+
+
+def _cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def measure(comm, backend, s: Settings, size: int, inplace: bool) -> Measurement:
     op = OPS[s.op]
     n, rank = comm.size, comm.rank
-    storage, core_dtype = DTYPES[s.dtype]
+    storage, _ = DTYPES[s.dtype]
     itemsize = np.dtype(storage).itemsize
     count = op.count(size, itemsize, n)
-    backend.dtype = core_dtype
+    nbytes = count * itemsize * (n if s.op in ("all_gather", "sum_scatter") else 1)
+    if not backend.supports(s.op):
+        nan = float("nan")
+        return Measurement(backend=backend.name, op=s.op, size=nbytes, count=count, dtype=s.dtype,
+                           inplace=inplace, iters=0, time_us=nan, p50_us=nan, p99_us=nan, algbw=nan,
+                           busbw=nan, wrong=0, ranks=n, supported=False)
     x, out = op.buffers(count, s.dtype, rank, n, inplace)
-    bx, bout = backend.prepare(s.op, x, out)
+    prepared = backend.prepare(s.op, x, out, s.dtype)
     for _ in range(s.warmup):
-        backend.run(s.op, bx, bout)
+        backend.run(prepared)
     iters = s.iters
     if not iters:
         t = time.perf_counter()
-        backend.run(s.op, bx, bout)
+        backend.run(prepared)
         est = comm.all_max(np.array([time.perf_counter() - t]))[0]
         iters = int(min(2000, max(10, s.budget / max(est, 1e-7))))
     comm.barrier()
     times = np.empty(iters)
+    cpu0, wall0 = _cpu_seconds(), time.perf_counter()
     for i in range(iters):
         t = time.perf_counter()
-        backend.run(s.op, bx, bout)
+        backend.run(prepared)
         times[i] = time.perf_counter() - t
-    mean, p50, p99 = _stats(comm, times)
+    wall, cpu = time.perf_counter() - wall0, _cpu_seconds() - cpu0
+    slowest = comm.all_max(times)  # per iteration, the slowest rank
+    totals = comm.all_sum(np.array([cpu, wall]))
+    mean, p50, p99 = float(slowest.mean()), float(np.percentile(slowest, 50)), float(np.percentile(slowest, 99))
     if s.op == "sendrecv":
         mean, p50, p99 = mean / 2, p50 / 2, p99 / 2
     wrong = 0
     if s.check:
         x, out = op.buffers(count, s.dtype, rank, n, inplace)
-        bx, bout = backend.prepare(s.op, x, out)
-        backend.run(s.op, bx, bout)
+        prepared = backend.prepare(s.op, x, out, s.dtype)
+        backend.run(prepared)
         want = op.expected(count, s.dtype, rank, n)
-        if want is not None:
-            got = np.asarray(backend.result(s.op, bx, bout)).reshape(-1)
-            wrong = op.wrong(got, want.reshape(-1))
+        got = backend.result(prepared)
+        if want is not None and got is not None:
+            wrong = op.wrong(np.asarray(got).reshape(-1), want.reshape(-1))
         wrong = int(comm.all_sum(np.array([wrong], dtype=np.int64))[0])
-    nbytes = count * itemsize * (n if s.op in ("all_gather", "sum_scatter") else 1)
     algbw = nbytes / mean / 1e9 if mean > 0 else 0.0
     return Measurement(
         backend=backend.name, op=s.op, size=nbytes, count=count, dtype=s.dtype, inplace=inplace,
         iters=iters, time_us=mean * 1e6, p50_us=p50 * 1e6, p99_us=p99 * 1e6, algbw=algbw,
         busbw=algbw * op.bus_factor(n), wrong=wrong, ranks=n,
+        cpu=float(totals[0] / totals[1]) if totals[1] > 0 else float("nan"),
     )
+
+
+def make_backends(comm, s: Settings) -> list:
+    backends = [CoreBackend(comm)]
+    if s.via_mlx:
+        from ..mlx_backend import group_from_comm
+
+        backends.append(MLXBackend("thunderlink/mlx", group_from_comm(comm), ring=False))
+    if "mlx-ring" in s.vs:
+        import mlx.core as mx
+
+        if not os.environ.get("MLX_HOSTFILE"):
+            raise SystemExit("thunderlink bench: --vs mlx-ring needs MLX_HOSTFILE (the bench sets it "
+                             "when it starts the ranks)")
+        os.environ["MLX_RANK"] = str(comm.rank)  # MLX's ring reads its rank here
+        ring = mx.distributed.init(strict=True, backend="ring")
+        backends.append(MLXBackend("mlx-ring", ring, ring=True))
+    return backends
 
 
 def run(comm, s: Settings, backends=None, out=sys.stdout) -> list[Measurement]:
     """Sweep the sizes; rank 0 writes the table to ``out``."""
     from . import report
 
-    backends = backends or [CoreBackend(comm)]
-    variants = {"both": (False, True), "out": (False,), "in": (True,)}[s.inplace]
+    backends = backends or make_backends(comm, s)
+    wanted = {"both": (False, True), "out": (False,), "in": (True,)}[s.inplace]
+    series = [(b, v) for b in backends for v in b.variants if v in wanted] or [(backends[0], False)]
     rank0 = comm.rank == 0
     results: list[Measurement] = []
     if rank0:
-        report.header(out, s, comm.size, [b.name for b in backends], variants)
+        report.header(out, s, comm.size, series)
     for size in s.sizes:
-        row = []
-        for b in backends:
-            for inplace in variants:
-                m = measure(comm, b, s, size, inplace)
-                row.append(m)
+        row = [measure(comm, b, s, size, v) for b, v in series]
         results += row
         if rank0:
-            report.row(out, row, variants, [b.name for b in backends])
+            report.row(out, row)
     if rank0:
-        report.footer(out, results, [b.name for b in backends])
+        report.footer(out, results, series)
         if s.json_path:
             with open(s.json_path, "w", encoding="utf-8") as f:
-                json.dump([asdict(m) for m in results], f, indent=1)
+                json.dump([_jsonable(asdict(m)) for m in results], f, indent=1)
+        if s.plot_path:
+            from .plot import plot
+
+            plot(results, s, s.plot_path)
     return results
+
+
+def _jsonable(d: dict) -> dict:
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}
