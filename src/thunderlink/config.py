@@ -6,6 +6,7 @@ with its default; the README's table is written from it.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -65,8 +66,8 @@ _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(bit|bps|b/s)?\s*$", re.IGNO
 def parse_rate(value, what: str = "rate") -> float:
     """A link rate in Gbit/s: a number (Gbit/s) or '10gbit', '40Gbps', '500mbit'."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if value <= 0:
-            raise ConfigError(f"[thunderlink] {what}: {value} must be positive")
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"[thunderlink] {what}: {value} must be a positive, finite number of Gbit/s")
         return float(value)
     m = _RATE.match(str(value))
     if not m or float(m.group(1)) <= 0:
@@ -95,17 +96,25 @@ class Config:
         return self.hostfile is not None and self.rank is not None
 
 
-def _int(env: Mapping[str, str], name: str, lo: int | None = None) -> int | None:
+def _int(env: Mapping[str, str], name: str, lo: int | None = None, hi: int | None = None) -> int | None:
     raw = env.get(name)
     if raw is None or raw == "":
         return None
     try:
-        v = int(raw, 0)
+        v = int(raw)  # decimal, leading zeros allowed
     except ValueError:
-        raise ConfigError(f"[thunderlink] {name}={raw!r} is not an integer") from None
-    if lo is not None and v < lo:
-        raise ConfigError(f"[thunderlink] {name}={v} must be at least {lo}")
+        try:
+            v = int(raw, 0)  # 0x...
+        except ValueError:
+            raise ConfigError(f"[thunderlink] {name}={raw!r} is not an integer") from None
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        bounds = f"at least {lo}" if hi is None else f"between {lo} and {hi}"
+        raise ConfigError(f"[thunderlink] {name}={v} must be {bounds}")
     return v
+
+
+# The core keeps times in int32 milliseconds.
+_MIN_SECONDS, _MAX_SECONDS = 0.001, 2_000_000.0
 
 
 def _seconds(env: Mapping[str, str], name: str) -> float | None:
@@ -116,8 +125,20 @@ def _seconds(env: Mapping[str, str], name: str) -> float | None:
         v = float(raw)
     except ValueError:
         raise ConfigError(f"[thunderlink] {name}={raw!r} is not a number of seconds") from None
-    if not v > 0:
-        raise ConfigError(f"[thunderlink] {name}={raw} must be a positive number of seconds")
+    if not (math.isfinite(v) and _MIN_SECONDS <= v <= _MAX_SECONDS):
+        raise ConfigError(
+            f"[thunderlink] {name}={raw} must be a number of seconds between {_MIN_SECONDS} and {_MAX_SECONDS:g}"
+        )
+    return v
+
+
+def _size(env: Mapping[str, str], name: str, lo: int, hi: int) -> int | None:
+    raw = env.get(name)
+    if not raw:
+        return None
+    v = parse_size(raw, name)
+    if not lo <= v <= hi:
+        raise ConfigError(f"[thunderlink] {name}={raw} must be between {lo} and {hi} bytes")
     return v
 
 
@@ -139,22 +160,24 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
         v = _seconds(env, name)
         if v is not None:
             options[key] = v
-    for key, name, lo in (
-        ("conns_per_peer", "THUNDERLINK_CONNS", 1),
-        ("pipeline_depth", "THUNDERLINK_PIPELINE_DEPTH", 1),
-        ("spin_us", "THUNDERLINK_SPIN_US", 0),
+    # Ranges as the core checks them (tl_options_check).
+    for key, name, lo, hi in (
+        ("conns_per_peer", "THUNDERLINK_CONNS", 1, 64),
+        ("pipeline_depth", "THUNDERLINK_PIPELINE_DEPTH", 1, 64),
+        ("spin_us", "THUNDERLINK_SPIN_US", 0, 1_000_000),
     ):
-        v = _int(env, name, lo)
+        v = _int(env, name, lo, hi)
         if v is not None:
             options[key] = v
-    for key, name in (
-        ("chunk_bytes", "THUNDERLINK_CHUNK_BYTES"),
-        ("algo_threshold", "THUNDERLINK_ALGO_THRESHOLD"),
-        ("stripe_min_bytes", "THUNDERLINK_STRIPE_MIN_BYTES"),
-        ("sockbuf_bytes", "THUNDERLINK_SOCKBUF_BYTES"),
+    for key, name, lo, hi in (
+        ("chunk_bytes", "THUNDERLINK_CHUNK_BYTES", 4096, 1 << 30),
+        ("algo_threshold", "THUNDERLINK_ALGO_THRESHOLD", 0, 1 << 62),
+        ("stripe_min_bytes", "THUNDERLINK_STRIPE_MIN_BYTES", 0, 1 << 62),
+        ("sockbuf_bytes", "THUNDERLINK_SOCKBUF_BYTES", 0, (1 << 31) - 1),
     ):
-        if env.get(name):
-            options[key] = parse_size(env[name], name)
+        v = _size(env, name, lo, hi)
+        if v is not None:
+            options[key] = v
     algo = _choice(env, "THUNDERLINK_ALGO", ("auto", "ring", "oneshot"))
     if algo:
         options["algo"] = algo

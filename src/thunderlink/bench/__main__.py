@@ -19,6 +19,15 @@ from .worker import Settings
 
 def parse_sizes(text: str) -> tuple[int, ...]:
     """'4:64M' (x2 steps), '4:64M:x4' (factor), '1M:8M:+1M' (step), or '4,1K,1M'."""
+    from ..errors import ConfigError
+
+    try:
+        return _parse_sizes(text)
+    except (ConfigError, ValueError) as e:
+        raise SystemExit(f"thunderlink bench: --sizes {text!r}: {str(e).replace('[thunderlink] ', '')}") from None
+
+
+def _parse_sizes(text: str) -> tuple[int, ...]:
     if "," in text or ":" not in text:
         return tuple(parse_size(t, "--sizes") for t in text.split(",") if t)
     parts = text.split(":")
@@ -37,7 +46,10 @@ def parse_sizes(text: str) -> tuple[int, ...]:
             sizes.append(s)
             s += inc
     else:
-        f = float(step.lstrip("x"))
+        try:
+            f = float(step.lstrip("x"))
+        except ValueError:
+            raise SystemExit(f"thunderlink bench: --sizes {text!r}: {step!r} is not xFACTOR or +STEP") from None
         if f <= 1:
             raise SystemExit("thunderlink bench: --sizes factor must be above 1")
         while s <= hi:

@@ -88,6 +88,7 @@ const char *tl_strerror(int status);
 const char *tl_comm_last_error(tl_comm_t *comm);
 
 void tl_options_default(tl_options_t *opts);
+int tl_options_check(const tl_options_t *opts, char *why, size_t cap);
 int tl_comm_create(tl_comm_t **out, int rank, int size, const tl_options_t *opts);
 int tl_comm_add_endpoint(tl_comm_t *comm, int owner, int facing, const char *host,
                          int port, const char *ifname, double weight);

@@ -13,7 +13,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from ..errors import ClosedError, InvalidArgumentError, check
+from ..errors import ClosedError, ConfigError, InvalidArgumentError, check
 from ._core import ffi, lib
 
 __all__ = ["Comm", "Endpoint", "Options", "dtype_code", "DTYPES", "REDUCTIONS"]
@@ -113,7 +113,13 @@ class Options:
             elif f.name == "job_id":
                 o.job_id = int(v) & 0xFFFFFFFFFFFFFFFF
             else:
-                setattr(o, f.name, int(v))
+                try:
+                    setattr(o, f.name, int(v))
+                except OverflowError:
+                    raise ConfigError(f"[thunderlink] option {f.name}={v} is out of range") from None
+        why = ffi.new("char[256]")
+        if lib.tl_options_check(o, why, 256):
+            raise ConfigError(f"[thunderlink] invalid options: {ffi.string(why).decode()}")
         return o
 
     @staticmethod
@@ -139,7 +145,8 @@ class Options:
 
 
 def _ms(seconds: float, name: str) -> int:
-    ms = int(round(float(seconds) * 1000))
+    s = float(seconds)
+    ms = int(round(s * 1000)) if s == s and abs(s) < 1e12 else -1
     if ms <= 0 or ms > 2**31 - 1:
         raise InvalidArgumentError(f"[thunderlink] {name} must be between 0.001 and 2e6 seconds, not {seconds}")
     return ms

@@ -147,6 +147,9 @@ const char *tl_comm_last_error(tl_comm_t *comm);
 
 void tl_options_default(tl_options_t *opts);
 
+/* TL_OK, or TL_ERR_CONFIG with the reason written to why (cap bytes). */
+int tl_options_check(const tl_options_t *opts, char *why, size_t cap);
+
 /* Allocate a communicator for `rank` of `size` (size >= 1). Nothing is
  * connected yet: declare every rank's endpoints, then call tl_comm_connect.
  * The new communicator holds one reference. */

@@ -51,7 +51,11 @@ def main(argv: list[str] | None = None) -> int:
         env[name] = value
     if args.ranks < 1:
         raise SystemExit("thunderlink launch: -n must be at least 1")
-    return launch_local(args.ranks, command_of(args.program), env=env, timeout=args.timeout).status
+    try:
+        return launch_local(args.ranks, command_of(args.program), env=env, timeout=args.timeout).status
+    except OSError as e:
+        sys.stderr.write(f"thunderlink launch: {e.strerror or e}\n")
+        return 127
 
 
 if __name__ == "__main__":

@@ -184,7 +184,7 @@ class Job:
                     for p in self.procs:
                         self._signal(p, signal.SIGINT)
                     stop_at = now + GRACE_SECONDS
-                if failed is None and stop_at is None:
+                if failed is None and stop_at is None and not stopped:
                     for rank, p in enumerate(self.procs):
                         rc = p.poll()
                         if rc is not None and rc != 0:
@@ -216,8 +216,9 @@ class Job:
                         pipe.close()
                     except OSError:
                         pass
-            if any(p.poll() is None for p in self.procs):
-                self.stop()
+            # The job ends with its ranks: stop whatever they left running in
+            # their process groups too.
+            self.stop(grace=0.5 if any(p.poll() is None for p in self.procs) else 0.0)
         codes = [p.returncode for p in self.procs]
         if timed_out:
             status = 124

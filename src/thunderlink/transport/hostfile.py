@@ -295,7 +295,8 @@ def _parse_thunderlink(obj: dict, path: str | None) -> Hostfile:
         ranks.append(RankSpec(host=host, addresses=addrs, ssh=ssh, extra=extra))
     ring = obj.get("ring")
     if ring is not None:
-        if not isinstance(ring, list) or sorted(ring) != list(range(n)):
+        if (not isinstance(ring, list) or any(isinstance(x, bool) or not isinstance(x, int) for x in ring)
+                or sorted(ring) != list(range(n))):
             raise ConfigError(f"[thunderlink] {w}: \"ring\" must list every rank 0..{n - 1} exactly once")
     return Hostfile(ranks=ranks, ring=ring, format="thunderlink", path=path)
 
@@ -322,11 +323,27 @@ def _check(hf: Hostfile) -> None:
             seen[key] = r
 
 
-def linked(hf: Hostfile, a: int, b: int) -> bool:
-    """Can ranks a and b connect (the lower one has an address the other may use)?"""
+def _usable(hf: Hostfile, owner: int, frm: int) -> list[Address]:
+    """owner's addresses that frm dials: those facing frm, else those for any rank."""
+    addrs = hf.ranks[owner].addresses
+    return [x for x in addrs if x.peer == frm] or [x for x in addrs if x.peer is None]
+
+
+def link_plan(hf: Hostfile, a: int, b: int) -> tuple[int | None, list[Address]]:
+    """(the rank that listens for the link between a and b, the addresses the
+    other dials), as the core decides: the lower rank if it has an address
+    the higher may use, else the higher; (None, []) when they share no link."""
     lo, hi = min(a, b), max(a, b)
-    addrs = hf.ranks[lo].addresses
-    return any(x.peer == hi for x in addrs) or any(x.peer is None for x in addrs)
+    for owner, frm in ((lo, hi), (hi, lo)):
+        found = _usable(hf, owner, frm)
+        if found:
+            return owner, found
+    return None, []
+
+
+def linked(hf: Hostfile, a: int, b: int) -> bool:
+    """Can ranks a and b connect (one has an address the other may dial)?"""
+    return link_plan(hf, a, b)[0] is not None
 
 
 def _ring_from_cables(hf: Hostfile) -> list[int] | None:

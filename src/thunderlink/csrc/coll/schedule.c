@@ -30,10 +30,11 @@ int tl_ring_nchunks(uint64_t block_count, size_t elem_size, int64_t chunk_bytes,
 
 void tl_chunk_range(uint64_t len, int nchunks, int j, uint64_t *off,
                     uint64_t *clen) {
-  uint64_t a = len * (uint64_t)j / (uint64_t)nchunks;
-  uint64_t b = len * (uint64_t)(j + 1) / (uint64_t)nchunks;
-  *off = a;
-  *clen = b - a;
+  /* The first len % nchunks chunks get one element more; no product can
+   * overflow. */
+  uint64_t n = (uint64_t)nchunks, q = len / n, r = len % n, uj = (uint64_t)j;
+  *off = q * uj + (uj < r ? uj : r);
+  *clen = q + (uj < r ? 1 : 0);
 }
 
 static int mod(int a, int n) { return ((a % n) + n) % n; }

@@ -18,6 +18,8 @@ static struct {
   _Atomic uint64_t last_out;
 } g_stats;
 
+static int check_options(const tl_options_t *o, char *why, size_t cap);
+
 void tl_options_default(tl_options_t *o) {
   memset(o, 0, sizeof *o);
   o->job_id = 0;
@@ -34,6 +36,17 @@ void tl_options_default(tl_options_t *o) {
   o->log_level = TL_LOG_WARN;
 }
 
+int tl_options_check(const tl_options_t *o, char *why, size_t cap) {
+  char scratch[8];
+  if (!why || cap == 0) {
+    why = scratch;
+    cap = sizeof scratch;
+  }
+  why[0] = 0;
+  if (!o) return snprintf(why, cap, "no options"), TL_ERR_INVALID;
+  return check_options(o, why, cap) ? TL_ERR_CONFIG : TL_OK;
+}
+
 static int check_options(const tl_options_t *o, char *why, size_t cap) {
   if (o->connect_timeout_ms <= 0 || o->timeout_ms <= 0)
     return snprintf(why, cap, "timeouts must be positive (connect %d ms, "
@@ -47,10 +60,11 @@ static int check_options(const tl_options_t *o, char *why, size_t cap) {
   if (o->chunk_bytes < 4096 || (size_t)o->chunk_bytes > TL_MAX_FRAME)
     return snprintf(why, cap, "chunk size must be 4 KiB..1 GiB, not %lld B",
                     (long long)o->chunk_bytes), 1;
-  if (o->algo_threshold < 0 || o->stripe_min_bytes < 0 || o->spin_us < 0 ||
-      o->sockbuf_bytes < 0)
-    return snprintf(why, cap, "thresholds, spin time and socket buffer sizes "
-                    "must not be negative"), 1;
+  if (o->algo_threshold < 0 || o->stripe_min_bytes < 0 || o->sockbuf_bytes < 0)
+    return snprintf(why, cap, "thresholds and socket buffer sizes must not be "
+                    "negative"), 1;
+  if (o->spin_us < 0 || o->spin_us > 1000000)
+    return snprintf(why, cap, "spin time must be 0..1000000 us, not %d", o->spin_us), 1;
   if (o->algo < TL_ALGO_AUTO || o->algo > TL_ALGO_ONESHOT)
     return snprintf(why, cap, "unknown algorithm %d", o->algo), 1;
   return 0;

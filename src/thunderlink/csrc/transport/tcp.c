@@ -1,8 +1,9 @@
 /*
  * TCP transport.
  *
- * Every pair of ranks is joined by conns_per_peer TCP connections; the higher
- * rank connects to the lower one. Every connection starts with a handshake
+ * Every pair of ranks that shares a link is joined by conns_per_peer TCP
+ * connections; the rank without an address for the other one dials (see
+ * link_plan). Every connection starts with a handshake
  * (hello / ack) that carries the protocol version, the job id, both ranks,
  * the connection index and a digest of the options that decide how messages
  * are cut, so that a stranger, another job, another version or a rank with
@@ -344,14 +345,29 @@ static int source_ep(tl_comm_t *c, int peer, int which) {
 }
 
 /*
- * Shares of the connections between lo and hi (lo < hi): connection k goes to
- * target k % ntargets of lo; a target's weight is split evenly over its
- * connections. Both ends compute this from the common endpoint table.
+ * Who listens for the link between a and b: the lower rank if it has an
+ * address the higher one may use (the usual case), else the higher rank
+ * (an MLX ring hostfile lists, for each rank, the addresses its left
+ * neighbour dials). Returns the acceptor, or -1 when the two share no link,
+ * and the acceptor's endpoints to dial in tg (nt of them). Both ends derive the same
+ * answer from the common endpoint table.
+ */
+static int link_plan(tl_comm_t *c, int a, int b, int *tg, int *nt) {
+  int lo = a < b ? a : b, hi = a < b ? b : a;
+  if ((*nt = targets(c, lo, hi, tg, TL_MAX_CONNS))) return lo;
+  if ((*nt = targets(c, hi, lo, tg, TL_MAX_CONNS))) return hi;
+  return -1;
+}
+
+/*
+ * Shares of the connections between this rank and peer: connection k goes to
+ * target k % ntargets of the acceptor; a target's weight is split evenly over
+ * its connections.
  */
 static int compute_shares(tl_comm_t *c, int peer) {
-  int lo = peer < c->rank ? peer : c->rank, hi = peer < c->rank ? c->rank : peer;
   int tg[TL_MAX_CONNS];
-  int nt = targets(c, lo, hi, tg, TL_MAX_CONNS);
+  int nt;
+  link_plan(c, c->rank, peer, tg, &nt);
   tl_link_t *l = &c->links[peer];
   l->nconns = nt ? c->opts.conns_per_peer : 0; /* no shared cable: no link */
   if (nt == 0) return 0;
@@ -510,8 +526,10 @@ static int check_hello(tl_comm_t *c, const hello_t *h, int *fatal) {
   if (h->job_id != c->comm_id) return ACK_WRONG_JOB;
   *fatal = 1;
   if (h->world_size != (uint32_t)c->size) return ACK_WRONG_SIZE;
+  int tg[TL_MAX_CONNS], nt;
   if (h->dst_rank != (uint32_t)c->rank || h->src_rank >= (uint32_t)c->size ||
-      h->src_rank <= (uint32_t)c->rank)
+      h->src_rank == (uint32_t)c->rank ||
+      link_plan(c, c->rank, (int)h->src_rank, tg, &nt) != c->rank)
     return ACK_WRONG_RANK;
   if (h->options_digest != options_digest(&c->opts) ||
       h->nconns != (uint32_t)c->opts.conns_per_peer ||
@@ -638,11 +656,12 @@ static int tcp_connect(tl_comm_t *c) {
     t->conns[i].peer = i / C;
     t->conns[i].index = i % C;
   }
-  int nout = 0, nin = 0; /* we connect to every lower rank we share a link with */
+  int nout = 0, nin = 0; /* we dial the peers that listen for our link */
   for (int p = 0; p < c->size; p++) {
     if (p == c->rank) continue;
     if (compute_shares(c, p) == 0) continue;
-    if (p < c->rank) nout += C; else nin += C;
+    int tg[TL_MAX_CONNS], nt;
+    if (link_plan(c, c->rank, p, tg, &nt) == p) nout += C; else nin += C;
   }
   int cap = nout + nin + 64;
   pending_t *ps = calloc((size_t)cap, sizeof *ps);
@@ -653,10 +672,10 @@ static int tcp_connect(tl_comm_t *c) {
     return tl__error(c, TL_ERR_NOMEM, "out of memory");
   }
   int np = 0;
-  for (int p = 0; p < c->rank; p++) {
-    int tg[TL_MAX_CONNS];
-    int nt = targets(c, p, c->rank, tg, TL_MAX_CONNS);
-    for (int k = 0; k < C && nt > 0; k++) {
+  for (int p = 0; p < c->size; p++) {
+    int tg[TL_MAX_CONNS], nt;
+    if (p == c->rank || link_plan(c, c->rank, p, tg, &nt) != p) continue;
+    for (int k = 0; k < C; k++) {
       pending_t *q = &ps[np++];
       q->fd = -1;
       q->outgoing = 1;
@@ -757,7 +776,7 @@ static int tcp_connect(tl_comm_t *c) {
   }
   if (up < want) {
     /* Name what is missing: the first outgoing connection not up, else the
-     * first lower... higher rank that never connected. */
+     * first peer that never dialled in. */
     double secs = (double)c->opts.connect_timeout_ms / 1000.0;
     for (int i = 0; i < np; i++) {
       pending_t *q = &ps[i];
@@ -771,9 +790,9 @@ static int tcp_connect(tl_comm_t *c) {
                      q->peer, q->remote);
       goto out;
     }
-    for (int p = c->rank + 1; p < c->size; p++)
+    for (int p = 0; p < c->size; p++)
       for (int k = 0; k < c->links[p].nconns; k++)
-        if (conn_at(c, p, k)->fd < 0) {
+        if (p != c->rank && conn_at(c, p, k)->fd < 0) {
           char where[TL_HOST_LEN + 16] = "?";
           if (t->nls) host_port(&c->eps[t->ls[0].ep], c->eps[t->ls[0].ep].port, where, sizeof where);
           rc = tl__error(c, TL_ERR_TIMEOUT,
