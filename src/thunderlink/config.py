@@ -33,14 +33,18 @@ ENV = {
     "THUNDERLINK_JOB_ID": ("hash of the hostfile", "job id checked in every handshake (set by thunderlink launch)"),
     "THUNDERLINK_TIMEOUT": ("600", "seconds a collective may wait before failing"),
     "THUNDERLINK_CONNECT_TIMEOUT": ("60", "seconds to connect to every peer at start-up"),
-    "THUNDERLINK_CONNS": ("2", "TCP connections between each pair of ranks, striped (same on every rank)"),
+    "THUNDERLINK_CONNS": ("2", "TCP connections per cable between two ranks, striped (same on every rank)"),
     "THUNDERLINK_CHUNK_BYTES": ("1M", "largest pipelined chunk of the ring (same on every rank)"),
     "THUNDERLINK_PIPELINE_DEPTH": ("4", "chunks in flight per ring direction"),
     "THUNDERLINK_ALGO": ("auto", "auto | ring | oneshot: all_reduce algorithm (same on every rank)"),
     "THUNDERLINK_ALGO_THRESHOLD": ("64K", "auto: all_reduce of at most this many bytes uses one round (same on every rank)"),
     "THUNDERLINK_STRIPE_MIN_BYTES": ("256K", "messages below this travel on one connection (same on every rank)"),
     "THUNDERLINK_SPIN_US": ("50", "microseconds to poll before sleeping, for small operations"),
-    "THUNDERLINK_SOCKBUF_BYTES": ("0", "SO_SNDBUF/SO_RCVBUF; 0 keeps the kernel's autotuning"),
+    "THUNDERLINK_SOCKBUF_BYTES": (
+        "4M",
+        "SO_SNDBUF/SO_RCVBUF of every connection where the kernel grants that much (else, and with 0, "
+        "the kernel's autotuning)",
+    ),
     "THUNDERLINK_DEBUG": ("warn", "log level of the core on stderr: none | warn | info | trace"),
     "THUNDERLINK_CLUSTER_STATE_DIR": (
         "/run/thunderlink/clusters",

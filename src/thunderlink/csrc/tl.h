@@ -114,14 +114,15 @@ typedef struct tl_options {
   uint64_t job_id;            /* both ends of every connection must agree  */
   int32_t connect_timeout_ms; /* deadline of tl_comm_connect               */
   int32_t timeout_ms;         /* deadline of every collective call         */
-  int32_t conns_per_peer;     /* (*) TCP connections to each peer          */
+  int32_t conns_per_peer;     /* (*) TCP connections per cable to a peer   */
   int32_t pipeline_depth;     /* chunks in flight per ring direction       */
   int64_t chunk_bytes;        /* (*) largest pipelined chunk               */
   int64_t algo_threshold;     /* (*) all_reduce bytes at or below: one-shot */
   int32_t algo;               /* (*) TL_ALGO_*                              */
   int32_t spin_us;            /* busy-poll this long before sleeping        */
   int64_t stripe_min_bytes;   /* (*) messages below go on one connection    */
-  int32_t sockbuf_bytes;      /* SO_SNDBUF/SO_RCVBUF; 0 = kernel autotuning */
+  int32_t sockbuf_bytes;      /* SO_SNDBUF/SO_RCVBUF where the kernel grants
+                                 it in full, else autotuning; 0 = autotuning */
   int32_t log_level;          /* TL_LOG_*                                   */
 } tl_options_t;
 
@@ -176,9 +177,10 @@ int tl_comm_add_endpoint(tl_comm_t *comm, int owner, int facing,
 int tl_comm_set_ring(tl_comm_t *comm, const int32_t *order, int n);
 
 /*
- * Listen on this rank's endpoints, open conns_per_peer connections to every
- * other rank, and complete the handshakes. Blocks until every connection of
- * this rank is up or connect_timeout_ms passes.
+ * Listen on this rank's endpoints, open conns_per_peer connections per cable
+ * to every rank this one shares a link with, and complete the handshakes.
+ * Blocks until every connection of this rank is up or connect_timeout_ms
+ * passes.
  */
 int tl_comm_connect(tl_comm_t *comm);
 

@@ -32,7 +32,7 @@ void tl_options_default(tl_options_t *o) {
   o->algo = TL_ALGO_AUTO;
   o->spin_us = 50;
   o->stripe_min_bytes = 256 << 10;
-  o->sockbuf_bytes = 0;
+  o->sockbuf_bytes = 4 << 20;
   o->log_level = TL_LOG_WARN;
 }
 

@@ -2,8 +2,8 @@
  * TCP transport.
  *
  * Every pair of ranks that shares a link is joined by conns_per_peer TCP
- * connections; the rank without an address for the other one dials (see
- * link_plan). Every connection starts with a handshake
+ * connections per cable (see compute_shares); the rank without an address
+ * for the other one dials (see link_plan). Every connection starts with a handshake
  * (hello / ack) that carries the protocol version, the job id, both ranks,
  * the connection index and a digest of the options that decide how messages
  * are cut, so that a stranger, another job, another version or a rank with
@@ -28,6 +28,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -360,25 +361,35 @@ static int link_plan(tl_comm_t *c, int a, int b, int *tg, int *nt) {
 }
 
 /*
- * Shares of the connections between this rank and peer: connection k goes to
- * target k % ntargets of the acceptor; a target's weight is split evenly over
- * its connections.
+ * The connections of a link: conns_per_peer for each cable (each endpoint
+ * the dialling rank uses), at most TL_MAX_CONNS. Connection k goes to cable
+ * (k / lanes) % ncables, where lanes is the number of concurrent streams the
+ * collectives run on a link (2 when conns_per_peer >= 2: the ring's two
+ * directions, lanes {0, 2, ...} and {1, 3, ...}). So every lane has a
+ * connection on every cable, and striping within a lane follows the cables'
+ * rates: each connection's share is its cable's weight divided by the
+ * connections on that cable. Both ends compute this from the common table.
  */
+static int lanes(const tl_comm_t *c) { return c->opts.conns_per_peer >= 2 ? 2 : 1; }
+
+static int conn_cable(const tl_comm_t *c, int k, int ncables) {
+  return (k / lanes(c)) % ncables;
+}
+
 static int compute_shares(tl_comm_t *c, int peer) {
   int tg[TL_MAX_CONNS];
   int nt;
   link_plan(c, c->rank, peer, tg, &nt);
   tl_link_t *l = &c->links[peer];
-  l->nconns = nt ? c->opts.conns_per_peer : 0; /* no shared cable: no link */
-  if (nt == 0) return 0;
+  int n = c->opts.conns_per_peer * nt;
+  l->nconns = n > TL_MAX_CONNS ? TL_MAX_CONNS : n; /* 0: no shared cable, no link */
   for (int k = 0; k < l->nconns; k++) {
     int per = 0;
-    for (int j = 0; j < l->nconns; j++) per += (j % nt) == (k % nt);
-    double w = c->eps[tg[k % nt]].weight / per;
-    double s = w * 1000.0;
+    for (int j = 0; j < l->nconns; j++) per += conn_cable(c, j, nt) == conn_cable(c, k, nt);
+    double s = c->eps[tg[conn_cable(c, k, nt)]].weight / per * 1000.0;
     l->share[k] = s < 1 ? 1 : s > 1000000 ? 1000000 : (uint32_t)s;
   }
-  return nt;
+  return l->nconns;
 }
 
 static void pending_close(pending_t *p) {
@@ -458,7 +469,7 @@ static void fill_hello(tl_comm_t *c, pending_t *p) {
   h->src_rank = (uint32_t)c->rank;
   h->dst_rank = (uint32_t)p->peer;
   h->conn_index = (uint32_t)p->index;
-  h->nconns = (uint32_t)c->opts.conns_per_peer;
+  h->nconns = (uint32_t)c->links[p->peer].nconns;
   h->world_size = (uint32_t)c->size;
   p->done = 0;
 }
@@ -490,11 +501,38 @@ static const char *refusal(int status) {
   }
 }
 
+/*
+ * Does asking for `bytes` of socket buffer get at least that? Linux caps
+ * SO_SNDBUF/SO_RCVBUF at net.core.wmem_max/rmem_max (often 208 KiB), and
+ * setting them switches the kernel's autotuning off; where the cap is lower
+ * than the request, autotuning does better than a capped buffer. Probed once
+ * per size on a throwaway socket.
+ */
+static int sockbuf_takes(int bytes) {
+  static _Atomic int probed_bytes = -1, probed_ok = 0;
+  if (atomic_load(&probed_bytes) == bytes) return atomic_load(&probed_ok);
+  int ok = 0, fd = socket(AF_INET, SOCK_STREAM, 0);
+  if (fd >= 0) {
+    int v = bytes, snd = 0, rcv = 0;
+    socklen_t l = sizeof snd;
+    setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &v, sizeof v);
+    setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &v, sizeof v);
+    getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &snd, &l);
+    l = sizeof rcv;
+    getsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcv, &l);
+    ok = snd >= bytes && rcv >= bytes;
+    close(fd);
+  }
+  atomic_store(&probed_ok, ok);
+  atomic_store(&probed_bytes, bytes);
+  return ok;
+}
+
 static void conn_setup(tl_comm_t *c, int fd) {
   int one = 1;
   setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-  if (c->opts.sockbuf_bytes > 0) {
-    int v = c->opts.sockbuf_bytes;
+  int v = c->opts.sockbuf_bytes;
+  if (v > 0 && sockbuf_takes(v)) {
     setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &v, sizeof v);
     setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &v, sizeof v);
   }
@@ -532,8 +570,8 @@ static int check_hello(tl_comm_t *c, const hello_t *h, int *fatal) {
       link_plan(c, c->rank, (int)h->src_rank, tg, &nt) != c->rank)
     return ACK_WRONG_RANK;
   if (h->options_digest != options_digest(&c->opts) ||
-      h->nconns != (uint32_t)c->opts.conns_per_peer ||
-      h->conn_index >= (uint32_t)c->opts.conns_per_peer)
+      h->nconns != (uint32_t)c->links[h->src_rank].nconns ||
+      h->conn_index >= h->nconns)
     return ACK_WRONG_OPTIONS;
   if (conn_at(c, (int)h->src_rank, (int)h->conn_index)->fd >= 0) return ACK_DUPLICATE;
   *fatal = 0;
@@ -646,22 +684,24 @@ static int tcp_connect(tl_comm_t *c) {
   int rc = tcp_alloc(c);
   if (rc) return rc;
   tcp_t *t = T(c);
-  int C = c->opts.conns_per_peer;
+  int nout = 0, nin = 0; /* we dial the peers that listen for our link */
+  int C = 1;               /* the most connections of any link */
+  for (int p = 0; p < c->size; p++) {
+    if (p == c->rank) continue;
+    int n = compute_shares(c, p);
+    if (n == 0) continue;
+    int tg[TL_MAX_CONNS], nt;
+    if (link_plan(c, c->rank, p, tg, &nt) == p) nout += n; else nin += n;
+    if (n > C) C = n;
+  }
   t->nconns = C;
-  t->nconn_total = c->size * C;
-  t->conns = calloc((size_t)t->nconn_total, sizeof *t->conns);
+  t->nconn_total = c->size * C; /* size <= INT_MAX / TL_MAX_CONNS in practice */
+  t->conns = calloc((size_t)c->size * (size_t)C, sizeof *t->conns);
   if (!t->conns) return tl__error(c, TL_ERR_NOMEM, "out of memory");
   for (int i = 0; i < t->nconn_total; i++) {
     t->conns[i].fd = -1;
     t->conns[i].peer = i / C;
     t->conns[i].index = i % C;
-  }
-  int nout = 0, nin = 0; /* we dial the peers that listen for our link */
-  for (int p = 0; p < c->size; p++) {
-    if (p == c->rank) continue;
-    if (compute_shares(c, p) == 0) continue;
-    int tg[TL_MAX_CONNS], nt;
-    if (link_plan(c, c->rank, p, tg, &nt) == p) nout += C; else nin += C;
   }
   int cap = nout + nin + 64;
   pending_t *ps = calloc((size_t)cap, sizeof *ps);
@@ -675,15 +715,15 @@ static int tcp_connect(tl_comm_t *c) {
   for (int p = 0; p < c->size; p++) {
     int tg[TL_MAX_CONNS], nt;
     if (p == c->rank || link_plan(c, c->rank, p, tg, &nt) != p) continue;
-    for (int k = 0; k < C; k++) {
+    for (int k = 0; k < c->links[p].nconns; k++) {
       pending_t *q = &ps[np++];
       q->fd = -1;
       q->outgoing = 1;
       q->state = P_WAIT;
       q->peer = p;
       q->index = k;
-      q->ep = tg[k % nt];
-      q->src_ep = source_ep(c, p, k % nt);
+      q->ep = tg[conn_cable(c, k, nt)];
+      q->src_ep = source_ep(c, p, conn_cable(c, k, nt));
       host_port(&c->eps[q->ep], c->eps[q->ep].port, q->remote, sizeof q->remote);
     }
   }
