@@ -1,4 +1,4 @@
-"""thunderlink launch -n N prog.py [args] | thunderlink launch -n N -- CMD [args]"""
+"""thunderlink launch (-n N | --hostfile FILE) (prog.py [args] | -- CMD [args])"""
 
 from __future__ import annotations
 
@@ -7,20 +7,24 @@ import os
 import sys
 
 from .local import launch_local
+from .ssh import add_cli_arguments, from_cli_args
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="thunderlink launch",
-        description="Start N ranks of a program, prefix their output with the rank, and stop "
-        "them all as soon as one fails (the exit status is that rank's).",
+        description="Start the ranks of a program — N on this host, or one per hostfile entry over "
+        "ssh (entries on this host, or inside an emulated host's network namespace, run without "
+        "ssh) — prefix their output with the rank, and stop them all as soon as one fails (the "
+        "exit status is that rank's).",
         epilog="A Python script runs with this interpreter; after --, any command runs as is. "
         "Each rank gets THUNDERLINK_HOSTFILE, THUNDERLINK_RANK, THUNDERLINK_WORLD_SIZE, "
         "THUNDERLINK_JOB_ID and MLX_DISTRIBUTED_BACKEND=thunderlink.",
     )
-    p.add_argument("-n", "--ranks", type=int, required=True, help="number of ranks to start on this host")
+    p.add_argument("-n", "--ranks", type=int, default=None, help="number of ranks to start on this host")
     p.add_argument("--timeout", type=float, default=None, help="stop every rank after this many seconds (status 124)")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="extra environment for every rank")
+    add_cli_arguments(p)
     p.add_argument("program", nargs=argparse.REMAINDER, help="prog.py [args] or -- CMD [args]")
     return p
 
@@ -43,14 +47,22 @@ def command_of(program: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    env = dict(os.environ)
+    extra = {}
     for item in args.env:
         name, sep, value = item.partition("=")
         if not sep or not name:
             raise SystemExit(f"thunderlink launch: --env {item!r} is not NAME=VALUE")
-        env[name] = value
+        extra[name] = value
+    if (args.ranks is None) == (args.hostfile is None):
+        raise SystemExit("thunderlink launch: give -n N (ranks on this host) or --hostfile FILE (one rank per entry)")
+    if args.hostfile is not None:
+        if not args.program or (args.program[0] == "--" and len(args.program) < 2):
+            raise SystemExit("thunderlink launch: give a Python script (prog.py) or -- CMD")
+        return from_cli_args(args, env=dict(os.environ), extra_env=extra)
     if args.ranks < 1:
         raise SystemExit("thunderlink launch: -n must be at least 1")
+    env = dict(os.environ)
+    env.update(extra)
     try:
         return launch_local(args.ranks, command_of(args.program), env=env, timeout=args.timeout).status
     except OSError as e:
