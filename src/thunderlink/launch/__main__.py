@@ -46,7 +46,8 @@ def command_of(program: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     extra = {}
     for item in args.env:
         name, sep, value = item.partition("=")
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"thunderlink launch: --env {item!r} is not NAME=VALUE")
         extra[name] = value
     if (args.ranks is None) == (args.hostfile is None):
-        raise SystemExit("thunderlink launch: give -n N (ranks on this host) or --hostfile FILE (one rank per entry)")
+        parser.error("give -n N (ranks on this host) or --hostfile FILE (one rank per entry)")
     if args.hostfile is not None:
         if not args.program or (args.program[0] == "--" and len(args.program) < 2):
             raise SystemExit("thunderlink launch: give a Python script (prog.py) or -- CMD")

@@ -361,7 +361,8 @@ def plan_hostfile(
         dest = destination(spec)
         base = rank_env(env, r, n, local_hostfile, job_id)
         dests.append(dest)
-        netns = spec.extra.get("netns") if not force_ssh else None
+        # An emulated host's namespace, unless the entry names an ssh destination.
+        netns = spec.extra.get("netns") if not (force_ssh or spec.ssh) else None
         if not force_ssh and (netns or is_local_destination(dest)):
             # On this machine: directly, or inside the network namespace of an
             # emulated host (thunderlink cluster), which needs no ssh.
