@@ -53,7 +53,9 @@ def to_np(x) -> np.ndarray:
     return np.array(x)
 
 
-def basics(_):
+def basics(pair=None):
+    """pair: the two ranks that exchange send/recv (default 0 and n // 2,
+    which are not neighbours in a ring of 4)."""
     g = thunderlink.init()
     n, rank = g.size(), g.rank()
     out = {"type_ok": type(g) is mx.distributed.Group, "size": n, "errors": []}
@@ -104,7 +106,7 @@ def basics(_):
         errors.append(f"sum_scatter {ss.shape}")
 
     # send / recv / recv_like between non-neighbours (0 and n//2 in a ring of 4).
-    a, b = 0, max(1, n // 2)
+    a, b = pair if pair else (0, max(1, n // 2))
     payload = mx.arange(12, dtype=mx.int32).reshape(3, 4) * (rank + 1)
     if rank == a:
         mx.eval(mx.distributed.send(payload, b, group=g))

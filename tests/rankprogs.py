@@ -156,16 +156,17 @@ def gathers(cases):
     emit(out)
 
 
-def p2p(counts):
+def p2p(counts, pairs=None):
     """Every ordered pair (a, b), a != b, exchanges a message: any two ranks,
-    not only neighbours."""
+    not only neighbours (or only the given pairs)."""
     comm = thunderlink.connect()
     n, rank = comm.size, comm.rank
     errors = []
+    wanted = {tuple(p) for p in pairs} if pairs else None
     for count in counts:
         for a in range(n):
             for b in range(n):
-                if a == b:
+                if a == b or (wanted is not None and (a, b) not in wanted and (b, a) not in wanted):
                     continue
                 salt = a * n + b
                 if rank == a:
@@ -279,6 +280,35 @@ def bad_call(kind):
         # The communicator is still usable after a refused argument.
         comm.barrier()
         emit({"raised": type(e).__name__, "message": str(e), "bases": [c.__name__ for c in type(e).__mro__]})
+
+
+def unlinked_send(peer):
+    """A send to a rank this one shares no cable with is a clear error."""
+    comm = thunderlink.connect()
+    try:
+        if comm.rank == 0:
+            comm.send(np.ones(4, np.float32), peer)
+        emit({"raised": None})
+    except thunderlink.ThunderlinkError as e:
+        emit({"raised": type(e).__name__, "message": str(e)})
+
+
+def loop_all_sum(seconds):
+    """all_sum of 4 MiB over and over until it fails or time is up."""
+    comm = thunderlink.connect()
+    x = np.ones(1 << 20, np.float32)
+    start = time.monotonic()
+    done = 0
+    print("ready", flush=True)
+    try:
+        while time.monotonic() - start < seconds:
+            comm.all_sum(x, x)
+            x.fill(1)
+            done += 1
+        emit({"raised": None, "done": done})
+    except thunderlink.ThunderlinkError as e:
+        emit({"raised": type(e).__name__, "message": str(e), "done": done,
+              "seconds": time.monotonic() - start})
 
 
 if __name__ == "__main__":
