@@ -24,9 +24,17 @@ ENV = {
         "thunderlink group (set by thunderlink launch)",
     ),
     "THUNDERLINK_TRANSPORT": ("auto", "auto | tcp | shm | rdma; this version implements tcp (auto = tcp)"),
-    "THUNDERLINK_HOSTFILE": ("unset", "hostfile (thunderlink JSON or MLX ring format); falls back to MLX_HOSTFILE"),
+    "THUNDERLINK_HOSTFILE": (
+        "unset",
+        "hostfile (thunderlink JSON, MLX ring format or a JACCL device matrix); falls back to MLX_HOSTFILE",
+    ),
     "MLX_HOSTFILE": ("unset", "MLX ring hostfile, as written by mlx.launch"),
-    "THUNDERLINK_RANK": ("unset", "this process's rank; falls back to MLX_RANK"),
+    "MLX_IBV_DEVICES": (
+        "unset",
+        "JACCL's device matrix (also JACCL_IBV_DEVICES), used when no hostfile is set: TCP over the cables it names",
+    ),
+    "MLX_JACCL_COORDINATOR": ("unset", "rank 0's ip:port for a device matrix (also JACCL_COORDINATOR)"),
+    "THUNDERLINK_RANK": ("unset", "this process's rank; falls back to MLX_RANK, then JACCL_RANK"),
     "MLX_RANK": ("unset", "rank, as set by mlx.launch"),
     "THUNDERLINK_WORLD_SIZE": ("unset", "if set, must equal the number of ranks in the hostfile"),
     "THUNDERLINK_IFNAME": ("unset", "bind this rank's sockets to this interface when the hostfile names none"),
@@ -91,6 +99,7 @@ class Config:
     world_size: int | None = None
     ifname: str | None = None
     job_id: int | None = None
+    coordinator: str | None = None  # a JACCL device matrix's rank 0, ip:port
     # Options for the core, as keyword arguments of bindings.Options.
     options: dict = field(default_factory=dict)
 
@@ -193,12 +202,13 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
         options["log_level"] = level
 
     hostfile, hostfile_var = None, None
-    for name in ("THUNDERLINK_HOSTFILE", "MLX_HOSTFILE"):
+    for name in ("THUNDERLINK_HOSTFILE", "MLX_HOSTFILE", "MLX_IBV_DEVICES", "JACCL_IBV_DEVICES"):
         if env.get(name):
             hostfile, hostfile_var = env[name], name
             break
+    coordinator = env.get("MLX_JACCL_COORDINATOR") or env.get("JACCL_COORDINATOR") or None
     rank, rank_var = None, None
-    for name in ("THUNDERLINK_RANK", "MLX_RANK"):
+    for name in ("THUNDERLINK_RANK", "MLX_RANK", "JACCL_RANK"):
         v = _int(env, name, 0)
         if v is not None:
             rank, rank_var = v, name
@@ -221,6 +231,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
         world_size=_int(env, "THUNDERLINK_WORLD_SIZE", 1),
         ifname=env.get("THUNDERLINK_IFNAME") or None,
         job_id=job_id,
+        coordinator=coordinator,
         options=options,
     )
 

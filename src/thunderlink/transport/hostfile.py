@@ -132,9 +132,8 @@ def _where(path: str | None) -> str:
     return f"hostfile {path}" if path else "hostfile"
 
 
-def load(path: str, var: str | None = None) -> Hostfile:
-    """Read and check a hostfile. ``var`` names the variable that pointed to
-    it, for error messages."""
+def read_json(path: str, var: str | None = None):
+    """The JSON of a hostfile, with errors that name the file."""
     via = f" (from {var})" if var else ""
     try:
         with open(path, encoding="utf-8") as f:
@@ -154,10 +153,23 @@ def load(path: str, var: str | None = None) -> Hostfile:
         raise ConfigError(
             f"[thunderlink] hostfile {path}{via} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}"
         ) from None
-    return parse(obj, path)
+    return obj
+
+
+def load(path: str, var: str | None = None) -> Hostfile:
+    """Read and check a hostfile. ``var`` names the variable that pointed to
+    it, for error messages."""
+    return parse(read_json(path, var), path)
 
 
 def parse(obj, path: str | None = None) -> Hostfile:
+    from .jaccl import is_device_matrix
+
+    if is_device_matrix(obj):
+        raise ConfigError(
+            f"[thunderlink] {_where(path)} is a JACCL device matrix: it names devices, not addresses, so it "
+            f"is read together with the coordinator (MLX_JACCL_COORDINATOR) when a rank connects"
+        )
     if isinstance(obj, list):
         hf = _parse_mlx_ring(obj, path)
     elif isinstance(obj, dict):

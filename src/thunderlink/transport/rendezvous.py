@@ -6,6 +6,7 @@ from ..bindings import Comm, Options
 from ..config import Config, from_env
 from ..errors import ConfigError, UnsupportedError
 from . import hostfile as hostfile_mod
+from . import jaccl
 
 __all__ = ["connect", "IMPLEMENTED_TRANSPORTS"]
 
@@ -50,7 +51,13 @@ def connect(
             f"[thunderlink] transport {kind!r} is not available in this version of thunderlink "
             f"(it implements {', '.join(IMPLEMENTED_TRANSPORTS)}); unset THUNDERLINK_TRANSPORT or set it to tcp"
         )
-    hf = hostfile_mod.load(path, var)
+    obj = hostfile_mod.read_json(path, var)
+    if jaccl.is_device_matrix(obj):
+        timeout = (options.connect_timeout if options and options.connect_timeout else None) or \
+            cfg.options.get("connect_timeout") or Options.defaults()["connect_timeout"]
+        hf = jaccl.hostfile_from_matrix(obj, rank, cfg.coordinator, timeout=timeout, path=path)
+    else:
+        hf = hostfile_mod.parse(obj, path)
     via = f" ({rank_var})" if rank_var else ""
     if not 0 <= rank < hf.size:
         raise ConfigError(

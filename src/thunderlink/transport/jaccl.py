@@ -1,0 +1,186 @@
+"""JACCL's device file, for TCP over the same cables.
+
+``mlx.launch --backend jaccl`` (and exo) describe a Thunderbolt cluster with an
+N x N matrix of RDMA device names (MLX_IBV_DEVICES): entry [i][j] is null,
+"rdma_en3" or a list of names, the devices of rank i on its cables to rank j,
+plus a coordinator, rank 0's "ip:port" (MLX_JACCL_COORDINATOR). The matrix
+does not hold IP addresses, so thunderlink turns each device rdma_X into the
+network interface X, reads that interface's IPv4 address on its own host,
+and exchanges addresses and ports through the coordinator: every rank sends
+rank 0 its record over TCP, rank 0 answers with all of them. The result is
+an ordinary thunderlink hostfile, with one address per cable facing its peer.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+from ..errors import ConfigError
+from . import hostfile as hostfile_mod
+from .interfaces import list_interfaces
+
+__all__ = ["is_device_matrix", "hostfile_from_matrix"]
+
+_MAX_RECORD = 1 << 20
+
+
+def is_device_matrix(obj) -> bool:
+    """A square list of lists of null / device name / list of names, with no
+    "ip:port" strings (which would make it an MLX ring hostfile)."""
+    if not isinstance(obj, list) or not obj or not all(isinstance(row, list) for row in obj):
+        return False
+    if any(len(row) != len(obj) for row in obj):
+        return False
+
+    def name(x):
+        return isinstance(x, str) and ":" not in x
+
+    for row in obj:
+        for e in row:
+            if e is None or name(e) or (isinstance(e, list) and all(name(x) for x in e)):
+                continue
+            return False
+    return any(e is not None for row in obj for e in row)
+
+
+def _names(entry) -> list[str]:
+    if entry is None:
+        return []
+    return [entry] if isinstance(entry, str) else list(entry)
+
+
+def _iface_of(device: str) -> str:
+    return device[len("rdma_"):] if device.startswith("rdma_") else device
+
+
+def _ipv4_of(iface: str) -> tuple[str, int] | None:
+    for itf in list_interfaces():
+        if itf.name == iface:
+            for a in itf.addresses:
+                if a.family == 4:
+                    return a.ip, a.prefix
+    return None
+
+
+def _my_record(matrix: list, rank: int) -> dict:
+    """This rank's cables: one address per interface, facing the peer(s) the
+    matrix gives it, on a port free now."""
+    faces: dict[str, list[int]] = {}
+    for peer, entry in enumerate(matrix[rank]):
+        if peer == rank:
+            continue
+        for dev in _names(entry):
+            faces.setdefault(_iface_of(dev), []).append(peer)
+    addresses = []
+    for iface, peers in faces.items():
+        found = _ipv4_of(iface)
+        if found is None:
+            raise ConfigError(
+                f"[thunderlink] rank {rank}: the device file lists rdma_{iface}, but interface {iface} has no "
+                f"IPv4 address on this host; give each Thunderbolt cable its own subnet (as "
+                f"mlx.distributed_config does: `sudo ifconfig {iface} inet 192.168.x.y netmask 255.255.255.252`)"
+            )
+        ip, prefix = found
+        with socket.socket() as s:
+            s.bind((ip, 0))
+            port = s.getsockname()[1]
+        # An interface facing several peers (a bridge, a switch) is open to any rank.
+        peer = peers[0] if len(peers) == 1 else None
+        addresses.append({"ip": ip, "port": port, "peer": peer, "iface": iface, "prefix": prefix})
+    return {"host": socket.gethostname(), "addresses": addresses}
+
+
+def _split(coordinator: str) -> tuple[str, int]:
+    host, sep, port = coordinator.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"[thunderlink] coordinator {coordinator!r} is not ip:port (MLX_JACCL_COORDINATOR)")
+    return host.strip("[]"), int(port)
+
+
+def _recv_json(sock: socket.socket, deadline: float):
+    data = b""
+    while not data.endswith(b"\n"):
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed")
+        data += chunk
+        if len(data) > _MAX_RECORD:
+            raise ConfigError("[thunderlink] JACCL rendezvous: oversized record")
+    return json.loads(data)
+
+
+def _send_json(sock: socket.socket, obj) -> None:
+    sock.sendall(json.dumps(obj).encode() + b"\n")
+
+
+def _exchange(matrix: list, rank: int, coordinator: str, mine: dict, timeout: float) -> list[dict]:
+    n = len(matrix)
+    host, port = _split(coordinator)
+    deadline = time.monotonic() + timeout
+    if rank == 0:
+        records: list = [None] * n
+        records[0] = mine
+        with socket.create_server((host, port), reuse_port=False, backlog=n) as srv:
+            peers = []
+            try:
+                while any(r is None for r in records):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        missing = [r for r in range(n) if records[r] is None]
+                        raise ConfigError(
+                            f"[thunderlink] rank 0: ranks {missing} did not reach the coordinator {coordinator} "
+                            f"within {timeout:g} s (are they running, and can they reach that address?)")
+                    srv.settimeout(left)
+                    try:
+                        conn, _ = srv.accept()
+                    except socket.timeout:
+                        continue
+                    try:
+                        msg = _recv_json(conn, deadline)
+                        r = msg.get("rank")
+                        if msg.get("size") != n or not isinstance(r, int) or not 0 < r < n or records[r]:
+                            conn.close()  # a stranger, or a rank of another job
+                            continue
+                        records[r] = msg["record"]
+                        peers.append(conn)
+                    except (OSError, ValueError, KeyError, AttributeError):
+                        conn.close()
+                for conn in peers:
+                    _send_json(conn, records)
+            finally:
+                for conn in peers:
+                    conn.close()
+        return records
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=max(0.1, deadline - time.monotonic())) as s:
+                _send_json(s, {"rank": rank, "size": n, "record": mine})
+                return _recv_json(s, deadline)
+        except (OSError, ValueError) as e:
+            if time.monotonic() >= deadline:
+                raise ConfigError(
+                    f"[thunderlink] rank {rank}: cannot exchange addresses through the coordinator "
+                    f"{coordinator} within {timeout:g} s ({e}); is rank 0 running, and is that its address?"
+                ) from None
+            time.sleep(0.1)
+
+
+def hostfile_from_matrix(matrix: list, rank: int, coordinator: str | None, *, timeout: float = 60.0,
+                         path: str | None = None) -> hostfile_mod.Hostfile:
+    """The hostfile of a JACCL device matrix: this rank's addresses from its
+    interfaces, everyone's through the coordinator."""
+    if not is_device_matrix(matrix):
+        raise ConfigError(f"[thunderlink] {path or 'device file'} is not a JACCL device matrix")
+    if not 0 <= rank < len(matrix):
+        raise ConfigError(f"[thunderlink] rank {rank} is out of range: the device file has {len(matrix)} ranks")
+    if not coordinator:
+        raise ConfigError(
+            "[thunderlink] a JACCL device file needs the coordinator, rank 0's ip:port: set "
+            "MLX_JACCL_COORDINATOR (mlx.launch --backend jaccl sets it)")
+    records = _exchange(matrix, rank, coordinator, _my_record(matrix, rank), timeout)
+    hf = hostfile_mod.parse({"version": 1, "ranks": records}, path)
+    hf.format = "jaccl"
+    return hf

@@ -1,0 +1,74 @@
+"""JACCL's device matrix (MLX_IBV_DEVICES + MLX_JACCL_COORDINATOR, as written
+by mlx.launch --backend jaccl): thunderlink runs TCP over the cables it names,
+exchanging addresses through the coordinator."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sys
+
+import pytest
+
+from conftest import RANKPROGS, Ranks
+from thunderlink.errors import ConfigError
+from thunderlink.launch import Job
+from thunderlink.launch.local import free_ports
+from thunderlink.testing import cluster as cl
+from thunderlink.transport import jaccl
+from thunderlink.transport.hostfile import parse
+
+OK, WHY = cl.available()
+
+
+def test_matrix_recognised_and_refused_as_a_plain_hostfile():
+    m = [[None, "rdma_en2"], ["rdma_en3", None]]
+    assert jaccl.is_device_matrix(m)
+    assert jaccl.is_device_matrix([[None, ["rdma_en2", "rdma_en5"]], [["rdma_en3"], None]])
+    assert not jaccl.is_device_matrix([["10.0.0.1:5000"], ["10.0.0.2:5000"]])  # MLX ring format
+    assert not jaccl.is_device_matrix([[None, "rdma_en2"]])  # not square
+    with pytest.raises(ConfigError, match="JACCL device matrix"):
+        parse(m, "devices.json")
+
+
+def test_needs_a_coordinator():
+    with pytest.raises(ConfigError, match="MLX_JACCL_COORDINATOR"):
+        jaccl.hostfile_from_matrix([[None, "rdma_lo"], ["rdma_lo", None]], 0, None)
+
+
+def test_interface_without_ipv4_is_named():
+    with pytest.raises(ConfigError, match="interface nosuch0 has no IPv4"):
+        jaccl.hostfile_from_matrix([[None, "rdma_nosuch0"], ["rdma_nosuch0", None]], 0, "127.0.0.1:1")
+
+
+def _run(c, tmp_path, matrix, coordinator, func, *args):
+    path = tmp_path / "devices.json"
+    path.write_text(json.dumps(matrix))
+    envs, cmds = [], []
+    for r, h in enumerate(c.hosts):
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("THUNDERLINK_HOSTFILE", "THUNDERLINK_RANK"))}
+        env.update(MLX_IBV_DEVICES=str(path), MLX_JACCL_COORDINATOR=coordinator, MLX_RANK=str(r),
+                   THUNDERLINK_CONNECT_TIMEOUT="20", THUNDERLINK_TIMEOUT="30", PYTHONUNBUFFERED="1")
+        envs.append(env)
+        cmds.append(["ip", "netns", "exec", h.netns, sys.executable, RANKPROGS, func, json.dumps(list(args))])
+    return Ranks(Job(cmds, envs, capture=True, timeout=90, on_line=lambda *a: None).run())
+
+
+@pytest.mark.netns
+@pytest.mark.multiproc
+@pytest.mark.skipif(not OK, reason=WHY)
+@pytest.mark.parametrize("topology,n", [("ring", 2), ("switch", 3)])
+def test_collectives_over_the_matrix_cables(tmp_path, topology, n):
+    with cl.Cluster(n, topology=topology, name=f"tj{secrets.token_hex(2)}") as c:
+        matrix = [[None] * n for _ in range(n)]
+        for h in c.hosts:
+            for a in h.addresses:
+                for peer in ([a.peer] if a.peer is not None else [p for p in range(n) if p != h.index]):
+                    matrix[h.index][peer] = f"rdma_{a.iface}"
+        coordinator = f"{c.hosts[0].addresses[0].ip}:{free_ports(1)[0]}"
+        cases = [["sum", "float32", k, False] for k in (1, 1000, 999983)]
+        r = _run(c, tmp_path, matrix, coordinator, "reductions", cases)
+        assert r.status == 0, r.all_text()
+        for v in r.values:
+            assert all(x["err"] is None for x in v.values()), v
