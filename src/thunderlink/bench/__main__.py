@@ -64,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Measure a collective over a size sweep: time, algbw, busbw and #wrong per size, "
         "out-of-place and in-place, like nccl-tests.",
     )
-    p.add_argument("-n", "--ranks", type=int, default=2, help="local ranks to start (default 2)")
+    p.add_argument("-n", "--ranks", type=int, default=None, help="local ranks to start (default 2)")
+    p.add_argument("--hostfile", metavar="FILE",
+                   help="run one rank per hostfile entry (over ssh, or inside emulated hosts) instead of locally")
     p.add_argument("--op", choices=sorted(OPS), default="all_sum", help="collective (default all_sum)")
     p.add_argument("--sizes", default="4:64M", help="MIN:MAX[:xF|:+STEP] or a list, bytes (default 4:64M)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="element type (default float32)")
@@ -117,7 +119,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.worker or from_env().configured:
         return run_worker(args)
-    if args.ranks < 1:
+    if args.hostfile and args.ranks is not None:
+        raise SystemExit("thunderlink bench: give -n N or --hostfile FILE, not both")
+    ranks = 2 if args.ranks is None else args.ranks
+    if ranks < 1:
         raise SystemExit("thunderlink bench: -n must be at least 1")
 
     import tempfile
@@ -137,18 +142,39 @@ def main(argv: list[str] | None = None) -> int:
             (sys.stdout if stream == "out" else sys.stderr).write(f"[{rank}] {line}\n")
 
     env = dict(os.environ)
-    cmd = [sys.executable, "-m", "thunderlink.bench", "--worker"] + [a for a in argv if a != "--worker"]
+    cmd = [sys.executable, "-m", "thunderlink.bench", "--worker"] + _worker_args(argv)
     with tempfile.TemporaryDirectory(prefix="thunderlink-bench-") as tmp:
-        if args.vs:
-            # MLX's ring over the same loopback, on its own ports.
-            path = os.path.join(tmp, "mlx_ring.json")
-            with open(path, "w") as f:
-                json.dump([[f"127.0.0.1:{p}"] for p in free_ports(args.ranks)], f)
-            env["MLX_HOSTFILE"] = path
         try:
-            return launch_local(args.ranks, cmd, env=env, timeout=args.timeout, on_line=on_line).status
+            if args.hostfile:
+                from ..launch.ssh import launch_hostfile
+
+                return launch_hostfile(args.hostfile, ["--"] + cmd, env=env, timeout=args.timeout,
+                                       on_line=on_line).status
+            if args.vs:
+                # MLX's ring over the same loopback, on its own ports.
+                path = os.path.join(tmp, "mlx_ring.json")
+                with open(path, "w") as f:
+                    json.dump([[f"127.0.0.1:{p}"] for p in free_ports(ranks)], f)
+                env["MLX_HOSTFILE"] = path
+            return launch_local(ranks, cmd, env=env, timeout=args.timeout, on_line=on_line).status
         finally:
             progress.clear()
+
+
+def _worker_args(argv: list[str]) -> list[str]:
+    """The bench's own arguments minus those that only concern starting ranks."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in ("-n", "--ranks", "--hostfile", "--timeout"):
+            skip = True
+            continue
+        if a.startswith(("--ranks=", "--hostfile=", "--timeout=")) or a == "--worker":
+            continue
+        out.append(a)
+    return out
 
 
 class Progress:

@@ -31,6 +31,9 @@ from .ops import DTYPES, OPS
 
 __all__ = ["Settings", "Measurement", "run", "CoreBackend", "MLXBackend"]
 
+# Across a hostfile, MLX's ring listens on each of our addresses' port + this.
+MLX_RING_PORT_OFFSET = 100
+
 
 @dataclass
 class Settings:
@@ -258,9 +261,19 @@ def make_backends(comm, s: Settings) -> list:
     if "mlx-ring" in s.vs:
         import mlx.core as mx
 
-        if not os.environ.get("MLX_HOSTFILE"):
-            raise SystemExit("thunderlink bench: --vs mlx-ring needs MLX_HOSTFILE (the bench sets it "
-                             "when it starts the ranks)")
+        if not os.environ.get("MLX_HOSTFILE") or os.environ.get("THUNDERLINK_HOSTFILE") == os.environ.get("MLX_HOSTFILE"):
+            # Across a hostfile: MLX's ring over the same links, on ports next to ours.
+            import tempfile
+
+            from ..config import from_env
+            from ..transport.hostfile import load, mlx_ring_hostfile
+
+            cfg = from_env()
+            ring_file = mlx_ring_hostfile(load(cfg.hostfile), MLX_RING_PORT_OFFSET)
+            fd, path = tempfile.mkstemp(prefix="thunderlink-mlx-ring-", suffix=".json")
+            with os.fdopen(fd, "w") as f:
+                json.dump(ring_file, f)
+            os.environ["MLX_HOSTFILE"] = path
         os.environ["MLX_RANK"] = str(comm.rank)  # MLX's ring reads its rank here
         ring = mx.distributed.init(strict=True, backend="ring")
         backends.append(MLXBackend("mlx-ring", ring, ring=True))

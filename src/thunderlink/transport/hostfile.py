@@ -386,6 +386,30 @@ def _ring_from_cables(hf: Hostfile) -> list[int] | None:
     return list(path) if extend() else None
 
 
+def mlx_ring_hostfile(hf: Hostfile, port_offset: int) -> list[list[str]]:
+    """The MLX ring hostfile over the same links: rank r lists the addresses
+    rank r-1 dials (its addresses facing r-1, else those for any rank), on
+    port + port_offset. MLX's ring follows rank order, so consecutive ranks
+    must share a link."""
+    n = hf.size
+    out = []
+    for r, spec in enumerate(hf.ranks):
+        left = (r - 1) % n
+        addrs = [a for a in spec.addresses if a.peer == left] or [a for a in spec.addresses if a.peer is None]
+        if not addrs:
+            raise ConfigError(
+                f"[thunderlink] MLX's ring needs ranks {left} and {r} to share a link (it follows rank order), "
+                f"but {_where(hf.path)} gives rank {r} no address for rank {left}")
+        entries = []
+        for a in addrs:
+            port = a.port + port_offset
+            if not 1 <= port <= 65535:
+                raise ConfigError(f"[thunderlink] port {a.port} + {port_offset} is out of range for MLX's ring")
+            entries.append(str(Address(ip=a.ip, port=port)))
+        out.append(entries)
+    return out
+
+
 def local_hostfile(n: int, ports: list[int], host: str = "127.0.0.1") -> dict:
     """A thunderlink hostfile for n ranks on this host."""
     return {
