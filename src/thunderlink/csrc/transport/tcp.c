@@ -34,6 +34,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
+#include <sched.h>
 #include <unistd.h>
 #if defined(__linux__)
 #include <sys/syscall.h>
@@ -1095,7 +1096,25 @@ static int tcp_progress(tl_comm_t *c) {
     }
     t->pcap = t->nconn_total;
   }
+  /* Spin first (small operations only): try the sockets directly, without
+   * poll, and yield the core between tries, so that a peer sharing this
+   * core (more ranks than cores) gets to run instead of being spun out. */
   int64_t spin_end = c->spin_ns ? tl__now_ns() + c->spin_ns : 0;
+  while (spin_end && tl__now_ns() < spin_end) {
+    int completed = 0;
+    for (int i = 0; i < t->nconn_total; i++) {
+      conn_t *k = &t->conns[i];
+      if (k->fd < 0) continue;
+      int x = k->sq ? send_some(c, k) : 0;
+      if (x < 0) return x;
+      completed += x;
+      x = k->rq ? recv_some(c, k) : 0;
+      if (x < 0) return x;
+      completed += x;
+    }
+    if (completed) return TL_OK;
+    sched_yield();
+  }
   for (;;) {
     int n = 0, busy = 0;
     for (int i = 0; i < t->nconn_total; i++) {
@@ -1114,12 +1133,8 @@ static int tcp_progress(tl_comm_t *c) {
     if (!busy)
       return tl__fail(c, TL_ERR_INVALID, "internal error: waiting with nothing "
                       "queued");
-    int64_t now = tl__now_ns();
-    int timeout = 0;
-    if (now >= spin_end) {
-      int64_t left = c->deadline_ns - now;
-      timeout = left <= 0 ? 0 : (int)tl__min((size_t)((left + 999999) / 1000000), 1000);
-    }
+    int64_t left = c->deadline_ns - tl__now_ns();
+    int timeout = left <= 0 ? 0 : (int)tl__min((size_t)((left + 999999) / 1000000), 1000);
     int r = poll(t->pfds, (nfds_t)n, timeout);
     if (r < 0) {
       if (errno != EINTR) return tl__fail(c, TL_ERR_SYSTEM, "poll: %s", strerror(errno));
