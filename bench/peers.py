@@ -1,0 +1,569 @@
+#!/usr/bin/env python3
+"""Peer benchmark: float32 all_sum (all-reduce) through Gloo or Open MPI, measured
+the way `thunderlink bench` measures thunderlink, so the two can be put side by side.
+
+    python bench/peers.py --peer gloo [--sizes 4:256M] [--iters N] [--warmup N] [--json out.json] [-n 2]
+    python bench/peers.py --peer ompi [--sizes 4:256M] [--iters N] [--warmup N] [--json out.json] [-n 2]
+    python bench/peers.py --peer ompi --with-thunderlink ...   (thunderlink bench first, then both side by side)
+    python bench/peers.py --compare thunderlink.json gloo.json ompi.json [--json all.json] [--plot all.png]
+
+  gloo  PyTorch's torch.distributed, backend "gloo", over TCP on loopback
+        (GLOO_SOCKET_IFNAME=lo, init_method tcp://127.0.0.1:PORT); all_reduce of a
+        float32 CPU tensor, in place (torch.distributed has no out-of-place
+        all_reduce). Ranks are started by this script, one process each.
+  ompi  Open MPI's MPI_Allreduce through mpi4py on numpy buffers, under
+        `mpirun --mca pml ob1 --mca btl tcp,self --mca btl_tcp_if_include lo`:
+        the TCP BTL over loopback (no shared memory, no UCX). Out of place
+        (Allreduce(x, y)) and in place (Allreduce(IN_PLACE, x)).
+
+Method (as in src/thunderlink/bench/worker.py): per size, `--warmup` untimed
+iterations; then, unless --iters is given, one timed iteration (slowest rank)
+picks the count for about 0.2 s, clamped to 10..2000; a barrier; then every
+iteration is timed on every rank with perf_counter. After the loop the
+per-iteration times are all-reduced with MAX (the slowest rank of each
+iteration); time is their mean, p50 and p99 their percentiles; algbw =
+bytes / mean, busbw = algbw * 2(n-1)/n (nccl-tests); cpu = CPU seconds of all
+ranks (getrusage RUSAGE_SELF, every thread) / (wall seconds x ranks) over the
+timed loop. #wrong: fresh buffers x[i] = (i % 7) + (rank % 8), one more
+all-reduce, and the elements whose bytes differ from (i % 7) * n + sum(r % 8),
+summed over ranks.
+
+The JSON is a list of dicts with the keys `thunderlink bench --json` writes.
+Exit status: 0 ok, 1 wrong results, 2 peer not installed, 3 failed or timed out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+PEERS = ("gloo", "ompi")
+INSTALL = {
+    "gloo": "gloo (PyTorch) is not installed: pip install torch==2.13.0  "
+            "(CPU build; see bench/PEERS.md)",
+    "ompi": "Open MPI / mpi4py is not installed: apt-get install -y openmpi-bin libopenmpi-dev "
+            "&& pip install mpi4py  (see bench/PEERS.md)",
+}
+# mpirun options: the TCP BTL over loopback only. pml ob1 is pinned because
+# Debian's Open MPI also has the UCX pml, which would ignore the btl list and
+# move the bytes through shared memory.
+MPIRUN_MCA = ["--mca", "pml", "ob1", "--mca", "btl", "tcp,self", "--mca", "btl_tcp_if_include", "lo"]
+
+# ---- sizes (the syntax of `thunderlink bench --sizes`) --------------------------------
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'4', '64K', '1M', '1MiB', '2G' -> bytes (K = 1024)."""
+    m = _SIZE.match(str(text))
+    if not m:
+        raise ValueError(f"{text!r} is not a size (examples: 4096, 64K, 1M, 1GiB)")
+    return int(float(m.group(1)) * {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()])
+
+
+def parse_sizes(text: str) -> tuple[int, ...]:
+    """'4:64M' (x2 steps), '4:64M:x4' (factor), '1M:8M:+1M' (step), or '4,1K,1M'."""
+    if "," in text or ":" not in text:
+        return tuple(parse_size(t) for t in text.split(",") if t)
+    parts = text.split(":")
+    if len(parts) not in (2, 3):
+        raise ValueError("expected MIN:MAX[:xFACTOR|:+STEP]")
+    lo, hi = parse_size(parts[0]), parse_size(parts[1])
+    step = parts[2] if len(parts) == 3 else "x2"
+    if lo < 1 or hi < lo:
+        raise ValueError("need 1 <= MIN <= MAX")
+    sizes, s = [], lo
+    if step.startswith("+"):
+        inc = parse_size(step[1:])
+        if inc < 1:
+            raise ValueError("step must be positive")
+        while s <= hi:
+            sizes.append(s)
+            s += inc
+    else:
+        f = float(step.lstrip("x"))
+        if f <= 1:
+            raise ValueError("factor must be above 1")
+        while s <= hi:
+            sizes.append(s)
+            s = max(s + 1, int(s * f))
+    return tuple(sizes)
+
+
+# ---- data (as src/thunderlink/bench/ops.py, float32) ----------------------------------
+
+
+def make_data(count: int, rank: int) -> np.ndarray:
+    """x[i] = (i % 7) + (rank % 8), float32 (small integers: exact)."""
+    return np.resize(np.arange(7, dtype=np.float32) + rank % 8, count)
+
+
+def expected_sum(count: int, n: int) -> np.ndarray:
+    """(i % 7) * n + sum over ranks of (r % 8), float32 (exact)."""
+    return np.resize(np.arange(7, dtype=np.float32) * n + sum(r % 8 for r in range(n)), count)
+
+
+def count_wrong(got: np.ndarray, want: np.ndarray) -> int:
+    """Elements whose bytes differ (NaN-safe, exact)."""
+    g = np.ascontiguousarray(got).reshape(-1).view(np.uint32)
+    w = np.ascontiguousarray(want).reshape(-1).view(np.uint32)
+    return int(np.count_nonzero(g != w))
+
+
+# ---- the peers, as seen by the measuring loop -----------------------------------------
+
+
+class GlooComm:
+    """torch.distributed with backend gloo; the timed call is dist.all_reduce (in place)."""
+
+    name = "gloo"
+    variants = (True,)  # in place only
+
+    def __init__(self, rank: int, n: int, port: int, timeout: float):
+        import datetime
+
+        import torch
+        import torch.distributed as dist
+
+        self.torch, self.dist = torch, dist
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=n,
+                                timeout=datetime.timedelta(seconds=timeout))
+        self.rank, self.size = dist.get_rank(), dist.get_world_size()
+        self.describe = f"gloo via torch {torch.__version__} torch.distributed, GLOO_SOCKET_IFNAME={os.environ.get('GLOO_SOCKET_IFNAME', '')}"
+
+    def barrier(self) -> None:
+        self.dist.barrier()
+
+    def _reduce(self, a: np.ndarray, op) -> np.ndarray:
+        t = self.torch.from_numpy(np.array(a))  # a copy
+        self.dist.all_reduce(t, op=op)
+        return t.numpy()
+
+    def all_max(self, a: np.ndarray) -> np.ndarray:
+        return self._reduce(a, self.dist.ReduceOp.MAX)
+
+    def all_sum(self, a: np.ndarray) -> np.ndarray:
+        return self._reduce(a, self.dist.ReduceOp.SUM)
+
+    def prepare(self, x: np.ndarray, inplace: bool):
+        t = self.torch.from_numpy(x)  # shares x's memory
+        all_reduce = self.dist.all_reduce
+        return {"run": lambda: all_reduce(t), "result": x}
+
+    def close(self) -> None:
+        self.dist.destroy_process_group()
+
+
+class MPIComm:
+    """mpi4py on numpy buffers; the timed call is comm.Allreduce."""
+
+    name = "ompi"
+    variants = (False, True)
+
+    def __init__(self):
+        from mpi4py import MPI
+
+        self.MPI, self.comm = MPI, MPI.COMM_WORLD
+        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        lib = MPI.Get_library_version().strip().splitlines()[0].split(",")[0]
+        import mpi4py
+
+        self.describe = f"{lib} via mpi4py {mpi4py.__version__}, MPI_Allreduce"
+
+    def barrier(self) -> None:
+        self.comm.Barrier()
+
+    def all_max(self, a: np.ndarray) -> np.ndarray:
+        a = np.ascontiguousarray(a)
+        out = np.empty_like(a)
+        self.comm.Allreduce(a, out, op=self.MPI.MAX)
+        return out
+
+    def all_sum(self, a: np.ndarray) -> np.ndarray:
+        a = np.ascontiguousarray(a)
+        out = np.empty_like(a)
+        self.comm.Allreduce(a, out, op=self.MPI.SUM)
+        return out
+
+    def prepare(self, x: np.ndarray, inplace: bool):
+        MPI, allreduce = self.MPI, self.comm.Allreduce
+        sx = [x, x.size, MPI.FLOAT]
+        if inplace:
+            return {"run": lambda: allreduce(MPI.IN_PLACE, sx, op=MPI.SUM), "result": x}
+        y = np.empty_like(x)
+        sy = [y, y.size, MPI.FLOAT]
+        return {"run": lambda: allreduce(sx, sy, op=MPI.SUM), "result": y}
+
+    def close(self) -> None:
+        pass
+
+
+# ---- measuring (the method of src/thunderlink/bench/worker.py) ------------------------
+
+
+def _cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def measure(comm, size: int, inplace: bool, warmup: int, iters: int, budget: float = 0.2) -> dict:
+    n, rank = comm.size, comm.rank
+    count = size // 4
+    nbytes = count * 4
+    run = comm.prepare(make_data(count, rank), inplace)["run"]
+    for _ in range(warmup):
+        run()
+    if not iters:
+        t = time.perf_counter()
+        run()
+        est = comm.all_max(np.array([time.perf_counter() - t]))[0]
+        iters = int(min(2000, max(10, budget / max(est, 1e-7))))
+    comm.barrier()
+    times = np.empty(iters)
+    perf = time.perf_counter
+    cpu0, wall0 = _cpu_seconds(), perf()
+    for i in range(iters):
+        t = perf()
+        run()
+        times[i] = perf() - t
+    wall, cpu = perf() - wall0, _cpu_seconds() - cpu0
+    slowest = comm.all_max(times)  # per iteration, the slowest rank
+    totals = comm.all_sum(np.array([cpu, wall]))
+    mean, p50, p99 = float(slowest.mean()), float(np.percentile(slowest, 50)), float(np.percentile(slowest, 99))
+    # #wrong: fresh buffers, one more all-reduce, exact comparison
+    prepared = comm.prepare(make_data(count, rank), inplace)
+    prepared["run"]()
+    wrong = count_wrong(prepared["result"], expected_sum(count, n))
+    wrong = int(comm.all_sum(np.array([wrong], dtype=np.int64))[0])
+    algbw = nbytes / mean / 1e9 if mean > 0 else 0.0
+    return {
+        "backend": comm.name, "op": "all_sum", "size": nbytes, "count": count, "dtype": "float32",
+        "inplace": inplace, "iters": iters, "time_us": mean * 1e6, "p50_us": p50 * 1e6, "p99_us": p99 * 1e6,
+        "algbw": algbw, "busbw": algbw * 2 * (n - 1) / n, "wrong": wrong, "ranks": n,
+        "cpu": float(totals[0] / totals[1]) if totals[1] > 0 else None, "supported": True,
+    }
+
+
+# ---- the table (the layout of `thunderlink bench`) ------------------------------------
+
+_COLS = f"{'time':>9} {'p50':>9} {'p99':>9} {'algbw':>6} {'busbw':>6} {'#wrong':>6} {'cpu':>4}"
+_UNITS = f"{'(us)':>9} {'(us)':>9} {'(us)':>9} {'(GB/s)':>6} {'(GB/s)':>6} {'':>6} {'':>4}"
+_WIDTH = len(_COLS) + 2
+
+
+def _series(name: str, inplace: bool) -> str:
+    return f"{name} {'in-place' if inplace else 'out-of-place'}"
+
+
+def header(out, comm, args, variants) -> None:
+    out.write(f"# peers bench: all_sum, {comm.size} ranks, float32, on {socket.gethostname()} "
+              f"({platform.system()} {platform.machine()}), {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    out.write(f"# peer: {comm.describe}\n")
+    out.write(f"# warmup {args.warmup}, iterations {args.iters or 'auto'}, check on; "
+              f"time = mean over iterations of the slowest rank, p50/p99 likewise; busbw as in nccl-tests;\n"
+              f"# cpu = CPU time of all ranks / (wall time x ranks) over the timed loop\n")
+    out.write("#" + " " * 34 + "".join(f"{_series(comm.name, v):^{_WIDTH}}" for v in variants) + "\n")
+    out.write(f"# {'size':>12} {'count':>12} {'type':>8}" + ("  " + _COLS) * len(variants) + "\n")
+    out.write(f"# {'(B)':>12} {'(elements)':>12} {'':>8}" + ("  " + _UNITS) * len(variants) + "\n")
+    out.flush()
+
+
+def row(out, ms) -> None:
+    line = f"  {ms[0]['size']:>12} {ms[0]['count']:>12} {'float32':>8}"
+    for m in ms:
+        cpu = "" if m["cpu"] is None or math.isnan(m["cpu"]) else f"{m['cpu']:.2f}"
+        line += (f"  {m['time_us']:>9.1f} {m['p50_us']:>9.1f} {m['p99_us']:>9.1f} {m['algbw']:>6.2f} "
+                 f"{m['busbw']:>6.2f} {m['wrong']:>6} {cpu:>4}")
+    out.write(line + "\n")
+    out.flush()
+
+
+def footer(out, comm, results, variants) -> None:
+    for v in variants:
+        mine = [m for m in results if m["inplace"] == v]
+        if mine:
+            avg = sum(m["busbw"] for m in mine) / len(mine)
+            out.write(f"# {_series(comm.name, v)}: #wrong {sum(m['wrong'] for m in mine)}; "
+                      f"avg bus bandwidth {avg:.3f} GB/s\n")
+    out.write(f"# {'OK' if not any(m['wrong'] for m in results) else 'WRONG RESULTS'}\n")
+    out.flush()
+
+
+def run_rank(args) -> int:
+    """One rank of the job: sweep the sizes; rank 0 prints and writes the JSON."""
+    sizes = parse_sizes(args.sizes)
+    if args.peer == "gloo":
+        comm = GlooComm(args.rank, args.ranks, args.port, timeout=min(args.timeout, 300))
+    else:
+        comm = MPIComm()
+    wanted = {"both": (False, True), "out": (False,), "in": (True,)}[args.inplace]
+    variants = tuple(v for v in comm.variants if v in wanted) or comm.variants
+    rank0 = comm.rank == 0
+    results = []
+    if rank0:
+        header(sys.stdout, comm, args, variants)
+    for size in sizes:
+        ms = [measure(comm, size, v, args.warmup, args.iters) for v in variants]
+        results += ms
+        if rank0:
+            row(sys.stdout, ms)
+    if rank0:
+        footer(sys.stdout, comm, results, variants)
+        if args.json_path:
+            with open(args.json_path, "w", encoding="utf-8") as f:
+                json.dump(results, f, indent=1)
+    comm.close()
+    return 1 if any(m["wrong"] for m in results) else 0
+
+
+# ---- side by side: thunderlink's JSON and the peers' --------------------------------
+
+
+def _label(m: dict) -> str:
+    b = m["backend"]
+    if b == "thunderlink":
+        return "tl-in" if m.get("inplace") else "tl"
+    if b == "ompi":
+        return "ompi-in" if m.get("inplace") else "ompi"
+    return b
+
+
+def compare(results: list[dict], out=sys.stdout) -> None:
+    """p50 time and busbw per size, one column pair per series (backend, in place)."""
+    keys = []
+    for m in results:
+        k = (m["backend"], bool(m.get("inplace")))
+        if k not in keys and m.get("supported", True):
+            keys.append(k)
+    at = {(m["backend"], bool(m.get("inplace")), m["size"]): m for m in results if m.get("supported", True)}
+    sizes = sorted({m["size"] for m in results})
+    labels = {k: _label({"backend": k[0], "inplace": k[1]}) for k in keys}
+    out.write("# side by side: p50 time (us) and busbw (GB/s, from the mean time) per series; tl = thunderlink "
+              "out-of-place, tl-in = in place, ompi-in = Open MPI in place; gloo is in place\n")
+    w = {k: (max(10, len(labels[k]) + 4), max(8, len(labels[k]) + 3)) for k in keys}
+    out.write(f"# {'size':>12}" + "".join(f"  {labels[k] + ' p50':>{w[k][0]}} {labels[k] + ' bw':>{w[k][1]}}"
+                                          for k in keys) + "\n")
+    for size in sizes:
+        line = f"  {size:>12}"
+        for k in keys:
+            m = at.get((k[0], k[1], size))
+            line += (f"  {m['p50_us']:>{w[k][0]}.1f} {m['busbw']:>{w[k][1]}.2f}" if m
+                     else f"  {'-':>{w[k][0]}} {'-':>{w[k][1]}}")
+        out.write(line + "\n")
+    out.flush()
+
+
+def run_thunderlink(args, json_path: str) -> int:
+    """`python -m thunderlink bench` with the same sizes, warm-up, iterations and ranks."""
+    cmd = [sys.executable, "-m", "thunderlink", "bench", "-n", str(args.ranks), "--sizes", args.sizes,
+           "--warmup", str(args.warmup), "--iters", str(args.iters), "--json", json_path,
+           "--timeout", str(int(args.timeout))]
+    print("# " + " ".join(cmd[1:]), flush=True)
+    p = subprocess.Popen(cmd, start_new_session=True)
+    return _supervise([p], args.timeout + 15)
+
+
+# ---- starting the ranks ---------------------------------------------------------------
+
+
+def installed(peer: str) -> bool:
+    import importlib.util
+
+    if peer == "gloo":
+        if importlib.util.find_spec("torch") is None:
+            return False
+        try:
+            import torch.distributed as dist
+
+            return dist.is_available() and dist.is_gloo_available()
+        except Exception:
+            return False
+    return importlib.util.find_spec("mpi4py") is not None and shutil.which("mpirun") is not None
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _kill(procs) -> None:
+    """End our children and whatever they started (each leads its own session)."""
+    for p in procs:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + 5
+    for p in procs:
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait()
+
+
+def _supervise(procs, timeout: float) -> int:
+    """Wait for every rank; on a failure or past the deadline, end them all."""
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            codes = [p.poll() for p in procs]
+            if all(c is not None for c in codes):
+                bad = [c for c in codes if c not in (0, 1)]
+                return 3 if bad else max(codes)
+            failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0, 1)]
+            if failed:
+                time.sleep(2)  # let the others report their side of it
+                _kill(procs)
+                sys.stderr.write(f"peers.py: rank {failed[0][0]} failed (exit status {failed[0][1]}); stopped the job\n")
+                return 3
+            if time.monotonic() > deadline:
+                _kill(procs)
+                sys.stderr.write(f"peers.py: still running {timeout:.0f} s after the start (--timeout); stopped the job\n")
+                return 3
+            time.sleep(0.1)
+    except KeyboardInterrupt:
+        _kill(procs)
+        return 130
+    finally:
+        _kill(procs)
+
+
+def worker_args(args) -> list[str]:
+    return ["--peer", args.peer, "--sizes", args.sizes, "--iters", str(args.iters), "--warmup", str(args.warmup),
+            "--inplace", args.inplace, "--timeout", str(args.timeout), "-n", str(args.ranks)] + (
+            ["--json", os.path.abspath(args.json_path)] if args.json_path else [])
+
+
+def launch(args) -> int:
+    script = os.path.abspath(__file__)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if args.peer == "gloo":
+        env["GLOO_SOCKET_IFNAME"] = "lo"
+        port = _free_port()
+        procs = [subprocess.Popen([sys.executable, script, "--rank-worker", "--rank", str(r), "--port", str(port)]
+                                  + worker_args(args), env=env, start_new_session=True)
+                 for r in range(args.ranks)]
+    else:
+        cmd = (["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(args.ranks)] + MPIRUN_MCA
+               + ["--timeout", str(int(args.timeout) + 5), sys.executable, script, "--rank-worker"] + worker_args(args))
+        procs = [subprocess.Popen(cmd, env=env, start_new_session=True)]
+    return _supervise(procs, args.timeout + 15)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bench/peers.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--peer", choices=PEERS, help="gloo (torch.distributed) or ompi (Open MPI, mpi4py)")
+    p.add_argument("-n", "--ranks", type=int, default=2, help="local ranks (default 2)")
+    p.add_argument("--sizes", default="4:256M", help="MIN:MAX[:xF|:+STEP] or a list, bytes (default 4:256M)")
+    p.add_argument("--warmup", type=int, default=5, help="warm-up iterations per size (default 5)")
+    p.add_argument("--iters", type=int, default=0, help="timed iterations per size (default: about 0.2 s worth, 10..2000)")
+    p.add_argument("--inplace", choices=("both", "in", "out"), default="both",
+                   help="ompi: which variants (default both; out-of-place is the main series). gloo is in place only")
+    p.add_argument("--json", dest="json_path", metavar="PATH", help="also write every measurement as JSON")
+    p.add_argument("--timeout", type=float, default=1200, help="stop the whole job after this many seconds (default 1200)")
+    p.add_argument("--with-thunderlink", action="store_true",
+                   help="first run `python -m thunderlink bench` with the same sizes, warm-up, iterations and "
+                        "ranks (thunderlink importable: PYTHONPATH=src), then the peer, then print both side by "
+                        "side; --json then gets both")
+    p.add_argument("--compare", nargs="+", metavar="JSON",
+                   help="run nothing: merge these JSON files (thunderlink bench --json, peers.py --json) and "
+                        "print them side by side; --json writes the merged list, --plot draws it")
+    p.add_argument("--plot", dest="plot_path", metavar="PNG",
+                   help="with --compare or --with-thunderlink: draw busbw and p50 against size with "
+                        "thunderlink's plot (needs thunderlink and matplotlib)")
+    p.add_argument("--rank-worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.peer and not args.compare:
+        parser.error("--peer gloo|ompi is required (or --compare JSON...)")
+    try:
+        parse_sizes(args.sizes)
+    except ValueError as e:
+        raise SystemExit(f"peers.py: --sizes {args.sizes!r}: {e}") from None
+    if args.ranks < 2 or args.iters < 0 or args.warmup < 0:
+        raise SystemExit("peers.py: need -n >= 2, --iters >= 0, --warmup >= 0")
+    if args.rank_worker:
+        return run_rank(args)
+    if args.compare:
+        merged = []
+        for path in args.compare:
+            with open(path, encoding="utf-8") as f:
+                merged += json.load(f)
+        return finish(args, merged)
+    if not installed(args.peer):
+        print(INSTALL[args.peer])
+        return 2
+    if not args.with_thunderlink:
+        return launch(args)
+    import importlib.util
+    import tempfile
+
+    if importlib.util.find_spec("thunderlink") is None:
+        sys.stderr.write("peers.py: --with-thunderlink: thunderlink is not importable: build it "
+                         "(python setup.py -q build_ext --inplace) and set PYTHONPATH=src\n")
+        return 3
+    with tempfile.TemporaryDirectory(prefix="peers-") as tmp:
+        tl_json, peer_json = os.path.join(tmp, "thunderlink.json"), os.path.join(tmp, "peer.json")
+        rc_tl = run_thunderlink(args, tl_json)
+        if rc_tl not in (0, 1):
+            sys.stderr.write("peers.py: thunderlink bench failed (is thunderlink importable? PYTHONPATH=src)\n")
+            return 3
+        final_json, args.json_path = args.json_path, peer_json
+        rc = launch(args)
+        if rc not in (0, 1):
+            return rc
+        merged = []
+        for path in (tl_json, peer_json):
+            with open(path, encoding="utf-8") as f:
+                merged += json.load(f)
+        args.json_path = final_json
+        return max(rc, rc_tl, finish(args, merged))
+
+
+def finish(args, merged: list[dict]) -> int:
+    compare(merged)
+    if args.json_path:
+        with open(args.json_path, "w", encoding="utf-8") as f:
+            json.dump(merged, f, indent=1)
+    if args.plot_path:
+        from types import SimpleNamespace
+
+        try:
+            from thunderlink.bench.plot import plot
+        except ImportError:
+            sys.stderr.write("peers.py: --plot needs thunderlink importable (PYTHONPATH=src) and matplotlib\n")
+            return 3
+        ms = [SimpleNamespace(**{**m, "supported": m.get("supported", True)}) for m in merged]
+        plot(ms, SimpleNamespace(op="all_sum", dtype="float32"), args.plot_path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
