@@ -42,10 +42,14 @@ ENV = {
     "THUNDERLINK_TIMEOUT": ("600", "seconds a collective may wait before failing"),
     "THUNDERLINK_CONNECT_TIMEOUT": ("60", "seconds to connect to every peer at start-up"),
     "THUNDERLINK_CONNS": ("2", "TCP connections per cable between two ranks, striped (same on every rank)"),
-    "THUNDERLINK_CHUNK_BYTES": ("1M", "largest pipelined chunk of the ring (same on every rank)"),
-    "THUNDERLINK_PIPELINE_DEPTH": ("4", "chunks in flight per ring direction"),
+    "THUNDERLINK_CHUNK_BYTES": ("512K", "largest pipelined chunk of the ring (same on every rank)"),
+    "THUNDERLINK_PIPELINE_DEPTH": ("2", "chunks in flight per ring direction"),
     "THUNDERLINK_ALGO": ("auto", "auto | ring | oneshot: all_reduce algorithm (same on every rank)"),
-    "THUNDERLINK_ALGO_THRESHOLD": ("64K", "auto: all_reduce of at most this many bytes uses one round (same on every rank)"),
+    "THUNDERLINK_ALGO_THRESHOLD": (
+        "512K",
+        "auto: one round of messages while each rank sends at most this (all_reduce: bytes x (ranks-1)); "
+        "the ring above (same on every rank)",
+    ),
     "THUNDERLINK_STRIPE_MIN_BYTES": ("256K", "messages below this travel on one connection (same on every rank)"),
     "THUNDERLINK_SPIN_US": ("50", "microseconds to poll before sleeping, for small operations"),
     "THUNDERLINK_SOCKBUF_BYTES": (

@@ -92,7 +92,7 @@ extern "C" {
 
 /* ---- algorithm choice for all_reduce ----------------------------------- */
 
-#define TL_ALGO_AUTO 0    /* by size: one-shot up to algo_threshold, ring above */
+#define TL_ALGO_AUTO 0    /* by size: one round up to algo_threshold, ring above */
 #define TL_ALGO_RING 1    /* pipelined ring: reduce-scatter + all-gather */
 #define TL_ALGO_ONESHOT 2 /* every rank sends its buffer to every other rank */
 
@@ -117,7 +117,8 @@ typedef struct tl_options {
   int32_t conns_per_peer;     /* (*) TCP connections per cable to a peer   */
   int32_t pipeline_depth;     /* chunks in flight per ring direction       */
   int64_t chunk_bytes;        /* (*) largest pipelined chunk               */
-  int64_t algo_threshold;     /* (*) all_reduce bytes at or below: one-shot */
+  int64_t algo_threshold;     /* (*) one round of messages while each rank
+                                 sends at most this (all_reduce: bytes x (n-1)) */
   int32_t algo;               /* (*) TL_ALGO_*                              */
   int32_t spin_us;            /* busy-poll this long before sleeping        */
   int64_t stripe_min_bytes;   /* (*) messages below go on one connection    */

@@ -30,10 +30,19 @@ static int partial_overlap(const void *a, size_t an, const void *b, size_t bn) {
   return x < y + bn && y < x + an;
 }
 
-static int use_ring(tl_comm_t *c, size_t bytes, uint64_t count) {
+/*
+ * The ring or one round of messages? `traffic` is what one round makes each
+ * rank send: for all_reduce its whole buffer to every other rank, (n-1) x
+ * bytes, against 2(n-1)/n x bytes for the ring; all_gather and the direct
+ * reduce_scatter send what the ring sends, in one step instead of n-1. One
+ * round wins while latency dominates: up to algo_threshold bytes of traffic
+ * (on loopback between 2 ranks the one-shot all_reduce stays ahead of the
+ * ring up to 512 KiB-1 MiB).
+ */
+static int use_ring(tl_comm_t *c, size_t traffic, uint64_t count) {
   if (c->opts.algo == TL_ALGO_RING || !c->mesh) return 1;
   if (c->opts.algo == TL_ALGO_ONESHOT) return 0;
-  return bytes > (size_t)c->opts.algo_threshold && count >= (uint64_t)c->size;
+  return traffic > (size_t)c->opts.algo_threshold && count >= (uint64_t)c->size;
 }
 
 #define BEGIN(op, dtype, redop, total, name)                                     \
@@ -64,7 +73,7 @@ int tl_all_reduce(tl_comm_t *c, const void *in, void *out, uint64_t count,
   BEGIN(TL_OP_ALL_REDUCE, dtype, op, bytes, name)
   if (c->size == 1) {
     if (in != out && bytes) memcpy(out, in, bytes);
-  } else if (use_ring(c, bytes, count)) {
+  } else if (use_ring(c, bytes * (size_t)(c->size - 1), count)) {
     rc = tl__ring_run(c, TL_RING_ALL_REDUCE, in, out, count, dtype, op);
   } else {
     rc = tl__oneshot_all_reduce(c, in, out, count, dtype, op);

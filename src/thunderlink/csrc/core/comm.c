@@ -26,9 +26,9 @@ void tl_options_default(tl_options_t *o) {
   o->connect_timeout_ms = 60 * 1000;
   o->timeout_ms = 600 * 1000;
   o->conns_per_peer = 2;
-  o->pipeline_depth = 4;
-  o->chunk_bytes = 1 << 20;
-  o->algo_threshold = 64 << 10;
+  o->pipeline_depth = 2;
+  o->chunk_bytes = 512 << 10;
+  o->algo_threshold = 512 << 10;
   o->algo = TL_ALGO_AUTO;
   o->spin_us = 50;
   o->stripe_min_bytes = 256 << 10;

@@ -929,6 +929,21 @@ static int send_some(tl_comm_t *c, conn_t *k) {
   return completed;
 }
 
+/*
+ * Acknowledge at once. Linux treats a connection whose traffic alternates
+ * direction as interactive and delays its ACKs (up to 40 ms, "ato"), hoping
+ * to piggyback them on the reply; a collective's sender then stalls on a
+ * full window. TCP_QUICKACK is not sticky, so it is renewed after each read.
+ */
+static void quickack(int fd) {
+#ifdef TCP_QUICKACK
+  int one = 1;
+  setsockopt(fd, IPPROTO_TCP, TCP_QUICKACK, &one, sizeof one);
+#else
+  (void)fd;
+#endif
+}
+
 /* Read the rest of an abort frame whose header is in `got` and whose first
  * `have` payload bytes are at `buf`, then poison the communicator. */
 static int peer_aborted(tl_comm_t *c, conn_t *k, const tl_frame_t *got,
@@ -978,6 +993,7 @@ static int recv_some(tl_comm_t *c, conn_t *k) {
       return lost(c, k, "receiving from", errno);
     }
     if (r == 0) return lost(c, k, "receiving from", 0);
+    if (!c->spin_ns) quickack(k->fd); /* bulk transfers; small replies carry their ACKs */
     size_t before = s->done;
     s->done += (size_t)r;
     c->stats.bytes_received += (s->done > H ? s->done - H : 0) - (before > H ? before - H : 0);
