@@ -1,0 +1,61 @@
+"""Median over repeated `thunderlink bench --json` runs, per series and size.
+
+    python bench/median.py run1.json run2.json run3.json
+
+Prints, per size, each series' median p50 time and median busbw, and the
+ratio of MLX's ring p50 to each other series' (above 1: faster than the
+ring). On a shared machine one sweep can hit a noisy moment at any size;
+the median of a few interleaved sweeps is what BENCHMARKS.md reports.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from collections import defaultdict
+
+
+def series(m: dict) -> str:
+    if m["backend"] == "thunderlink":
+        return "core-in" if m["inplace"] else "core"
+    return {"thunderlink/mlx": "mlx-group"}.get(m["backend"], m["backend"])
+
+
+def main(paths: list[str]) -> int:
+    runs = [json.load(open(p)) for p in paths]
+    p50: dict = defaultdict(list)
+    bw: dict = defaultdict(list)
+    names: list[str] = []
+    sizes: list[int] = []
+    for run in runs:
+        for m in run:
+            if not m.get("supported", True) or m["p50_us"] is None:
+                continue
+            s, k = series(m), m["size"]
+            if s not in names:
+                names.append(s)
+            if k not in sizes:
+                sizes.append(k)
+            p50[s, k].append(m["p50_us"])
+            bw[s, k].append(m["busbw"])
+    ratios = [n for n in names if n != "mlx-ring"] if "mlx-ring" in names else []
+    print(f"# median of {len(runs)} runs: p50 time (us) / busbw (GB/s); x ring = ring p50 / series p50")
+    print(f"# {'size':>12}" + "".join(f"  {n + ' p50':>14} {'busbw':>6}" for n in names)
+          + "".join(f"  {'x ring ' + n:>16}" for n in ratios))
+    for k in sorted(sizes):
+        line = f"  {k:>12}"
+        for n in names:
+            line += (f"  {statistics.median(p50[n, k]):>14.1f} {statistics.median(bw[n, k]):>6.2f}"
+                     if p50[n, k] else f"  {'n/a':>14} {'':>6}")
+        for n in ratios:
+            if p50[n, k] and p50["mlx-ring", k]:
+                line += f"  {statistics.median(p50['mlx-ring', k]) / statistics.median(p50[n, k]):>16.2f}"
+            else:
+                line += f"  {'n/a':>16}"
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
