@@ -2,6 +2,8 @@
 awkward sizes, in place and out of place, both algorithms; results equal to
 the numpy reference (exact for integers) and bit-identical on every rank."""
 
+import os
+
 import pytest
 
 from rankprogs import DTYPES
@@ -90,3 +92,27 @@ def test_stats_see_the_callers_buffer(ranks):
     assert r.status == 0, r.all_text()
     for v in r.values:
         assert v["last_in"] == v["ptr"] == v["last_out"]
+
+
+def test_ipv6_loopback(tmp_path):
+    """IPv6 addresses work like IPv4 ones (here [::1])."""
+    import json
+    import socket
+    import sys
+
+    from conftest import RANKPROGS, Ranks
+    from thunderlink.launch import Job, free_ports
+
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 in this kernel")
+    try:
+        ports = free_ports(3, "::1")
+    except OSError as e:
+        pytest.skip(f"no IPv6 loopback: {e}")
+    path = tmp_path / "hosts.json"
+    path.write_text(json.dumps({"ranks": [{"addresses": [f"[::1]:{p}"]} for p in ports]}))
+    cases = [["sum", "float32", k, False] for k in (1, 1000, PRIME)]
+    envs = [dict(os.environ, THUNDERLINK_HOSTFILE=str(path), THUNDERLINK_RANK=str(r), THUNDERLINK_TIMEOUT="30",
+                 THUNDERLINK_CONNECT_TIMEOUT="20") for r in range(3)]
+    cmd = [sys.executable, RANKPROGS, "reductions", json.dumps([cases])]
+    check(Ranks(Job([cmd] * 3, envs, capture=True, timeout=60, on_line=lambda *a: None).run()), 3)
