@@ -32,6 +32,7 @@ class BuildExt(build_ext):
 
         out_dir = os.path.dirname(os.path.abspath(self.get_ext_fullpath(ext.name)))
         build_dir = os.path.join(os.path.abspath(self.build_temp), "shim")
+        _drop_stale_cache(build_dir)
         os.makedirs(build_dir, exist_ok=True)
         generator = ["-G", "Ninja"] if shutil.which("ninja") else []
         subprocess.check_call(
@@ -41,6 +42,21 @@ class BuildExt(build_ext):
              f"-DTL_MLX_VERSION={mlx.core.__version__}"]
         )
         subprocess.check_call(["cmake", "--build", build_dir, "--parallel"])
+
+
+def _drop_stale_cache(build_dir):
+    """Forget a CMake cache made by another cmake (pip's isolated builds use a
+    throwaway one), which CMake would refuse to reuse."""
+    cache = os.path.join(build_dir, "CMakeCache.txt")
+    if not os.path.exists(cache):
+        return
+    cmake = os.path.realpath(shutil.which("cmake") or "")
+    with open(cache, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if line.startswith("CMAKE_COMMAND:"):
+                if os.path.realpath(line.split("=", 1)[1].strip()) != cmake:
+                    shutil.rmtree(build_dir, ignore_errors=True)
+                return
 
 
 class BuildPyWithPth(build_py):

@@ -8,14 +8,26 @@ its temporary hostfile.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import secrets
+import signal
 import sys
+import threading
 
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RANKPROGS = os.path.join(HERE, "rankprogs.py")
+
+import thunderlink  # noqa: E402
+
+# The folder holding the thunderlink package under test (site-packages once
+# installed, src/ in a development build), for subprocesses that need it on
+# their PYTHONPATH: never the source tree of an installed package, whose
+# compiled modules live elsewhere.
+PKG_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(thunderlink.__file__)))
 
 
 class Ranks:
@@ -56,3 +68,47 @@ def run_ranks(n: int, func: str, *args, env: dict | None = None, timeout: float 
 @pytest.fixture
 def ranks():
     return run_ranks
+
+
+_names = itertools.count()
+_RUN = f"{os.getpid() % 4096:03x}{secrets.token_hex(1)}"
+
+
+def unique_name(prefix: str) -> str:
+    """A short name no other test run uses (namespaces, clusters)."""
+    return f"{prefix}{_RUN}{next(_names)}"
+
+
+def pytest_collection_modifyitems(config, items):
+    """A module's TEST_TIMEOUT_S is its tests' hard limit (pytest-timeout)."""
+    for item in items:
+        limit = getattr(item.module, "TEST_TIMEOUT_S", None)
+        if limit is not None:
+            item.add_marker(pytest.mark.timeout(limit))
+
+
+class _TestTimeout(Exception):
+    pass
+
+
+@pytest.fixture(autouse=True)
+def _watchdog(request):
+    """Without pytest-timeout installed, a SIGALRM watchdog enforces a
+    module's TEST_TIMEOUT_S, so that a hung test fails (and its fixtures
+    clean up) instead of hanging the run."""
+    limit = getattr(request.module, "TEST_TIMEOUT_S", None)
+    if (limit is None or request.config.pluginmanager.hasplugin("timeout")
+            or threading.current_thread() is not threading.main_thread()):
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        raise _TestTimeout(f"test exceeded {limit}s")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, limit)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

@@ -13,9 +13,8 @@ import pytest
 
 from thunderlink.bench.__main__ import parse_sizes
 from thunderlink.bench.ops import DTYPES, OPS, expected_sum, make_data
-from thunderlink.config import ConfigError
 
-SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+from conftest import PKG_ROOT as SRC  # where the thunderlink being tested lives
 HARD_TIMEOUT = 60
 
 # Keys every measurement in --json has (bench/worker.py Measurement).

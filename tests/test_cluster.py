@@ -10,18 +10,17 @@ pytest-timeout.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import secrets
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
+
+from conftest import unique_name
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_PY = ROOT / "src" / "thunderlink" / "testing" / "cluster.py"
@@ -33,43 +32,12 @@ OK, WHY = cl.available(shaping=True)
 needs_netns = pytest.mark.skipif(not OK, reason=WHY)
 
 pytestmark = [pytest.mark.netns]
-if importlib.util.find_spec("pytest_timeout") is not None:  # harmless extra; the watchdog below suffices
-    pytestmark.append(pytest.mark.timeout(60))
-
-RUN_ID = f"t{os.getpid() % 4096:03x}{secrets.token_hex(1)}"
-_counter = iter(range(10**6))
-
 
 def uniq() -> str:
-    return f"{RUN_ID}{next(_counter)}"
+    return unique_name("t")
 
 
 # ----------------------------------------------------------------------------- fixtures
-
-
-class _Timeout(Exception):
-    pass
-
-
-@pytest.fixture(autouse=True)
-def _hard_timeout(request):
-    """Fail (and so clean up) any test running longer than TEST_TIMEOUT_S."""
-    use = (threading.current_thread() is threading.main_thread()
-           and not request.config.pluginmanager.hasplugin("timeout"))
-    if not use:
-        yield
-        return
-
-    def on_alarm(signum, frame):
-        raise _Timeout(f"test exceeded {TEST_TIMEOUT_S}s")
-
-    prev = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, TEST_TIMEOUT_S)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, prev)
 
 
 @pytest.fixture(autouse=True)

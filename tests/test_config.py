@@ -7,7 +7,6 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
-import os
 import re
 
 import pytest
@@ -278,7 +277,7 @@ def test_options_defaults_round_trip():
     # Units: seconds and names.
     assert d["timeout"] == 600 and d["connect_timeout"] == 60
     assert d["algo"] == "auto" and d["log_level"] == "warn"
-    assert d["chunk_bytes"] == M and d["algo_threshold"] == 64 * K
+    assert d["chunk_bytes"] == 512 * K and d["algo_threshold"] == 512 * K
 
 
 def test_options_documented_defaults_match_env():

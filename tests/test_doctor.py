@@ -12,55 +12,26 @@ from __future__ import annotations
 import copy
 import json
 import os
-import secrets
-import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
+
+from conftest import PKG_ROOT as SRC, unique_name  # the thunderlink under test's folder
 
 from thunderlink.testing import cluster as cl
 from thunderlink.transport import interfaces as ifs
 
 ROOT = Path(__file__).resolve().parents[1]
-SRC = str(ROOT / "src")
 TEST_TIMEOUT_S = 45
 RUN_TIMEOUT_S = 40
 
 OK, WHY = cl.available()
 needs_netns = pytest.mark.skipif(not OK, reason=WHY)
 
-RUN_ID = f"d{os.getpid() % 4096:03x}{secrets.token_hex(1)}"
-_counter = iter(range(10**6))
-
-
 def uniq() -> str:
-    return f"{RUN_ID}{next(_counter)}"
-
-
-class _Timeout(Exception):
-    pass
-
-
-@pytest.fixture(autouse=True)
-def _hard_timeout(request):
-    if threading.current_thread() is not threading.main_thread() or \
-            request.config.pluginmanager.hasplugin("timeout"):
-        yield
-        return
-
-    def on_alarm(signum, frame):
-        raise _Timeout(f"test exceeded {TEST_TIMEOUT_S}s")
-
-    prev = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, TEST_TIMEOUT_S)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, prev)
+    return unique_name("d")
 
 
 @pytest.fixture(autouse=True)

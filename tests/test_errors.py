@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import RANKPROGS, run_ranks
+from conftest import RANKPROGS
 from thunderlink.launch import free_ports
 
 pytestmark = pytest.mark.multiproc

@@ -17,7 +17,7 @@ from thunderlink.bindings import Endpoint
 from thunderlink.transport import hostfile as H
 from thunderlink.transport.hostfile import Address, ConfigError, linked, load, parse
 
-SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+from conftest import PKG_ROOT as SRC  # where the thunderlink being tested lives
 
 
 def write(tmp_path, obj, name="hosts.json") -> str:

@@ -15,12 +15,13 @@ import time
 import psutil
 import pytest
 
+from conftest import PKG_ROOT as SRC  # the thunderlink under test's folder
+
 from thunderlink.launch import Job, JobResult, exit_status, launch_local, rank_env
 from thunderlink.transport.hostfile import parse
 
 pytestmark = pytest.mark.multiproc
 
-SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 HARD_TIMEOUT = 30  # no launcher run in this file may take longer
 
 # One program for every scenario: python rank.py DIR MODE [ARG].

@@ -3,7 +3,6 @@ compile and autodiff, zero copy, selected by environment."""
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 

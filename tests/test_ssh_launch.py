@@ -21,18 +21,18 @@ import socket
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
 import pytest
+
+from conftest import PKG_ROOT as SRC  # the thunderlink under test's folder
 
 from sshd_cluster import SshdCluster, sshd_available
 from thunderlink.launch.ssh import launch_hostfile
 from thunderlink.testing import cluster as cl
 
 ROOT = Path(__file__).resolve().parents[1]
-SRC = str(ROOT / "src")
 TEST_TIMEOUT_S = 45
 LAUNCH_TIMEOUT = 30
 
@@ -42,28 +42,6 @@ needs_sshd = pytest.mark.skipif(not (NETNS_OK and SSHD_OK), reason=NETNS_WHY if 
 needs_ssh_client = pytest.mark.skipif(shutil.which("ssh") is None, reason="no ssh client (openssh-client)")
 
 pytestmark = [pytest.mark.multiproc]
-
-
-class _Timeout(Exception):
-    pass
-
-
-@pytest.fixture(autouse=True)
-def _hard_timeout():
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def on_alarm(signum, frame):
-        raise _Timeout(f"test exceeded {TEST_TIMEOUT_S}s")
-
-    prev = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, TEST_TIMEOUT_S)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, prev)
 
 
 @pytest.fixture(scope="module")

@@ -62,7 +62,6 @@ def _suggest_subnets(n: int) -> list[str]:
 
 def interface_checks(interfaces: list[Interface], host: Host | None = None) -> list[Check]:
     host = host or Host()
-    by_name = {i.name: i for i in interfaces}
     out: list[Check] = []
     tb = [i for i in interfaces if i.thunderbolt and not i.bridge]
     bridges = [i for i in interfaces if i.thunderbolt_bridge]

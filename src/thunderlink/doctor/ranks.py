@@ -228,7 +228,7 @@ def _address_checks(hf: Hostfile, r: int, its: list[ifs.Interface], host: Host) 
             out.append(problem("interface", "no link",
                                f"interface {actual} (rank {r}'s address {ip}) is up but has no link: "
                                f"the cable is unplugged or the other end is down",
-                               f"check the cable; bring up the other end's interface", **kw))
+                               "check the cable; bring up the other end's interface", **kw))
         if a.prefix is not None and have is not None and have.prefix is not None and a.prefix != have.prefix:
             out.append(warn("address", "prefix differs",
                             f"{loc} says prefix /{a.prefix}, but {ip} is configured as /{have.prefix} on {actual}",

@@ -54,33 +54,35 @@ static int exchange(tl_comm_t *c, char *rbase, size_t rstride, const char *sbase
   return rc;
 }
 
-/* out = in(0) op in(1) op ... op in(n-1), in rank order. */
-static void combine(tl_comm_t *c, char *out, char *const *src, uint64_t count,
-                    int dtype, int redop) {
+/*
+ * out = x(0) op x(1) op ... op x(n-1), in rank order, where x(p) is the
+ * block rank p sent us (at scratch + p * bytes) and x(rank) is `own`. If
+ * `own` is the output itself (in place), it is copied aside first unless it
+ * is used before the output is first written (rank 0 or 1).
+ */
+static int combine(tl_comm_t *c, char *out, const char *own, char *scratch,
+                   uint64_t count, int dtype, int redop) {
+  size_t bytes = count * tl_dtype_size(dtype);
+  int n = c->size;
+  char *stack_src[STACK_REQS], **src = stack_src;
+  if (n > STACK_REQS && !(src = malloc((size_t)n * sizeof *src)))
+    return tl__fail(c, TL_ERR_NOMEM, "out of memory");
+  for (int p = 0; p < n; p++) src[p] = scratch + (size_t)p * bytes;
+  if (own == out && c->rank >= 2) memcpy(src[c->rank], own, bytes);
+  else src[c->rank] = (char *)own;
   tl_reduce(out, src[0], src[1], count, dtype, redop);
-  for (int p = 2; p < c->size; p++) tl_reduce(out, out, src[p], count, dtype, redop);
+  for (int p = 2; p < n; p++) tl_reduce(out, out, src[p], count, dtype, redop);
+  if (src != stack_src) free(src);
+  return TL_OK;
 }
 
 int tl__oneshot_all_reduce(tl_comm_t *c, const void *in, void *out,
                            uint64_t count, int dtype, int redop) {
   size_t bytes = count * tl_dtype_size(dtype);
-  int n = c->size;
   char *scratch;
-  int rc = tl__scratch(c, (size_t)n * bytes, &scratch);
-  if (rc) return rc;
-  rc = exchange(c, scratch, bytes, in, 0, bytes);
-  if (rc) return rc;
-  char *stack_src[STACK_REQS], **src = stack_src;
-  if (n > STACK_REQS && !(src = malloc((size_t)n * sizeof *src)))
-    return tl__fail(c, TL_ERR_NOMEM, "out of memory");
-  for (int p = 0; p < n; p++) src[p] = scratch + (size_t)p * bytes;
-  /* Our own contribution stays in `in`, unless the output overwrites it
-   * before its turn comes. */
-  if (in == out && c->rank >= 2) memcpy(src[c->rank], in, bytes);
-  else src[c->rank] = (char *)in;
-  combine(c, out, src, count, dtype, redop);
-  if (src != stack_src) free(src);
-  return TL_OK;
+  int rc = tl__scratch(c, (size_t)c->size * bytes, &scratch);
+  if (!rc) rc = exchange(c, scratch, bytes, in, 0, bytes);
+  return rc ? rc : combine(c, out, in, scratch, count, dtype, redop);
 }
 
 int tl__oneshot_all_gather(tl_comm_t *c, const void *in, void *out, size_t bytes) {
@@ -92,19 +94,10 @@ int tl__oneshot_all_gather(tl_comm_t *c, const void *in, void *out, size_t bytes
 int tl__direct_reduce_scatter(tl_comm_t *c, const void *in, void *out,
                               uint64_t count, int dtype, int redop) {
   size_t bytes = count * tl_dtype_size(dtype);
-  int n = c->size;
   char *scratch;
-  int rc = tl__scratch(c, (size_t)n * bytes, &scratch);
-  if (rc) return rc;
+  int rc = tl__scratch(c, (size_t)c->size * bytes, &scratch);
   /* Block p of our input goes to rank p; rank p's block for us lands at p. */
-  rc = exchange(c, scratch, bytes, in, bytes, bytes);
-  if (rc) return rc;
-  char *stack_src[STACK_REQS], **src = stack_src;
-  if (n > STACK_REQS && !(src = malloc((size_t)n * sizeof *src)))
-    return tl__fail(c, TL_ERR_NOMEM, "out of memory");
-  for (int p = 0; p < n; p++) src[p] = scratch + (size_t)p * bytes;
-  src[c->rank] = (char *)in + (size_t)c->rank * bytes;
-  combine(c, out, src, count, dtype, redop);
-  if (src != stack_src) free(src);
-  return TL_OK;
+  if (!rc) rc = exchange(c, scratch, bytes, in, bytes, bytes);
+  return rc ? rc : combine(c, out, (const char *)in + (size_t)c->rank * bytes, scratch,
+                           count, dtype, redop);
 }

@@ -889,28 +889,37 @@ static int lost(tl_comm_t *c, conn_t *k, const char *what, int err) {
                   k->peer, k->remote, k->index, strerror(err));
 }
 
+/* The rest of a frame, as an iovec over its header (hdr: what is sent, or
+ * where the received header goes) and its payload; both move in one
+ * system call. Returns the number of iovec entries. */
+static int frame_iov(tl_slice_t *s, tl_frame_t *hdr, struct iovec iov[2], struct msghdr *m) {
+  const size_t H = sizeof(tl_frame_t);
+  int n = 0;
+  if (s->done < H) {
+    iov[n].iov_base = (char *)hdr + s->done;
+    iov[n++].iov_len = H - s->done;
+  }
+  size_t pdone = s->done > H ? s->done - H : 0;
+  if (pdone < s->len) {
+    iov[n].iov_base = s->buf + pdone;
+    iov[n++].iov_len = s->len - pdone;
+  }
+  memset(m, 0, sizeof *m);
+  m->msg_iov = iov;
+  m->msg_iovlen = (size_t)n;
+  return n;
+}
+
 /* Write queued frames until the socket would block. Returns the number of
  * slices completed, or a negative status. */
 static int send_some(tl_comm_t *c, conn_t *k) {
   int completed = 0;
+  const size_t H = sizeof(tl_frame_t);
   while (k->sq) {
     tl_slice_t *s = k->sq;
     struct iovec iov[2];
-    int n = 0;
-    const size_t H = sizeof(tl_frame_t);
-    if (s->done < H) {
-      iov[n].iov_base = (char *)&s->hdr + s->done;
-      iov[n++].iov_len = H - s->done;
-    }
-    size_t pdone = s->done > H ? s->done - H : 0;
-    if (pdone < s->len) {
-      iov[n].iov_base = s->buf + pdone;
-      iov[n++].iov_len = s->len - pdone;
-    }
     struct msghdr m;
-    memset(&m, 0, sizeof m);
-    m.msg_iov = iov;
-    m.msg_iovlen = (size_t)n;
+    int n = frame_iov(s, &s->hdr, iov, &m);
     ssize_t w = n ? sendmsg(k->fd, &m, MSG_NOSIGNAL | MSG_DONTWAIT) : 0;
     if (w < 0) {
       if (errno == EINTR) continue;
@@ -972,20 +981,8 @@ static int recv_some(tl_comm_t *c, conn_t *k) {
   while (k->rq) {
     tl_slice_t *s = k->rq;
     struct iovec iov[2];
-    int n = 0;
-    if (s->done < H) {
-      iov[n].iov_base = (char *)&s->got + s->done;
-      iov[n++].iov_len = H - s->done;
-    }
-    size_t pdone = s->done > H ? s->done - H : 0;
-    if (pdone < s->len) {
-      iov[n].iov_base = s->buf + pdone;
-      iov[n++].iov_len = s->len - pdone;
-    }
     struct msghdr m;
-    memset(&m, 0, sizeof m);
-    m.msg_iov = iov;
-    m.msg_iovlen = (size_t)n;
+    frame_iov(s, &s->got, iov, &m);
     ssize_t r = recvmsg(k->fd, &m, MSG_DONTWAIT);
     if (r < 0) {
       if (errno == EINTR) continue;
