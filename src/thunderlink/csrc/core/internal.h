@@ -160,6 +160,9 @@ struct tl_comm {
   int closed;
   int connected;
   char err[TL_ERRMSG_LEN];
+  /* A peer's failure in a later collective than the one this rank was in:
+   * reported by this rank's next call (see tcp.c, peer_aborted). */
+  char pending_abort[TL_ERRMSG_LEN];
 
   tl_endpoint_t *eps;
   int neps;

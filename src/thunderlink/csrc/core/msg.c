@@ -23,6 +23,14 @@ int tl__op_begin(tl_comm_t *c, int op, int dtype, int redop, uint64_t total,
     return tl__error(c, TL_ERR_INVALID,
                      "%s: the communicator is not connected yet (call "
                      "tl_comm_connect first)", name);
+  if (c->pending_abort[0]) {
+    c->cur.op = op;
+    c->cur.name = name;
+    c->cur.seq = c->coll_seq + 1;
+    c->cur.dtype = dtype;
+    c->cur.total = total;
+    return tl__fail(c, TL_ERR_PEER, "%s", c->pending_abort);
+  }
   c->cur.op = op;
   c->cur.dtype = dtype;
   c->cur.redop = redop;

@@ -953,8 +953,14 @@ static void quickack(int fd) {
 #endif
 }
 
-/* Read the rest of an abort frame whose header is in `got` and whose first
- * `have` payload bytes are at `buf`, then poison the communicator. */
+/*
+ * A peer's abort notice: its header is in `got`, the first `have` bytes of
+ * its reason at `buf`; read the rest of the reason. The peer failed during
+ * the operation the header names. If that is a later collective than ours,
+ * ours can still complete (every rank finished it, or the peer could not
+ * have moved on), so the failure is kept for this rank's next call;
+ * otherwise it fails now.
+ */
 static int peer_aborted(tl_comm_t *c, conn_t *k, const tl_frame_t *got,
                         const char *buf, size_t have) {
   char msg[ABORT_MAX + 1];
@@ -971,8 +977,15 @@ static int peer_aborted(tl_comm_t *c, conn_t *k, const tl_frame_t *got,
   }
   msg[n] = 0;
   k->eof = 1;
-  return tl__fail(c, TL_ERR_PEER, "rank %d failed: %s", k->peer,
-                  n ? msg : "(no reason given)");
+  int later = got->op && got->op != TL_OP_SEND && c->cur.op && c->cur.op != TL_OP_SEND &&
+              (int32_t)(got->seq - c->cur.seq) > 0;
+  if (later && !k->rq) {
+    if (!c->pending_abort[0])
+      snprintf(c->pending_abort, sizeof c->pending_abort, "rank %d failed: %s", k->peer,
+               n ? msg : "(no reason given)");
+    return 0;
+  }
+  return tl__fail(c, TL_ERR_PEER, "rank %d failed: %s", k->peer, n ? msg : "(no reason given)");
 }
 
 static int recv_some(tl_comm_t *c, conn_t *k) {
@@ -1196,6 +1209,8 @@ static void tcp_abort(tl_comm_t *c, const char *why) {
   memset(&f, 0, sizeof f);
   f.magic = TL_FRAME_MAGIC;
   f.type = TL_FRAME_ABORT;
+  f.op = (uint8_t)c->cur.op; /* where we failed: see peer_aborted */
+  f.seq = c->cur.seq;
   f.len = (uint32_t)len;
   for (int i = 0; i < t->nconn_total; i++) {
     conn_t *k = &t->conns[i];
