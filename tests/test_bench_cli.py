@@ -308,3 +308,27 @@ def test_wrong_counts_differing_elements():
     b[1] = 5
     b[3] = 0
     assert op.wrong(a, b) == 2
+
+
+def test_side_by_side_with_mlx_ring_and_through_mlx(tmp_path):
+    """--vs mlx-ring runs MLX's ring in the same processes and prints the
+    ratio; --via mlx adds thunderlink's Group through mx.distributed."""
+    pytest.importorskip("mlx.core")
+    out = tmp_path / "vs.json"
+    p = bench("--sizes", "4,64K", "--iters", "3", "--warmup", "1", "--vs", "mlx-ring", "--via", "mlx",
+              "--json", str(out), timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "x ring" in p.stdout and "mlx-ring" in p.stdout and "thunderlink/mlx" in p.stdout
+    data = json.loads(out.read_text())
+    assert {m["backend"] for m in data} == {"thunderlink", "thunderlink/mlx", "mlx-ring"}
+    assert all(m["wrong"] == 0 for m in data)
+    rows = [line.split() for line in p.stdout.splitlines() if line.strip() and not line.startswith("#")]
+    assert len(rows) == 2 and all(float(r[-1]) > 0 and float(r[-2]) > 0 for r in rows)
+
+
+def test_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "b.png"
+    p = bench("--sizes", "4,1K", "--iters", "3", "--warmup", "1", "--plot", str(png))
+    assert p.returncode == 0, p.stderr
+    assert png.stat().st_size > 1000
