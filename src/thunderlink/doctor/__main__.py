@@ -60,6 +60,7 @@ def _config_fix(msg: str, path: str) -> str:
 
 
 def _hostfile_report(args, host: Host) -> Report | int:
+    from ..config import from_env
     from ..transport import hostfile as hostfile_mod
     from ..transport import interfaces as ifs
     from . import ranks as rk
@@ -102,8 +103,10 @@ def _hostfile_report(args, host: Host) -> Report | int:
                  "the ranks' addresses"), where=host.label))
         else:
             rep.header.append(f"checking rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}")
+        ifname = from_env().ifname  # the core binds this rank's unnamed addresses to it
         for r in ranks:
-            checks, f = rk.check_rank(hf, r, timeout=args.timeout, host=host, interfaces=its)
+            checks, f = rk.check_rank(hf.with_default_iface(r, ifname), r, timeout=args.timeout, host=host,
+                                      interfaces=its)
             rep.extend(checks)
             facts[r] = f
     if not args.rank_only:

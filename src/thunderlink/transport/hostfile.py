@@ -37,7 +37,7 @@ import hashlib
 import ipaddress
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..config import parse_rate
 from ..errors import ConfigError
@@ -84,6 +84,17 @@ class Hostfile:
     def job_id(self) -> int:
         """A 64-bit id every rank derives from the same file."""
         return int.from_bytes(hashlib.blake2b(self.canonical.encode(), digest_size=8).digest(), "little")
+
+    def with_default_iface(self, rank: int, ifname: str | None) -> "Hostfile":
+        """A copy in which ``rank``'s addresses that name no interface name
+        ``ifname`` (THUNDERLINK_IFNAME), as the core will bind them."""
+        if not ifname:
+            return self
+        ranks = list(self.ranks)
+        spec = ranks[rank]
+        ranks[rank] = RankSpec(host=spec.host, ssh=spec.ssh, extra=spec.extra,
+                               addresses=[a if a.iface else replace(a, iface=ifname) for a in spec.addresses])
+        return Hostfile(ranks=ranks, ring=self.ring, format=self.format, path=self.path, canonical=self.canonical)
 
     def endpoints(self, ifname: str | None = None, rank: int | None = None):
         """Endpoints for the core. ``ifname`` applies to ``rank``'s addresses
