@@ -39,7 +39,6 @@ import json
 import math
 import os
 import platform
-import re
 import resource
 import shutil
 import signal
@@ -62,66 +61,32 @@ INSTALL = {
 # move the bytes through shared memory.
 MPIRUN_MCA = ["--mca", "pml", "ob1", "--mca", "btl", "tcp,self", "--mca", "btl_tcp_if_include", "lo"]
 
-# ---- sizes (the syntax of `thunderlink bench --sizes`) --------------------------------
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """'4', '64K', '1M', '1MiB', '2G' -> bytes (K = 1024)."""
-    m = _SIZE.match(str(text))
-    if not m:
-        raise ValueError(f"{text!r} is not a size (examples: 4096, 64K, 1M, 1GiB)")
-    return int(float(m.group(1)) * {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()])
+# ---- sizes and data: thunderlink bench's own, so that both measure the same ----
 
 
 def parse_sizes(text: str) -> tuple[int, ...]:
     """'4:64M' (x2 steps), '4:64M:x4' (factor), '1M:8M:+1M' (step), or '4,1K,1M'."""
-    if "," in text or ":" not in text:
-        return tuple(parse_size(t) for t in text.split(",") if t)
-    parts = text.split(":")
-    if len(parts) not in (2, 3):
-        raise ValueError("expected MIN:MAX[:xFACTOR|:+STEP]")
-    lo, hi = parse_size(parts[0]), parse_size(parts[1])
-    step = parts[2] if len(parts) == 3 else "x2"
-    if lo < 1 or hi < lo:
-        raise ValueError("need 1 <= MIN <= MAX")
-    sizes, s = [], lo
-    if step.startswith("+"):
-        inc = parse_size(step[1:])
-        if inc < 1:
-            raise ValueError("step must be positive")
-        while s <= hi:
-            sizes.append(s)
-            s += inc
-    else:
-        f = float(step.lstrip("x"))
-        if f <= 1:
-            raise ValueError("factor must be above 1")
-        while s <= hi:
-            sizes.append(s)
-            s = max(s + 1, int(s * f))
-    return tuple(sizes)
+    from thunderlink.bench.__main__ import parse_sizes as bench_sizes
 
-
-# ---- data (as src/thunderlink/bench/ops.py, float32) ----------------------------------
+    return bench_sizes(text)
 
 
 def make_data(count: int, rank: int) -> np.ndarray:
-    """x[i] = (i % 7) + (rank % 8), float32 (small integers: exact)."""
-    return np.resize(np.arange(7, dtype=np.float32) + rank % 8, count)
+    from thunderlink.bench.ops import make_data as bench_data
+
+    return bench_data(count, "float32", rank)
 
 
 def expected_sum(count: int, n: int) -> np.ndarray:
-    """(i % 7) * n + sum over ranks of (r % 8), float32 (exact)."""
-    return np.resize(np.arange(7, dtype=np.float32) * n + sum(r % 8 for r in range(n)), count)
+    from thunderlink.bench.ops import expected_sum as bench_expected
+
+    return bench_expected(count, "float32", n)
 
 
 def count_wrong(got: np.ndarray, want: np.ndarray) -> int:
-    """Elements whose bytes differ (NaN-safe, exact)."""
-    g = np.ascontiguousarray(got).reshape(-1).view(np.uint32)
-    w = np.ascontiguousarray(want).reshape(-1).view(np.uint32)
-    return int(np.count_nonzero(g != w))
+    from thunderlink.bench.ops import OPS
+
+    return OPS["all_sum"].wrong(got.reshape(-1), want.reshape(-1))
 
 
 # ---- the peers, as seen by the measuring loop -----------------------------------------
@@ -503,10 +468,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not args.peer and not args.compare:
         parser.error("--peer gloo|ompi is required (or --compare JSON...)")
-    try:
-        parse_sizes(args.sizes)
-    except ValueError as e:
-        raise SystemExit(f"peers.py: --sizes {args.sizes!r}: {e}") from None
+    parse_sizes(args.sizes)  # exits with a message when malformed
     if args.ranks < 2 or args.iters < 0 or args.warmup < 0:
         raise SystemExit("peers.py: need -n >= 2, --iters >= 0, --warmup >= 0")
     if args.rank_worker:

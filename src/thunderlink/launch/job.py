@@ -77,6 +77,10 @@ class Job:
         sys.stderr.write(f"{self.label}: {text}\n")
         sys.stderr.flush()
 
+    def _stdin(self, rank: int):
+        """What a rank reads: nothing (the launcher's terminal stays its own)."""
+        return subprocess.DEVNULL
+
     def start(self) -> None:
         for rank, (cmd, env) in enumerate(zip(self.commands, self.envs)):
             try:
@@ -84,7 +88,7 @@ class Job:
                     cmd,
                     env=env,
                     cwd=self.cwd,
-                    stdin=subprocess.DEVNULL,
+                    stdin=self._stdin(rank),
                     stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE,
                     start_new_session=True,

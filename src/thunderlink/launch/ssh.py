@@ -413,22 +413,9 @@ class SshJob(Job):
         self.started = started if started is not None else [True] * len(self.remote)
         self.stopped: set[int] | None = None  # ranks still running when the first stop() began
 
-    def start(self) -> None:
-        for rank, (cmd, env) in enumerate(zip(self.commands, self.envs)):
-            try:
-                p = subprocess.Popen(
-                    cmd,
-                    env=env,
-                    cwd=self.cwd,
-                    stdin=subprocess.PIPE if self.remote[rank] else subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    start_new_session=True,
-                )
-            except OSError as e:
-                self.stop()
-                raise OSError(e.errno, f"cannot start rank {rank} ({cmd[0]}): {e.strerror}") from None
-            self.procs.append(p)
+    def _stdin(self, rank: int):
+        # A remote rank's wrapper stops its program when this pipe closes.
+        return subprocess.PIPE if self.remote[rank] else subprocess.DEVNULL
 
     def _signal(self, p: subprocess.Popen, sig: int) -> None:
         # Ctrl-C: a remote rank gets SIGINT through its wrapper ("i" on stdin);

@@ -433,7 +433,9 @@ int tl_comm_split(tl_comm_t *c, int color, int key, tl_comm_t **out) {
     rc = child->ops->connect(child);
     if (!rc) rc = check_links(child);
     if (rc) {
+      pthread_mutex_lock(&c->lock);
       snprintf(c->err, sizeof c->err, "%s", child->err);
+      pthread_mutex_unlock(&c->lock);
       tl_comm_release(child);
       return rc;
     }
