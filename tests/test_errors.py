@@ -134,6 +134,22 @@ def _stranger(port, payload, wait=0.5):
             return b""
 
 
+def _two_ranks(env0, env1, meanwhile=None):
+    """Rank 0 in the background, `meanwhile()`, then rank 1; both run
+    connect_only. Returns ((rank 0's stdout, stderr), rank 1's result)."""
+    rank0 = subprocess.Popen([sys.executable, RANKPROGS, "connect_only", "[null]"], env=env0,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        if meanwhile:
+            meanwhile()
+        rank1 = subprocess.run([sys.executable, RANKPROGS, "connect_only", "[null]"], env=env1,
+                               capture_output=True, text=True, timeout=30)
+        return rank0.communicate(timeout=30), rank1
+    finally:
+        rank0.kill()
+        rank0.wait()
+
+
 def test_strangers_are_refused_without_disturbing_the_job(tmp_path):
     """While rank 1 is late, a non-thunderlink client and a thunderlink peer
     of another job knock on rank 0's port: both are refused (with a log line)
@@ -141,21 +157,15 @@ def test_strangers_are_refused_without_disturbing_the_job(tmp_path):
     ports = free_ports(2)
     hf = _hostfile(tmp_path, 2, ports)
     env = dict(os.environ, THUNDERLINK_HOSTFILE=hf, THUNDERLINK_JOB_ID="1234")
-    rank0 = subprocess.Popen([sys.executable, RANKPROGS, "connect_only", "[null]"],
-                             env=dict(env, THUNDERLINK_RANK="0"), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
-    try:
+
+    def knock():
         _stranger(ports[0], b"GET / HTTP/1.0\r\n\r\n" + b"x" * 80)
         # A hello of protocol v1 from another job (job id 99).
         hello = struct.pack("<IHHQQIIIIII Q32s", 0x4B4E4C54, 1, 0, 99, 0, 1, 0, 0, 2, 2, 0, 0, b"")
         ack = _stranger(ports[0], hello)
         assert len(ack) == 16 and struct.unpack("<IHH", ack[:8])[2] == 1  # ACK_WRONG_JOB
-        rank1 = subprocess.run([sys.executable, RANKPROGS, "connect_only", "[null]"],
-                               env=dict(env, THUNDERLINK_RANK="1"), capture_output=True, text=True, timeout=30)
-        out0, err0 = rank0.communicate(timeout=30)
-    finally:
-        rank0.kill()
-        rank0.wait()
+
+    (out0, err0), rank1 = _two_ranks(dict(env, THUNDERLINK_RANK="0"), dict(env, THUNDERLINK_RANK="1"), knock)
     assert '"raised": null' in rank1.stdout, rank1.stdout + rank1.stderr
     assert '"raised": null' in out0, out0 + err0
     assert "refused a connection" in err0 and "not a thunderlink peer" in err0
@@ -166,16 +176,8 @@ def test_different_tuning_on_two_ranks_is_refused(tmp_path):
     ports = free_ports(2)
     hf = _hostfile(tmp_path, 2, ports)
     env = dict(os.environ, THUNDERLINK_HOSTFILE=hf, THUNDERLINK_JOB_ID="77", CT="10")
-    p0 = subprocess.Popen([sys.executable, RANKPROGS, "connect_only", "[null]"],
-                          env=dict(env, THUNDERLINK_RANK="0", THUNDERLINK_CHUNK_BYTES="2M"),
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        p1 = subprocess.run([sys.executable, RANKPROGS, "connect_only", "[null]"],
-                            env=dict(env, THUNDERLINK_RANK="1"), capture_output=True, text=True, timeout=30)
-        out0, _ = p0.communicate(timeout=30)
-    finally:
-        p0.kill()
-        p0.wait()
+    (out0, _), p1 = _two_ranks(dict(env, THUNDERLINK_RANK="0", THUNDERLINK_CHUNK_BYTES="2M"),
+                               dict(env, THUNDERLINK_RANK="1"))
     for out in (p1.stdout, out0):
         v = json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:])
         assert v["raised"] == "ConfigError", v
