@@ -23,7 +23,11 @@ ENV = {
         "thunderlink: unmodified MLX programs calling mx.distributed.init() get a "
         "thunderlink group (set by thunderlink launch)",
     ),
-    "THUNDERLINK_TRANSPORT": ("auto", "auto | tcp | shm | rdma; this version implements tcp (auto = tcp)"),
+    "THUNDERLINK_TRANSPORT": (
+        "auto",
+        "auto | tcp | shm: auto uses shared memory between ranks of one host and TCP between hosts; shm "
+        "requires every rank on one host (same on every rank); rdma is not implemented yet",
+    ),
     "THUNDERLINK_HOSTFILE": (
         "unset",
         "hostfile (thunderlink JSON, MLX ring format or a JACCL device matrix); falls back to MLX_HOSTFILE",

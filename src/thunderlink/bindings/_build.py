@@ -20,12 +20,16 @@ SOURCES = [
     "core/comm.c",
     "core/log.c",
     "core/msg.c",
+    "core/topo.c",
+    "core/bootstrap.c",
+    "core/progress.c",
     "coll/api.c",
     "coll/schedule.c",
     "coll/ring.c",
     "coll/small.c",
     "coll/p2p.c",
     "transport/tcp.c",
+    "transport/shm.c",
     "reduce/reduce.c",
 ]
 

@@ -52,6 +52,12 @@
 #define TL_ALGO_RING ...
 #define TL_ALGO_ONESHOT ...
 
+#define TL_TRANSPORT_AUTO ...
+#define TL_TRANSPORT_TCP ...
+#define TL_TRANSPORT_SHM ...
+#define TL_TRANSPORT_RDMA ...
+#define TL_NUM_TRANSPORTS ...
+
 #define TL_LOG_NONE ...
 #define TL_LOG_WARN ...
 #define TL_LOG_INFO ...
@@ -72,6 +78,7 @@ typedef struct tl_options {
   int64_t stripe_min_bytes;
   int32_t sockbuf_bytes;
   int32_t log_level;
+  int32_t transport;
 } tl_options_t;
 
 typedef struct tl_stats {
@@ -80,6 +87,8 @@ typedef struct tl_stats {
   uint64_t bytes_received;
   uint64_t last_in;
   uint64_t last_out;
+  uint64_t bytes_sent_by[4];
+  uint64_t bytes_received_by[4];
 } tl_stats_t;
 
 typedef struct tl_vtable tl_vtable_t;
@@ -93,6 +102,11 @@ int tl_comm_create(tl_comm_t **out, int rank, int size, const tl_options_t *opts
 int tl_comm_add_endpoint(tl_comm_t *comm, int owner, int facing, const char *host,
                          int port, const char *ifname, double weight);
 int tl_comm_set_ring(tl_comm_t *comm, const int32_t *order, int n);
+int tl_comm_link_plan(tl_comm_t *comm, int a, int b, int *acceptor, int32_t *cables, int cap,
+                      int *ncables);
+int tl_comm_find_ring(tl_comm_t *comm, int32_t *order, int n);
+int tl_comm_link_info(tl_comm_t *comm, int peer, int *transport, int *nchannels);
+int tl_transport_available(int transport, char *why, size_t cap);
 int tl_comm_connect(tl_comm_t *comm);
 int tl_comm_close(tl_comm_t *comm);
 int tl_comm_retain(tl_comm_t *comm);

@@ -16,7 +16,7 @@ import numpy as np
 from ..errors import ClosedError, ConfigError, InvalidArgumentError, check
 from ._core import ffi, lib
 
-__all__ = ["Comm", "Endpoint", "Options", "dtype_code", "DTYPES", "REDUCTIONS"]
+__all__ = ["Comm", "Endpoint", "Options", "Topology", "dtype_code", "DTYPES", "REDUCTIONS", "TRANSPORTS"]
 
 # numpy dtype name -> core dtype code. bfloat16 has no numpy dtype: pass
 # dtype="bfloat16" with a uint16 array holding the bits (or an ml_dtypes array).
@@ -40,6 +40,10 @@ DTYPES = {
 REDUCTIONS = {"sum": lib.TL_SUM, "prod": lib.TL_PROD, "max": lib.TL_MAX, "min": lib.TL_MIN}
 
 ALGORITHMS = {"auto": lib.TL_ALGO_AUTO, "ring": lib.TL_ALGO_RING, "oneshot": lib.TL_ALGO_ONESHOT}
+
+# THUNDERLINK_TRANSPORT's values; the ids also index per-transport counters.
+TRANSPORTS = {"auto": lib.TL_TRANSPORT_AUTO, "tcp": lib.TL_TRANSPORT_TCP, "shm": lib.TL_TRANSPORT_SHM}
+_TRANSPORT_NAMES = {lib.TL_TRANSPORT_TCP: "tcp", lib.TL_TRANSPORT_SHM: "shm", lib.TL_TRANSPORT_RDMA: "rdma"}
 
 LOG_LEVELS = {
     "none": lib.TL_LOG_NONE,
@@ -87,8 +91,9 @@ class Options:
     """Knobs of a communicator; None keeps the core's default.
 
     Times are in seconds. ``algo`` is "auto", "ring" or "oneshot";
-    ``log_level`` "none", "warn", "info" or "trace". Fields marked (*) in
-    tl.h must be equal on every rank (the handshake checks it)."""
+    ``log_level`` "none", "warn", "info" or "trace"; ``transport`` "auto",
+    "tcp" or "shm". Fields marked (*) in tl.h must be equal on every rank
+    (the handshake checks it)."""
 
     job_id: int | None = None
     connect_timeout: float | None = None
@@ -102,6 +107,7 @@ class Options:
     stripe_min_bytes: int | None = None
     sockbuf_bytes: int | None = None
     log_level: str | None = None
+    transport: str | None = None
 
     def to_c(self):
         o = ffi.new("tl_options_t *")
@@ -118,6 +124,8 @@ class Options:
                 o.algo = _choice(ALGORITHMS, v, "algo")
             elif f.name == "log_level":
                 o.log_level = _choice(LOG_LEVELS, v, "log_level")
+            elif f.name == "transport":
+                o.transport = _choice(TRANSPORTS, v, "transport")
             elif f.name == "job_id":
                 o.job_id = int(v) & 0xFFFFFFFFFFFFFFFF
             else:
@@ -149,6 +157,7 @@ class Options:
             "stripe_min_bytes": o.stripe_min_bytes,
             "sockbuf_bytes": o.sockbuf_bytes,
             "log_level": lv[o.log_level],
+            "transport": {v: k for k, v in TRANSPORTS.items()}[o.transport],
         }
 
 
@@ -397,7 +406,21 @@ class Comm:
         return Comm(out[0]) if out[0] != ffi.NULL else None
 
     def stats(self) -> dict:
+        """Counters: calls per operation, payload bytes sent and received
+        (in all and per transport: ``bytes_sent_by["shm"]`` ...)."""
         return _stats(self.handle)
+
+    def links(self) -> dict[int, tuple[str, int]]:
+        """Every peer this rank shares a link with -> (its transport, its
+        number of channels: TCP connections, or shared-memory rings)."""
+        h = self.handle
+        kind, nch = ffi.new("int *"), ffi.new("int *")
+        out = {}
+        for peer in range(self.size):
+            check(lib.tl_comm_link_info(h, peer, kind, nch), h)
+            if nch[0]:
+                out[peer] = (_TRANSPORT_NAMES[kind[0]], nch[0])
+        return out
 
 
 OP_NAMES = {
@@ -420,7 +443,59 @@ def _stats(handle) -> dict:
         "bytes_received": int(s.bytes_received),
         "last_in": int(s.last_in),
         "last_out": int(s.last_out),
+        "bytes_sent_by": {name: int(s.bytes_sent_by[code]) for code, name in _TRANSPORT_NAMES.items()},
+        "bytes_received_by": {name: int(s.bytes_received_by[code]) for code, name in _TRANSPORT_NAMES.items()},
     }
+
+
+def transport_available(name: str) -> tuple[bool, str]:
+    """(whether this process can use transport ``name``, why not)."""
+    why = ffi.new("char[256]")
+    code = _choice(TRANSPORTS, name, "transport")
+    return lib.tl_transport_available(code, why, 256) == 0, ffi.string(why).decode()
+
+
+class Topology:
+    """The core's view of a set of endpoints, without connecting: which
+    ranks share a link, over which cables, and the ring order. The core
+    computes the same when it connects, so tools that ask here (hostfile
+    checks, ``thunderlink doctor``) agree with it."""
+
+    def __init__(self, size: int, endpoints: Iterable[Endpoint]):
+        out = ffi.new("tl_comm_t **")
+        check(lib.tl_comm_create(out, 0, size, ffi.NULL))
+        self._h = ffi.gc(out[0], lib.tl_comm_release)
+        self.size = size
+        self.endpoints = list(endpoints)
+        for e in self.endpoints:
+            check(
+                lib.tl_comm_add_endpoint(
+                    self._h, e.owner, e.facing, e.host.encode(), e.port,
+                    e.ifname.encode() if e.ifname else ffi.NULL, float(e.weight),
+                ),
+                self._h,
+            )
+
+    def link(self, a: int, b: int) -> tuple[int | None, list[int]]:
+        """(the rank that listens for the link between a and b, indices in
+        ``endpoints`` of its addresses the other rank dials, one per cable);
+        (None, []) when the two share no link."""
+        acceptor, n = ffi.new("int *"), ffi.new("int *")
+        cables = ffi.new("int32_t[64]")
+        check(lib.tl_comm_link_plan(self._h, a, b, acceptor, cables, 64, n), self._h)
+        if acceptor[0] < 0:
+            return None, []
+        return acceptor[0], [int(cables[i]) for i in range(min(n[0], 64))]
+
+    def linked(self, a: int, b: int) -> bool:
+        return self.link(a, b)[0] is not None
+
+    def ring(self) -> list[int]:
+        """A ring order whose neighbours share links (raises ConfigError,
+        saying why, when there is none or the bounded search gives up)."""
+        order = ffi.new("int32_t[]", self.size)
+        check(lib.tl_comm_find_ring(self._h, order, self.size), self._h)
+        return list(order)
 
 
 def process_stats() -> dict:

@@ -36,7 +36,7 @@ extern "C" {
 #define TL_ABI_VERSION 1
 
 /* Wire protocol version, sent in every handshake. */
-#define TL_PROTOCOL_VERSION 1
+#define TL_PROTOCOL_VERSION 2
 
 /* ---- status codes ------------------------------------------------------ */
 
@@ -96,6 +96,17 @@ extern "C" {
 #define TL_ALGO_RING 1    /* pipelined ring: reduce-scatter + all-gather */
 #define TL_ALGO_ONESHOT 2 /* every rank sends its buffer to every other rank */
 
+/* ---- transports ---------------------------------------------------------
+ * tl_options_t.transport picks them: AUTO uses shared memory between ranks
+ * of one host and TCP otherwise; TCP forces TCP; SHM requires every linked
+ * pair of ranks to share a host. The ids also index per-transport counters. */
+
+#define TL_TRANSPORT_AUTO 0
+#define TL_TRANSPORT_TCP 1
+#define TL_TRANSPORT_SHM 2
+#define TL_TRANSPORT_RDMA 3
+#define TL_NUM_TRANSPORTS 4
+
 /* ---- log levels --------------------------------------------------------- */
 
 #define TL_LOG_NONE 0
@@ -115,7 +126,7 @@ typedef struct tl_options {
   int32_t connect_timeout_ms; /* deadline of tl_comm_connect               */
   int32_t timeout_ms;         /* deadline of every collective call         */
   int32_t conns_per_peer;     /* (*) TCP connections per cable to a peer   */
-  int32_t pipeline_depth;     /* chunks in flight per ring direction       */
+  int32_t pipeline_depth;     /* (*) chunks in flight per ring direction   */
   int64_t chunk_bytes;        /* (*) largest pipelined chunk               */
   int64_t algo_threshold;     /* (*) one round of messages while each rank
                                  sends at most this (all_reduce: bytes x (n-1)) */
@@ -125,6 +136,7 @@ typedef struct tl_options {
   int32_t sockbuf_bytes;      /* SO_SNDBUF/SO_RCVBUF where the kernel grants
                                  it in full, else autotuning; 0 = autotuning */
   int32_t log_level;          /* TL_LOG_*                                   */
+  int32_t transport;          /* (*) TL_TRANSPORT_AUTO, _TCP or _SHM        */
 } tl_options_t;
 
 /* Process-wide counters, also kept per communicator. */
@@ -134,6 +146,9 @@ typedef struct tl_stats {
   uint64_t bytes_received;    /* payload bytes read from the wire        */
   uint64_t last_in;           /* input pointer of the latest collective  */
   uint64_t last_out;          /* output pointer of the latest collective */
+  /* Payload bytes by transport (indexed by TL_TRANSPORT_*). */
+  uint64_t bytes_sent_by[TL_NUM_TRANSPORTS];
+  uint64_t bytes_received_by[TL_NUM_TRANSPORTS];
 } tl_stats_t;
 
 /* ---- errors -------------------------------------------------------------- */
@@ -172,10 +187,38 @@ int tl_comm_add_endpoint(tl_comm_t *comm, int owner, int facing,
                          double weight);
 
 /*
- * Set the order of the ring used by ring collectives (default 0, 1, ...,
- * size-1). `order` holds each rank once.
+ * Set the order of the ring used by ring collectives. `order` holds each
+ * rank once. Without it, tl_comm_connect uses tl_comm_find_ring's order.
  */
 int tl_comm_set_ring(tl_comm_t *comm, const int32_t *order, int n);
+
+/*
+ * Topology of the endpoints declared so far; no connection needed, so tools
+ * can ask before (or without) connecting. tl_comm_link_plan: who listens
+ * for the link between ranks a and b (*acceptor, -1 when they share no link)
+ * and which of the acceptor's endpoints the other dials, one per cable
+ * (indices in declaration order, at most cap, their number in *ncables).
+ */
+int tl_comm_link_plan(tl_comm_t *comm, int a, int b, int *acceptor,
+                      int32_t *cables, int cap, int *ncables);
+
+/*
+ * A ring order (n = world size entries) in which neighbours share links:
+ * 0..n-1 when that works, else found by a bounded search.
+ * TL_ERR_CONFIG, with the reason in tl_comm_last_error, when there is none
+ * or the search gives up (then set the order explicitly).
+ */
+int tl_comm_find_ring(tl_comm_t *comm, int32_t *order, int n);
+
+/*
+ * After tl_comm_connect: the link to `peer` (TL_TRANSPORT_*, or 0 when the
+ * two share no link) and its number of channels (TCP connections; rings).
+ */
+int tl_comm_link_info(tl_comm_t *comm, int peer, int *transport, int *nchannels);
+
+/* Whether this process can use a transport at all: TL_OK, or
+ * TL_ERR_UNSUPPORTED with the reason in why. */
+int tl_transport_available(int transport, char *why, size_t cap);
 
 /*
  * Listen on this rank's endpoints, open conns_per_peer connections per cable

@@ -10,7 +10,7 @@ from . import jaccl
 
 __all__ = ["connect", "IMPLEMENTED_TRANSPORTS"]
 
-IMPLEMENTED_TRANSPORTS = ("auto", "tcp")
+IMPLEMENTED_TRANSPORTS = ("auto", "tcp", "shm")
 
 
 def connect(
@@ -49,7 +49,7 @@ def connect(
     if kind not in IMPLEMENTED_TRANSPORTS:
         raise UnsupportedError(
             f"[thunderlink] transport {kind!r} is not available in this version of thunderlink "
-            f"(it implements {', '.join(IMPLEMENTED_TRANSPORTS)}); unset THUNDERLINK_TRANSPORT or set it to tcp"
+            f"(it implements {', '.join(IMPLEMENTED_TRANSPORTS)}); unset THUNDERLINK_TRANSPORT or set it to auto"
         )
     obj = hostfile_mod.read_json(path, var)
     if jaccl.is_device_matrix(obj):
@@ -75,4 +75,5 @@ def connect(
                 setattr(opts, name, value)
     if opts.job_id is None:
         opts.job_id = cfg.job_id if cfg.job_id is not None else hf.job_id()
+    opts.transport = kind
     return Comm.create(rank, hf.size, hf.endpoints(cfg.ifname, rank), opts, ring=hf.ring)

@@ -38,7 +38,7 @@ static int p2p(tl_comm_t *c, char *buf, uint64_t count, int dtype, int peer,
   if (!c) return TL_ERR_INVALID;
   int rc = check_dtype(c, dtype, count, what);
   if (!rc) rc = check_peer(c, peer, what);
-  if (!rc && c->connected && c->links[peer].nconns == 0)
+  if (!rc && c->connected && c->links[peer].nchans == 0)
     rc = tl__error(c, TL_ERR_CONFIG, "%s: ranks %d and %d share no link (no address "
                    "of one is reachable from the other); give them a common "
                    "address in the hostfile", what, c->rank, peer);
@@ -126,7 +126,7 @@ static int bcast_chain(tl_comm_t *c, char *buf, size_t bytes, int root) {
     int sends_done = 1;
     for (int j = 0; j < snext; j++) sends_done &= sr[j].pending == 0;
     if (rdone == K && (!forwards || (snext == K && sends_done))) break;
-    rc = c->ops->progress(c);
+    rc = tl__progress(c);
   }
   free(rr);
   return rc;

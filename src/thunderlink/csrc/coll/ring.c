@@ -330,7 +330,7 @@ int tl__ring_run(tl_comm_t *c, int kind, const void *in, void *out,
       done &= inst_done(&R.inst[i]);
     }
     if (rc || done) break;
-    rc = c->ops->progress(c);
+    rc = tl__progress(c);
   }
   free(mem[0]);
   free(mem[1]);

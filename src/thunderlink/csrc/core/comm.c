@@ -1,6 +1,7 @@
 /*
- * Communicator life cycle: creation, endpoints, connection, split, closing,
- * reference counting, statistics and the function table for the MLX shim.
+ * Communicator life cycle: creation, endpoints, connection (the bootstrap,
+ * then each link's transport), split, closing, reference counting,
+ * statistics and the function table for the MLX shim.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -34,6 +35,7 @@ void tl_options_default(tl_options_t *o) {
   o->stripe_min_bytes = 256 << 10;
   o->sockbuf_bytes = 4 << 20;
   o->log_level = TL_LOG_WARN;
+  o->transport = TL_TRANSPORT_AUTO;
 }
 
 int tl_options_check(const tl_options_t *o, char *why, size_t cap) {
@@ -67,6 +69,10 @@ static int check_options(const tl_options_t *o, char *why, size_t cap) {
     return snprintf(why, cap, "spin time must be 0..1000000 us, not %d", o->spin_us), 1;
   if (o->algo < TL_ALGO_AUTO || o->algo > TL_ALGO_ONESHOT)
     return snprintf(why, cap, "unknown algorithm %d", o->algo), 1;
+  if (o->transport != TL_TRANSPORT_AUTO && o->transport != TL_TRANSPORT_TCP &&
+      o->transport != TL_TRANSPORT_SHM)
+    return snprintf(why, cap, "transport %d is not available in this build (auto, tcp "
+                    "and shm are)", o->transport), 1;
   return 0;
 }
 
@@ -86,9 +92,9 @@ int tl_comm_create(tl_comm_t **out, int rank, int size,
   c->size = size;
   c->opts = o;
   c->comm_id = o.job_id;
+  c->host_id = tl__host_id();
   atomic_init(&c->refs, 1);
   pthread_mutex_init(&c->lock, NULL);
-  c->ops = &tl__tcp_ops;
   c->links = calloc((size_t)size, sizeof *c->links);
   c->ring = malloc((size_t)size * sizeof *c->ring);
   if (!c->links || !c->ring) {
@@ -175,6 +181,40 @@ int tl_comm_set_ring(tl_comm_t *c, const int32_t *order, int n) {
     c->ring[i] = order[i];
     if (order[i] == c->rank) c->ring_pos = i;
   }
+  c->ring_set = 1;
+  return TL_OK;
+}
+
+int tl_comm_link_plan(tl_comm_t *c, int a, int b, int *acceptor, int32_t *cables, int cap,
+                      int *ncables) {
+  if (!c || !acceptor || !ncables || (cap > 0 && !cables)) return TL_ERR_INVALID;
+  if (a < 0 || a >= c->size || b < 0 || b >= c->size)
+    return tl__error(c, TL_ERR_INVALID, "ranks %d and %d: out of range (world size %d)",
+                     a, b, c->size);
+  int tg[TL_MAX_CONNS], nt;
+  *acceptor = tl__link_plan(c->eps, c->neps, a, b, tg, &nt);
+  *ncables = nt;
+  for (int i = 0; i < nt && i < cap; i++) cables[i] = tg[i];
+  return TL_OK;
+}
+
+int tl_comm_find_ring(tl_comm_t *c, int32_t *order, int n) {
+  if (!c || !order) return TL_ERR_INVALID;
+  if (n != c->size)
+    return tl__error(c, TL_ERR_INVALID, "ring order of %d ranks asked for a world of %d",
+                     n, c->size);
+  /* The same for every rank: the message names no rank of its own. */
+  int rc = tl__find_ring(c->eps, c->neps, n, order, c->err, sizeof c->err);
+  if (!rc) c->err[0] = 0;
+  return rc;
+}
+
+int tl_comm_link_info(tl_comm_t *c, int peer, int *transport, int *nchannels) {
+  if (!c || !transport || !nchannels) return TL_ERR_INVALID;
+  if (peer < 0 || peer >= c->size) return TL_ERR_INVALID;
+  const tl_link_t *l = &c->links[peer];
+  *transport = l->nchans ? l->ops->id : 0;
+  *nchannels = l->nchans;
   return TL_OK;
 }
 
@@ -184,10 +224,10 @@ int tl_comm_set_ring(tl_comm_t *c, const int32_t *order, int n) {
 static int check_links(tl_comm_t *c) {
   c->mesh = 1;
   for (int p = 0; p < c->size; p++)
-    if (p != c->rank && c->links[p].nconns == 0) c->mesh = 0;
+    if (p != c->rank && c->links[p].nchans == 0) c->mesh = 0;
   int n = c->size;
   int left = c->ring[(c->ring_pos + n - 1) % n], right = c->ring[(c->ring_pos + 1) % n];
-  int bad = c->links[left].nconns == 0 ? left : c->links[right].nconns == 0 ? right : -1;
+  int bad = c->links[left].nchans == 0 ? left : c->links[right].nchans == 0 ? right : -1;
   if (bad >= 0)
     return tl__error(c, TL_ERR_CONFIG, "ranks %d and %d are neighbours in the ring "
                      "but the hostfile gives neither an address the other can "
@@ -196,22 +236,108 @@ static int check_links(tl_comm_t *c) {
   return TL_OK;
 }
 
+/* ---- connecting ---------------------------------------------------------------- */
+
+const tl_transport_ops_t *tl__transport(int id) {
+  switch (id) {
+  case TL_TRANSPORT_TCP: return &tl__tcp_ops;
+  case TL_TRANSPORT_SHM: return &tl__shm_ops;
+  default: return NULL;
+  }
+}
+
+int tl_transport_available(int id, char *why, size_t cap) {
+  char scratch[8];
+  if (!why || cap == 0) {
+    why = scratch;
+    cap = sizeof scratch;
+  }
+  why[0] = 0;
+  const tl_transport_ops_t *t = tl__transport(id);
+  if (!t) {
+    snprintf(why, cap, "transport %d is not part of this build", id);
+    return TL_ERR_UNSUPPORTED;
+  }
+  return t->available(why, cap) ? TL_OK : TL_ERR_UNSUPPORTED;
+}
+
+/* The transport of the link to l->peer, from the mode every rank shares
+ * (it is in the handshake's digest) and the host ids both ends know, so
+ * both ends choose the same. */
+static int choose(tl_comm_t *c, const tl_link_t *l, const tl_transport_ops_t **out) {
+  char why[256] = "";
+  int same_host = l->host_id == c->host_id;
+  *out = &tl__tcp_ops;
+  if (c->opts.transport == TL_TRANSPORT_TCP) return TL_OK;
+  if (c->opts.transport == TL_TRANSPORT_SHM) {
+    if (!same_host)
+      return tl__error(c, TL_ERR_CONFIG, "THUNDERLINK_TRANSPORT=shm, but rank %d (%s) "
+                       "runs on another host (or in another network namespace, or as "
+                       "another user): shared memory joins ranks of one host only. Use "
+                       "THUNDERLINK_TRANSPORT=auto (shared memory where ranks share a "
+                       "host, TCP elsewhere) or tcp", l->peer, l->remote);
+    if (!tl__shm_ops.available(why, sizeof why))
+      return tl__error(c, TL_ERR_UNSUPPORTED, "THUNDERLINK_TRANSPORT=shm, but shared "
+                       "memory is not available here: %s", why);
+  } else if (!same_host || !tl__shm_ops.available(why, sizeof why)) {
+    return TL_OK;
+  }
+  *out = &tl__shm_ops;
+  return TL_OK;
+}
+
+/* Bootstrap every link, then let each link's transport take its
+ * connections over, phase by phase (see tl_transport_ops_t.setup). Where
+ * shared memory cannot be set up and the mode is auto, the link falls back
+ * to TCP over the same connections. */
+static int connect_links(tl_comm_t *c) {
+  c->deadline_ns = tl__now_ns() + (int64_t)c->opts.connect_timeout_ms * 1000000;
+  int rc = tl__boot_connect(c);
+  for (int p = 0; p < c->size && !rc; p++)
+    if (c->links[p].nboot) rc = choose(c, &c->links[p], &c->links[p].ops);
+  for (int phase = 0; phase < TL_SETUP_PHASES && !rc; phase++) {
+    for (int p = 0; p < c->size && !rc; p++) {
+      tl_link_t *l = &c->links[p];
+      if (!l->nboot || (phase > 0 && l->ops == &tl__tcp_ops)) continue;
+      rc = l->ops->setup(c, l, phase);
+      if (rc == TL_ERR_UNSUPPORTED && c->opts.transport == TL_TRANSPORT_AUTO &&
+          l->ops != &tl__tcp_ops) {
+        tl__log(c, TL_LOG_WARN, "link to rank %d: %s not possible (%s); using tcp",
+                p, l->ops->name, c->err);
+        if (l->ops->close_link) l->ops->close_link(l);
+        l->ops = &tl__tcp_ops;
+        rc = l->ops->setup(c, l, 0);
+      }
+    }
+  }
+  if (!rc) rc = check_links(c);
+  if (rc) return rc;
+  for (int p = 0; p < c->size; p++) {
+    tl_link_t *l = &c->links[p];
+    if (l->nchans)
+      tl__log(c, TL_LOG_INFO, "link to rank %d: %s, %d channel%s (%s)", p, l->ops->name,
+              l->nchans, l->nchans == 1 ? "" : "s", l->remote);
+  }
+  return TL_OK;
+}
+
 int tl_comm_connect(tl_comm_t *c) {
   if (!c) return TL_ERR_INVALID;
   pthread_mutex_lock(&c->lock);
-  int rc;
+  int rc = TL_OK;
   if (c->connected || c->closed) {
     rc = tl__error(c, TL_ERR_INVALID, "tl_comm_connect called twice, or after "
                    "close");
-  } else if (c->size == 1) {
-    c->connected = 1;
-    rc = TL_OK;
-  } else {
-    rc = c->ops->listen(c);
-    if (!rc) rc = c->ops->connect(c);
-    if (!rc) rc = check_links(c);
-    if (!rc) c->connected = 1;
+  } else if (c->size > 1) {
+    if (!c->ring_set) {
+      rc = tl_comm_find_ring(c, c->ring, c->size);
+      for (int i = 0; i < c->size; i++)
+        if (c->ring[i] == c->rank) c->ring_pos = i;
+    }
+    if (!rc) rc = tl__boot_listen(c);
+    if (!rc) rc = connect_links(c);
   }
+  if (!rc) c->connected = 1;
   pthread_mutex_unlock(&c->lock);
   return rc;
 }
@@ -221,7 +347,8 @@ int tl_comm_close(tl_comm_t *c) {
   pthread_mutex_lock(&c->lock);
   if (!c->closed) {
     c->closed = 1;
-    c->ops->shutdown(c);
+    tl__links_close(c);
+    tl__boot_close(c);
   }
   pthread_mutex_unlock(&c->lock);
   return TL_OK;
@@ -331,6 +458,7 @@ static int reshape_child(tl_comm_t *parent, tl_comm_t *child, const int *newrank
     if (newrank[r] == child->rank) child->ring_pos = p;
     p++;
   }
+  child->ring_set = 1;
   return TL_OK;
 }
 
@@ -382,7 +510,7 @@ int tl_comm_split(tl_comm_t *c, int color, int key, tl_comm_t **out) {
   mine->color = color;
   mine->key = key < 0 ? c->rank : key;
   if (color >= 0) {
-    rc = child->ops->listen(child);
+    rc = tl__boot_listen(child);
     if (rc) {
       /* Tell the peers through the parent rather than leaving them waiting. */
       rc = tl__fail(c, rc, "cannot listen for the child communicator: %s",
@@ -430,8 +558,7 @@ int tl_comm_split(tl_comm_t *c, int color, int key, tl_comm_t **out) {
   }
   /* Connecting the child needs no lock on the parent. */
   if (child->size > 1) {
-    rc = child->ops->connect(child);
-    if (!rc) rc = check_links(child);
+    rc = connect_links(child);
     if (rc) {
       pthread_mutex_lock(&c->lock);
       snprintf(c->err, sizeof c->err, "%s", child->err);

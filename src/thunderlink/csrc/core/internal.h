@@ -47,6 +47,7 @@ typedef struct tl_endpoint {
 #define TL_FRAME_MAGIC 0x31464c54u /* "TLF1" little-endian */
 #define TL_FRAME_DATA 1
 #define TL_FRAME_ABORT 2
+#define TL_FRAME_WAKE 3 /* control channels only: the peer may have work */
 
 typedef struct tl_frame {
   uint32_t magic;
@@ -65,9 +66,8 @@ _Static_assert(sizeof(tl_frame_t) == 32, "frame header must be 32 bytes");
 
 /* ---- requests and slices -------------------------------------------------
  * A request is one message to or from one peer. The core cuts it into
- * slices, one per connection of a lane, each preceded by a frame header on
- * the wire. The transport completes slices; a request is done when all its
- * slices are. */
+ * slices, one per channel of a lane, each preceded by a frame header on the
+ * wire. Channels complete slices; a request is done when all its slices are. */
 
 typedef struct tl_req {
   int pending; /* slices not yet complete */
@@ -86,9 +86,9 @@ typedef struct tl_slice {
   size_t done; /* header + payload bytes transferred so far */
 } tl_slice_t;
 
-/* Connections {first, first + step, ...} of a link carry one stream of
+/* Channels {first, first + step, ...} of a link carry one stream of
  * messages. Distinct concurrent streams must use disjoint lanes, so that
- * both ends see frames in the same order on each connection. */
+ * both ends see frames in the same order on each channel. */
 typedef struct tl_lane {
   int first;
   int step;
@@ -96,45 +96,106 @@ typedef struct tl_lane {
 
 static inline tl_lane_t tl__lane_all(void) { tl_lane_t l = {0, 1}; return l; }
 
-/* ---- transport ops table --------------------------------------------------
- * The collectives use this table only; they never see sockets. A transport
- * fills c->links[p].nconns and .share[] in connect. */
+/* ---- links, channels and transports ----------------------------------------
+ *
+ * A link joins this rank to one peer that it shares a cable or an address
+ * with. Every link starts as TCP connections made by the bootstrap
+ * (bootstrap.c: listen, dial, handshake); then the link's transport turns
+ * them into channels. A channel is an ordered byte stream in each direction
+ * (a TCP connection; a pair of rings in a shared segment): the core queues
+ * slices on it, writes and checks frame headers, and reads peers' abort
+ * notices (progress.c); the transport only moves bytes and says when to
+ * sleep. A shared-memory link keeps one bootstrap connection beside its
+ * segment, as its control channel: it carries wake-ups and abort notices, and
+ * shows a dead peer at once.
+ */
+
+typedef struct tl_link tl_link_t;
+typedef struct tl_chan tl_chan_t;
+struct pollfd;
+struct iovec;
+
+/* Transport ids (tl.h: TL_TRANSPORT_TCP ...) index the per-transport
+ * statistics. */
 
 typedef struct tl_transport_ops {
   const char *name;
-  /* Open this rank's listening endpoints (port 0 = pick one and write it back
-   * into c->eps). Does not block. */
-  int (*listen)(tl_comm_t *c);
-  /* Connect to every peer and complete the handshakes; blocks until every
-   * connection is up, or the connect deadline, or an error. */
-  int (*connect)(tl_comm_t *c);
-  /* Queue a slice on connection k of the link to peer. Never blocks. */
-  int (*post_send)(tl_comm_t *c, int peer, int k, tl_slice_t *s);
-  int (*post_recv)(tl_comm_t *c, int peer, int k, tl_slice_t *s);
-  /* Transfer bytes until at least one slice completes (returns TL_OK), the
-   * communicator's deadline passes, or an error (both poison the comm). */
-  int (*progress)(tl_comm_t *c);
-  /* Best effort, never blocks long: tell every peer `why`, then shut every
-   * connection down and drop every queued slice. */
-  void (*abort)(tl_comm_t *c, const char *why);
-  /* Close everything and free the transport's state. Idempotent. */
-  void (*shutdown)(tl_comm_t *c);
+  int id; /* TL_TRANSPORT_* */
+  /* Can this process use the transport at all (library, kernel support)?
+   * 0 when not, with the reason in why. */
+  int (*available)(char *why, size_t cap);
+  /*
+   * Turn the link's bootstrap connections (l->boot_fds, l->nboot) into
+   * channels. Runs in phases 0..TL_SETUP_PHASES-1; every link finishes a
+   * phase before any link starts the next, so a transport may send in one
+   * phase what its peer reads in the next without deadlock. Blocks at most
+   * until c's connect deadline. A transport takes ownership of the fds it
+   * keeps and sets the ones it closes to -1. Returns a status (message
+   * recorded with tl__error); TL_ERR_UNSUPPORTED asks for a fallback to TCP,
+   * with the reason recorded.
+   */
+  int (*setup)(tl_comm_t *c, tl_link_t *l, int phase);
+  /* Move bytes without blocking. Return the bytes moved, 0 when the channel
+   * can take or give nothing now, or -errno (-EPIPE: the peer closed). A
+   * recv with peek leaves the bytes in place. */
+  long (*send)(tl_chan_t *ch, const struct iovec *iov, int n);
+  long (*recv)(tl_chan_t *ch, const struct iovec *iov, int n, int peek);
+  /* About to sleep waiting for the channel to become readable (want_in) or
+   * writable (want_out): fill *pfd with a descriptor to poll (fd -1 for
+   * none) and return 0, or return 1 if it is ready now (don't sleep). */
+  int (*arm)(tl_chan_t *ch, int want_in, int want_out, struct pollfd *pfd);
+  /* Woken: undo arm. */
+  void (*disarm)(tl_chan_t *ch);
+  /* Best effort, never blocks long: send the abort frame f (and len bytes of
+   * reason) where the peer will read it, then stop sending. */
+  void (*abort)(tl_chan_t *ch, const tl_frame_t *f, const char *why, size_t len);
+  /* Close the channel and free its state. */
+  void (*close)(tl_chan_t *ch);
+  /* After every channel is closed: free the link's state (l->t). May be NULL. */
+  void (*close_link)(tl_link_t *l);
 } tl_transport_ops_t;
 
-extern const tl_transport_ops_t tl__tcp_ops;
+#define TL_SETUP_PHASES 3
 
-/* ---- the communicator ----------------------------------------------------- */
+extern const tl_transport_ops_t tl__tcp_ops;
+extern const tl_transport_ops_t tl__shm_ops;
+
+/* The registry: every transport, by id (NULL where none is built). */
+const tl_transport_ops_t *tl__transport(int id);
 
 #define TL_MAX_CONNS 64
 
-typedef struct tl_link {
-  int nconns;
-  /* Relative speed of each connection as an integer share (1..1000000), so
+struct tl_chan {
+  tl_link_t *link;
+  const tl_transport_ops_t *ops;
+  int index;                /* within the link; -1 for a control channel */
+  tl_slice_t *sq, *sq_tail; /* frames to send, in order */
+  tl_slice_t *rq, *rq_tail; /* frames to receive, in order */
+  int peeked;               /* next inbound frame already checked */
+  int eof;                  /* peer closed or reset (seen while idle) */
+  int fd;                   /* socket, or -1 */
+  void *t;                  /* the transport's state */
+};
+
+struct tl_link {
+  tl_comm_t *comm;
+  int peer;
+  const tl_transport_ops_t *ops; /* its channels' transport; NULL: no link */
+  int nchans;
+  tl_chan_t *chans;
+  tl_chan_t *ctl; /* control channel (a TCP connection), or NULL */
+  /* Relative speed of each channel as an integer share (1..1000000), so
    * that both ends cut a message into exactly the same slices. */
   uint32_t share[TL_MAX_CONNS];
-  uint32_t send_seq;           /* p2p messages sent to this peer */
-  uint32_t recv_seq;           /* p2p messages received from this peer */
-} tl_link_t;
+  uint32_t send_seq;            /* p2p messages sent to this peer */
+  uint32_t recv_seq;            /* p2p messages received from this peer */
+  uint64_t host_id;             /* the peer's, from the handshake */
+  /* Bootstrap connections, by index, before setup; -1 once taken. */
+  int nboot;
+  int *boot_fds;
+  char remote[TL_HOST_LEN + 16]; /* "host:port" of connection 0, for messages */
+  void *t;                       /* the transport's per-link state */
+};
 
 /* What the communicator is doing now, for error messages and for checking
  * frames that arrive early. */
@@ -153,6 +214,7 @@ struct tl_comm {
   int size;
   tl_options_t opts;
   uint64_t comm_id;   /* job id, or derived for split children */
+  uint64_t host_id;   /* this process's host (see tl__host_id) */
   atomic_int refs;
   pthread_mutex_t lock;
 
@@ -161,7 +223,7 @@ struct tl_comm {
   int connected;
   char err[TL_ERRMSG_LEN];
   /* A peer's failure in a later collective than the one this rank was in:
-   * reported by this rank's next call (see tcp.c, peer_aborted). */
+   * reported by this rank's next call (see progress.c, peer_aborted). */
   char pending_abort[TL_ERRMSG_LEN];
 
   tl_endpoint_t *eps;
@@ -169,18 +231,23 @@ struct tl_comm {
   int eps_cap;
 
   int mesh;           /* every pair of ranks shares a link */
+  int ring_set;       /* the ring order was given (tl_comm_set_ring) */
   int32_t *ring;      /* ring order of ranks */
   int ring_pos;       /* this rank's position in it */
 
   tl_link_t *links;   /* [size], links[rank] unused */
+  tl_chan_t **chans;  /* every channel of every link, control ones too */
+  int nchans;
   uint32_t coll_seq;  /* collectives called so far */
   uint32_t split_count;
   tl_opctx_t cur;
   int64_t deadline_ns;
   int64_t spin_ns;
 
-  const tl_transport_ops_t *ops;
-  void *tstate;
+  void *boot;         /* bootstrap state (listening sockets) */
+
+  struct pollfd *pfds; /* progress's poll set, [nchans] */
+  tl_chan_t **pchan;
 
   tl_slice_t *free_slices;
   char *scratch;
@@ -188,6 +255,69 @@ struct tl_comm {
 
   tl_stats_t stats;
 };
+
+/* ---- topology (topo.c): pure functions of the endpoint table ---------------- */
+
+/* Who listens for the link between a and b: the lower rank if it has an
+ * address the higher one may use (the usual case), else the higher rank (an
+ * MLX ring hostfile lists, for each rank, the addresses its left neighbour
+ * dials). Returns the acceptor, or -1 when the two share no link, and the
+ * acceptor's endpoints to dial (one per cable) in tg (*nt of them, at most
+ * TL_MAX_CONNS). */
+int tl__link_plan(const tl_endpoint_t *eps, int neps, int a, int b, int *tg, int *nt);
+/* `rank`'s own endpoint on cable `which` to `peer` (its which-th endpoint
+ * facing peer), or -1. */
+int tl__source_ep(const tl_endpoint_t *eps, int neps, int rank, int peer, int which);
+/* A ring order in which neighbours share links: rank order when it works,
+ * else searched (bounded). TL_ERR_CONFIG with the reason when none. */
+int tl__find_ring(const tl_endpoint_t *eps, int neps, int n, int32_t *order, char *why,
+                  size_t cap);
+
+/* ---- bootstrap (bootstrap.c) ---------------------------------------------------- */
+
+/* Open this rank's listening sockets (port 0: pick one, written back into
+ * c->eps). Does not block. */
+int tl__boot_listen(tl_comm_t *c);
+/* Bootstrap connections the link to peer needs, from the options and the
+ * topology (0 when the two share no link). */
+int tl__boot_conns(const tl_comm_t *c, int peer);
+/* The cable (index among the acceptor's endpoints for the link) that
+ * bootstrap connection k of a link with ncables cables runs over. */
+int tl__boot_cable(const tl_comm_t *c, int k, int ncables);
+/* Dial and accept until every link has its bootstrap connections, each
+ * through the handshake; fills links[p].boot_fds, .host_id, .remote. Blocks
+ * until done or the connect deadline. Closes the listening sockets. */
+int tl__boot_connect(tl_comm_t *c);
+void tl__boot_close(tl_comm_t *c);
+/* Blocking exchange on a bootstrap connection during set-up: all of buf, by
+ * the deadline. For transports' connection data. */
+int tl__boot_xfer(tl_comm_t *c, tl_link_t *l, int fd, void *buf, size_t len, int is_send,
+                  int64_t deadline_ns);
+/* Signals interrupt waits on the main thread only (so that Ctrl-C reaches
+ * Python); threads such as MLX's stream worker just retry. */
+int tl__on_main_thread(void);
+/* An identity shared by the processes that can map each other's memory. */
+uint64_t tl__host_id(void);
+
+/* ---- channels (progress.c) --------------------------------------------------- */
+
+/* Make l's channels (nchans of ops, plus a control channel on fd ctl_fd if
+ * >= 0) and register them for progress. */
+int tl__link_init(tl_comm_t *c, tl_link_t *l, const tl_transport_ops_t *ops, int nchans,
+                  int ctl_fd);
+/* Queue a slice on a channel (starting a send at once). */
+int tl__chan_post(tl_comm_t *c, tl_chan_t *ch, tl_slice_t *s, int is_send);
+/* Drive every channel until at least one slice completes (TL_OK), the
+ * deadline passes, or an error (both poison the communicator). */
+int tl__progress(tl_comm_t *c);
+/* Tell every peer why this rank failed, stop every channel and drop every
+ * queued slice. Best effort, never blocks long. */
+void tl__abort_all(tl_comm_t *c, const char *why);
+/* Close every link and free the channels. Idempotent. */
+void tl__links_close(tl_comm_t *c);
+/* Wake the peer of a shared-memory channel through the link's control
+ * channel. */
+void tl__ctl_wake(tl_link_t *l);
 
 /* ---- errors and logging --------------------------------------------------- */
 
@@ -228,7 +358,7 @@ int tl__isend(tl_comm_t *c, int peer, tl_lane_t lane, const tl_frame_t *hdr,
 int tl__irecv(tl_comm_t *c, int peer, tl_lane_t lane, const tl_frame_t *hdr,
               void *buf, size_t len, tl_req_t *req);
 
-/* Drive the transport until req completes. */
+/* Drive the channels until req completes. */
 int tl__wait(tl_comm_t *c, tl_req_t *req);
 int tl__wait_all(tl_comm_t *c, tl_req_t *reqs, int n);
 

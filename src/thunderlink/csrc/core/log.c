@@ -89,7 +89,7 @@ int tl__vfail(tl_comm_t *c, int status, const char *fmt, va_list ap) {
   vrecord(c, fmt, ap);
   c->status = status;
   tl__log(c, TL_LOG_INFO, "communicator failed: %s", c->err);
-  if (c->ops) c->ops->abort(c, c->err);
+  tl__abort_all(c, c->err);
   return status;
 }
 

@@ -88,23 +88,23 @@ void tl__slice_done(tl_comm_t *c, tl_slice_t *s) {
 /* ---- striping -------------------------------------------------------------- */
 
 /*
- * Cut len bytes over the lane's connections in proportion to their shares.
+ * Cut len bytes over the lane's channels in proportion to their shares.
  * Both ends compute this from the same inputs (len, the lane, and the shares
  * fixed at connect time from the common endpoint table), so the slices match
  * byte for byte. Messages below stripe_min_bytes, and empty ones, travel
- * whole on the lane's first connection. Slice boundaries are rounded to 4 KiB.
+ * whole on the lane's first channel. Slice boundaries are rounded to 4 KiB.
  */
 static int post(tl_comm_t *c, int peer, tl_lane_t lane, const tl_frame_t *hdr,
                 char *buf, size_t len, tl_req_t *req, int is_send) {
   tl_link_t *l = &c->links[peer];
   int conns[TL_MAX_CONNS];
   int n = 0;
-  for (int k = lane.first; k < l->nconns && n < TL_MAX_CONNS; k += lane.step)
+  for (int k = lane.first; k < l->nchans && n < TL_MAX_CONNS; k += lane.step)
     conns[n++] = k;
   if (n == 0)
     return tl__fail(c, TL_ERR_INVALID,
                     "internal error: lane %d/%d is empty on the link to rank %d "
-                    "(%d connections)", lane.first, lane.step, peer, l->nconns);
+                    "(%d channels)", lane.first, lane.step, peer, l->nchans);
   if (len == 0 || len < (size_t)c->opts.stripe_min_bytes) n = 1;
 
   uint64_t total_share = 0;
@@ -132,8 +132,7 @@ static int post(tl_comm_t *c, int peer, tl_lane_t lane, const tl_frame_t *hdr,
     s->buf = buf + off;
     s->len = part;
     req->pending++;
-    int rc = is_send ? c->ops->post_send(c, peer, conns[i], s)
-                     : c->ops->post_recv(c, peer, conns[i], s);
+    int rc = tl__chan_post(c, &l->chans[conns[i]], s, is_send);
     if (rc) return rc;
     off += part;
   }
@@ -158,7 +157,7 @@ int tl__irecv(tl_comm_t *c, int peer, tl_lane_t lane, const tl_frame_t *hdr,
 
 int tl__wait(tl_comm_t *c, tl_req_t *req) {
   while (req->pending > 0) {
-    int rc = c->ops->progress(c);
+    int rc = tl__progress(c);
     if (rc) return rc;
   }
   return TL_OK;

@@ -1,0 +1,826 @@
+/*
+ * The bootstrap: how every link starts, whatever its transport.
+ *
+ * Every pair of ranks that shares a link is joined by TCP connections: the
+ * rank without an address for the other one dials (tl__link_plan), and every
+ * connection starts with a handshake (hello / ack) that carries the protocol
+ * version, the job id, both ranks, the connection index, a digest of the
+ * options that decide how messages are cut, and each side's host identity,
+ * so that a stranger, another job, another version or a rank with other
+ * settings is refused with a message that says which. A link gets
+ * conns_per_peer connections per cable (what TCP stripes over), or one when
+ * the job runs on shared memory only. Once every link has its connections,
+ * comm.c hands them to each link's transport, which exchanges its own
+ * connection data over them (shared memory: the segment) and keeps what it
+ * needs. A transport never opens a listening socket of its own.
+ *
+ * Everything is non-blocking and driven by poll(2) from the calling thread,
+ * under the connect deadline.
+ */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <net/if.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#endif
+#if defined(__APPLE__)
+#include <pthread.h>
+#endif
+
+#include "internal.h"
+
+#ifndef MSG_NOSIGNAL
+#define MSG_NOSIGNAL 0 /* macOS: SO_NOSIGPIPE is set on every socket instead */
+#endif
+
+#define HELLO_MAGIC 0x4b4e4c54u /* "TLNK" */
+#define ACK_MAGIC 0x4b414c54u   /* "TLAK" */
+/* An accepted connection that has not said hello by then is dropped. */
+#define STRANGER_TIMEOUT_NS (10ll * 1000000000)
+
+enum {
+  ACK_OK = 0,
+  ACK_WRONG_JOB = 1,
+  ACK_WRONG_VERSION = 2,
+  ACK_WRONG_RANK = 3,
+  ACK_WRONG_SIZE = 4,
+  ACK_WRONG_OPTIONS = 5,
+  ACK_DUPLICATE = 6,
+};
+
+/* The handshake. Fixed layout, little-endian; magic and version stay at the
+ * same offsets in every protocol version so that any version can refuse any
+ * other one cleanly (an ack's first 16 bytes never change). */
+typedef struct hello {
+  uint32_t magic;
+  uint16_t version;
+  uint16_t flags;
+  uint64_t job_id;
+  uint64_t options_digest;
+  uint32_t src_rank;
+  uint32_t dst_rank;
+  uint32_t conn_index;
+  uint32_t nconns;
+  uint32_t world_size;
+  uint32_t reserved;
+  uint64_t host_id;  /* see tl__host_id: same value, same host */
+  uint8_t proof[32]; /* reserved for the job-token proof (HMAC challenge) */
+} hello_t;
+
+typedef struct ack {
+  uint32_t magic;
+  uint16_t version;
+  uint16_t status; /* ACK_* */
+  uint32_t rank;
+  uint32_t reserved;
+  /* From version 2 on. */
+  uint64_t host_id;
+  uint8_t proof[32]; /* reserved for the job-token proof */
+} ack_t;
+
+#define ACK_V1_BYTES 16
+
+_Static_assert(sizeof(hello_t) == 88, "hello layout");
+_Static_assert(sizeof(ack_t) == 56, "ack layout");
+
+/* A connection being set up. */
+enum { P_WAIT, P_CONNECTING, P_SEND_HELLO, P_RECV_ACK, P_RECV_HELLO, P_SEND_ACK };
+
+typedef struct pending {
+  int fd;
+  int state;
+  int outgoing;
+  int peer, index; /* outgoing: target; incoming: from the hello */
+  int ep;          /* outgoing: endpoint index in c->eps */
+  int src_ep;      /* outgoing: our endpoint to bind to, or -1 */
+  union {
+    hello_t hello;
+    ack_t ack;
+    char raw[sizeof(hello_t)];
+  } buf;
+  size_t done;
+  int64_t retry_at;
+  int64_t started;
+  int attempts;
+  int last_errno;
+  uint64_t peer_host; /* incoming: the dialler's host id, from its hello */
+  char remote[TL_HOST_LEN + 16];
+} pending_t;
+
+typedef struct listener {
+  int fd;
+  int ep; /* first endpoint served */
+} listener_t;
+
+typedef struct boot {
+  listener_t *ls;
+  int nls;
+} boot_t;
+
+static boot_t *B(tl_comm_t *c) { return (boot_t *)c->boot; }
+
+int tl__on_main_thread(void) {
+#if defined(__linux__)
+  return getpid() == (pid_t)syscall(SYS_gettid);
+#elif defined(__APPLE__)
+  return pthread_main_np() != 0;
+#else
+  return 0;
+#endif
+}
+
+/* ---- host identity ---------------------------------------------------------------
+ *
+ * Two processes may share memory when they run on one kernel, under one user,
+ * and see each other's processes: Linux: the boot id, the network namespace
+ * (so that hosts emulated with namespaces count as different hosts, and
+ * their ranks keep talking over their cables), the pid namespace and the
+ * user; macOS: the host UUID and the user.
+ */
+
+static uint64_t fnv(uint64_t h, const void *p, size_t n) {
+  const unsigned char *b = p;
+  for (size_t i = 0; i < n; i++) h = (h ^ b[i]) * 1099511628211ull;
+  return h;
+}
+
+uint64_t tl__host_id(void) {
+  uint64_t h = 1469598103934665603ull;
+  uid_t uid = getuid();
+  h = fnv(h, &uid, sizeof uid);
+#if defined(__linux__)
+  char boot[64] = "";
+  FILE *f = fopen("/proc/sys/kernel/random/boot_id", "r");
+  if (f) {
+    if (!fgets(boot, sizeof boot, f)) boot[0] = 0;
+    fclose(f);
+  }
+  h = fnv(h, boot, strlen(boot));
+  static const char *const ns[] = {"/proc/self/ns/net", "/proc/self/ns/pid"};
+  for (size_t i = 0; i < sizeof ns / sizeof ns[0]; i++) {
+    struct stat st;
+    if (stat(ns[i], &st) == 0) {
+      h = fnv(h, &st.st_dev, sizeof st.st_dev);
+      h = fnv(h, &st.st_ino, sizeof st.st_ino);
+    }
+  }
+#elif defined(__APPLE__)
+  uuid_t u;
+  struct timespec wait = {1, 0};
+  if (gethostuuid(u, &wait) == 0) h = fnv(h, u, sizeof u);
+#endif
+  return h ? h : 1;
+}
+
+/* ---- addresses ----------------------------------------------------------------- */
+
+static int resolve(const char *host, int port, int passive, struct sockaddr_storage *ss,
+                   socklen_t *len, char *why, size_t cap) {
+  struct addrinfo hints, *res = NULL;
+  memset(&hints, 0, sizeof hints);
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_NUMERICSERV | (passive ? AI_PASSIVE : 0);
+  char ps[16];
+  snprintf(ps, sizeof ps, "%d", port);
+  int rc = getaddrinfo(host, ps, &hints, &res);
+  if (rc != 0 || !res) {
+    snprintf(why, cap, "cannot resolve '%s': %s", host, gai_strerror(rc));
+    return -1;
+  }
+  memcpy(ss, res->ai_addr, res->ai_addrlen);
+  *len = res->ai_addrlen;
+  freeaddrinfo(res);
+  return 0;
+}
+
+static void host_port(const tl_endpoint_t *e, int port, char *buf, size_t cap) {
+  if (strchr(e->host, ':'))
+    snprintf(buf, cap, "[%s]:%d", e->host, port);
+  else
+    snprintf(buf, cap, "%s:%d", e->host, port);
+}
+
+static int set_nonblocking(int fd) {
+  int fl = fcntl(fd, F_GETFL, 0);
+  return fl < 0 ? -1 : fcntl(fd, F_SETFL, fl | O_NONBLOCK);
+}
+
+static int bind_to_device(int fd, int family, const char *ifname) {
+  if (!ifname || !*ifname) return 0;
+#if defined(__linux__)
+  (void)family;
+  return setsockopt(fd, SOL_SOCKET, SO_BINDTODEVICE, ifname,
+                    (socklen_t)strlen(ifname));
+#elif defined(__APPLE__)
+  unsigned idx = if_nametoindex(ifname);
+  if (!idx) return -1;
+  if (family == AF_INET6)
+    return setsockopt(fd, IPPROTO_IPV6, IPV6_BOUND_IF, &idx, sizeof idx);
+  return setsockopt(fd, IPPROTO_IP, IP_BOUND_IF, &idx, sizeof idx);
+#else
+  errno = ENOTSUP;
+  return -1;
+#endif
+}
+
+static int new_socket(int family) {
+  int fd = socket(family, SOCK_STREAM, 0);
+  if (fd < 0) return -1;
+  fcntl(fd, F_SETFD, FD_CLOEXEC);
+#ifdef SO_NOSIGPIPE
+  int one = 1;
+  setsockopt(fd, SOL_SOCKET, SO_NOSIGPIPE, &one, sizeof one);
+#endif
+  return fd;
+}
+
+
+/* Digest of the options every rank must share (tl.h marks them). */
+static uint64_t options_digest(const tl_options_t *o) {
+  int64_t v[] = {o->conns_per_peer, o->chunk_bytes, o->algo_threshold, o->algo,
+                 o->stripe_min_bytes, o->pipeline_depth, o->transport};
+  uint64_t h = 1469598103934665603ull;
+  for (size_t i = 0; i < sizeof v / sizeof v[0]; i++) h = fnv(h, &v[i], sizeof v[i]);
+  return h;
+}
+
+/* ---- listen --------------------------------------------------------------------- */
+
+int tl__boot_listen(tl_comm_t *c) {
+  if (!c->boot && !(c->boot = calloc(1, sizeof(boot_t))))
+    return tl__error(c, TL_ERR_NOMEM, "out of memory");
+  boot_t *t = B(c);
+  t->ls = calloc((size_t)(c->neps ? c->neps : 1), sizeof *t->ls);
+  if (!t->ls) return tl__error(c, TL_ERR_NOMEM, "out of memory");
+  t->ls = calloc((size_t)(c->neps ? c->neps : 1), sizeof *t->ls);
+  if (!t->ls) return tl__error(c, TL_ERR_NOMEM, "out of memory");
+  int own = 0;
+  for (int i = 0; i < c->neps; i++) {
+    tl_endpoint_t *e = &c->eps[i];
+    if (e->owner != c->rank) continue;
+    own++;
+    /* One socket per distinct host:port of this rank. */
+    int dup = -1;
+    for (int j = 0; j < t->nls; j++) {
+      tl_endpoint_t *o = &c->eps[t->ls[j].ep];
+      if (strcmp(o->host, e->host) == 0 && (e->port == 0 || o->port == e->port)) dup = j;
+    }
+    if (dup >= 0) {
+      if (e->port == 0) e->port = c->eps[t->ls[dup].ep].port;
+      continue;
+    }
+    struct sockaddr_storage ss;
+    socklen_t sl;
+    char why[300], where[TL_HOST_LEN + 16];
+    host_port(e, e->port, where, sizeof where);
+    if (resolve(e->host, e->port, 1, &ss, &sl, why, sizeof why))
+      return tl__error(c, TL_ERR_CONFIG, "cannot listen on %s: %s", where, why);
+    int fd = new_socket(ss.ss_family);
+    if (fd < 0)
+      return tl__error(c, TL_ERR_SYSTEM, "socket() for %s: %s", where, strerror(errno));
+    int one = 1;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (ss.ss_family == AF_INET6) setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof one);
+    if (bind_to_device(fd, ss.ss_family, e->ifname) < 0) {
+      int err = errno;
+      close(fd);
+      return tl__error(c, TL_ERR_CONFIG, "cannot bind %s to interface '%s': %s%s",
+                       where, e->ifname, strerror(err),
+                       err == EPERM ? " (binding to an interface needs root "
+                                      "or CAP_NET_RAW on Linux)" : "");
+    }
+    if (bind(fd, (struct sockaddr *)&ss, sl) < 0) {
+      int err = errno;
+      close(fd);
+      if (err == EADDRINUSE)
+        return tl__error(c, TL_ERR_CONFIG,
+                         "port %d on %s is already in use (another job, or a "
+                         "previous run still exiting): free it or give rank %d "
+                         "another port in the hostfile", e->port, e->host, c->rank);
+      if (err == EADDRNOTAVAIL)
+        return tl__error(c, TL_ERR_CONFIG,
+                         "address %s is not an address of this host, but the "
+                         "hostfile gives it to rank %d: is this process the "
+                         "right rank, on the right host? (thunderlink doctor "
+                         "lists this host's interfaces)", e->host, c->rank);
+      return tl__error(c, TL_ERR_SYSTEM, "bind %s: %s", where, strerror(err));
+    }
+    if (listen(fd, 128) < 0 || set_nonblocking(fd) < 0) {
+      int err = errno;
+      close(fd);
+      return tl__error(c, TL_ERR_SYSTEM, "listen %s: %s", where, strerror(err));
+    }
+    if (e->port == 0) {
+      struct sockaddr_storage b;
+      socklen_t bl = sizeof b;
+      getsockname(fd, (struct sockaddr *)&b, &bl);
+      e->port = ntohs(b.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&b)->sin6_port
+                                              : ((struct sockaddr_in *)&b)->sin_port);
+    }
+    t->ls[t->nls].fd = fd;
+    t->ls[t->nls].ep = i;
+    t->nls++;
+  }
+  if (own == 0 && c->size > 1)
+    return tl__error(c, TL_ERR_CONFIG, "the hostfile gives rank %d no address to "
+                     "listen on", c->rank);
+  return TL_OK;
+}
+
+
+void tl__boot_close(tl_comm_t *c) {
+  boot_t *t = B(c);
+  if (!t) return;
+  for (int i = 0; i < t->nls; i++) close(t->ls[i].fd);
+  free(t->ls);
+  free(t);
+  c->boot = NULL;
+}
+
+/* ---- connect -------------------------------------------------------------------- */
+
+/* Connection k of a link goes to cable (k / lanes) % ncables, where lanes is
+ * the number of concurrent streams the collectives run on a link (2 when
+ * conns_per_peer >= 2: the ring's two directions, lanes {0, 2, ...} and
+ * {1, 3, ...}), so that every lane has a connection on every cable. */
+int tl__boot_cable(const tl_comm_t *c, int k, int ncables) {
+  int lanes = c->opts.conns_per_peer >= 2 ? 2 : 1;
+  return (k / lanes) % ncables;
+}
+
+int tl__boot_conns(const tl_comm_t *c, int peer) {
+  int tg[TL_MAX_CONNS], nt;
+  if (peer == c->rank || tl__link_plan(c->eps, c->neps, c->rank, peer, tg, &nt) < 0) return 0;
+  if (c->opts.transport == TL_TRANSPORT_SHM) return 1;
+  int n = c->opts.conns_per_peer * nt;
+  return n > TL_MAX_CONNS ? TL_MAX_CONNS : n;
+}
+
+static void pending_close(pending_t *p) {
+  if (p->fd >= 0) close(p->fd);
+  p->fd = -1;
+}
+
+static int retryable(int err) {
+  return err == ECONNREFUSED || err == ETIMEDOUT || err == EHOSTUNREACH ||
+         err == ENETUNREACH || err == ECONNRESET || err == ECONNABORTED ||
+         err == EAGAIN || err == EINTR || err == ENETDOWN || err == EHOSTDOWN;
+}
+
+/* Start (or restart) an outgoing connection attempt. 0 = in progress,
+ * 1 = retry later, <0 = fatal (message recorded). */
+static int start_connect(tl_comm_t *c, pending_t *p) {
+  tl_endpoint_t *e = &c->eps[p->ep];
+  struct sockaddr_storage ss;
+  socklen_t sl;
+  char why[300];
+  if (resolve(e->host, e->port, 0, &ss, &sl, why, sizeof why))
+    return tl__error(c, TL_ERR_CONFIG, "cannot reach rank %d at %s: %s", p->peer,
+                     p->remote, why);
+  int fd = new_socket(ss.ss_family);
+  if (fd < 0)
+    return tl__error(c, TL_ERR_SYSTEM, "socket(): %s", strerror(errno));
+  set_nonblocking(fd);
+  if (p->src_ep >= 0) {
+    tl_endpoint_t *s = &c->eps[p->src_ep];
+    struct sockaddr_storage src;
+    socklen_t srcl;
+    if (bind_to_device(fd, ss.ss_family, s->ifname) < 0) {
+      int err = errno;
+      close(fd);
+      return tl__error(c, TL_ERR_CONFIG, "cannot bind to interface '%s' to reach "
+                       "rank %d: %s", s->ifname, p->peer, strerror(err));
+    }
+    if (resolve(s->host, 0, 1, &src, &srcl, why, sizeof why) == 0 &&
+        src.ss_family == ss.ss_family &&
+        bind(fd, (struct sockaddr *)&src, srcl) < 0) {
+      int err = errno;
+      close(fd);
+      return tl__error(c, TL_ERR_CONFIG, "cannot use local address %s to reach "
+                       "rank %d: %s%s", s->host, p->peer, strerror(err),
+                       err == EADDRNOTAVAIL ? " (that address is not on this host)" : "");
+    }
+  }
+  p->attempts++;
+  if (connect(fd, (struct sockaddr *)&ss, sl) == 0 || errno == EINPROGRESS) {
+    p->fd = fd;
+    p->state = P_CONNECTING;
+    return 0;
+  }
+  int err = errno;
+  close(fd);
+  p->last_errno = err;
+  if (retryable(err)) return 1;
+  return tl__error(c, TL_ERR_SYSTEM, "connect to rank %d at %s: %s", p->peer,
+                   p->remote, strerror(err));
+}
+
+static void schedule_retry(pending_t *p, int64_t now) {
+  int64_t backoff = 10000000ll << (p->attempts < 7 ? p->attempts : 7); /* 10 ms .. 1.28 s */
+  if (backoff > 1000000000ll) backoff = 1000000000ll;
+  p->retry_at = now + backoff;
+  p->state = P_WAIT;
+  pending_close(p);
+}
+
+static void fill_hello(tl_comm_t *c, pending_t *p) {
+  hello_t *h = &p->buf.hello;
+  memset(h, 0, sizeof *h);
+  h->magic = HELLO_MAGIC;
+  h->version = TL_PROTOCOL_VERSION;
+  h->job_id = c->comm_id;
+  h->options_digest = options_digest(&c->opts);
+  h->src_rank = (uint32_t)c->rank;
+  h->dst_rank = (uint32_t)p->peer;
+  h->conn_index = (uint32_t)p->index;
+  h->nconns = (uint32_t)c->links[p->peer].nboot;
+  h->world_size = (uint32_t)c->size;
+  h->host_id = c->host_id;
+  p->done = 0;
+}
+
+/* Non-blocking partial I/O on a pending connection: 1 done, 0 again later,
+ * -1 closed, -2 error (errno). */
+static int pio(pending_t *p, size_t want, int is_send) {
+  while (p->done < want) {
+    ssize_t n = is_send ? send(p->fd, p->buf.raw + p->done, want - p->done, MSG_NOSIGNAL)
+                        : recv(p->fd, p->buf.raw + p->done, want - p->done, 0);
+    if (n > 0) { p->done += (size_t)n; continue; }
+    if (n == 0 && !is_send) return -1;
+    if (errno == EINTR) continue;
+    if (errno == EAGAIN || errno == EWOULDBLOCK) return 0;
+    return -2;
+  }
+  return 1;
+}
+
+static const char *refusal(int status) {
+  switch (status) {
+  case ACK_WRONG_JOB: return "it belongs to another job (different job id; is another job using that port, or does the hostfile differ between hosts?)";
+  case ACK_WRONG_VERSION: return "it runs another thunderlink protocol version (install the same thunderlink version on every host)";
+  case ACK_WRONG_RANK: return "the ranks do not match (two processes started with the same rank, or hostfiles differ between hosts)";
+  case ACK_WRONG_SIZE: return "the world sizes differ (hostfiles differ between hosts)";
+  case ACK_WRONG_OPTIONS: return "tuning options differ (set THUNDERLINK_TRANSPORT, THUNDERLINK_CONNS, THUNDERLINK_CHUNK_BYTES, THUNDERLINK_PIPELINE_DEPTH, THUNDERLINK_ALGO* and THUNDERLINK_STRIPE_MIN_BYTES the same on every rank)";
+  case ACK_DUPLICATE: return "it already has that connection (two processes started with the same rank?)";
+  default: return "unknown reason";
+  }
+}
+
+static void describe_peer(int fd, char *buf, size_t cap) {
+  struct sockaddr_storage ss;
+  socklen_t sl = sizeof ss;
+  char h[INET6_ADDRSTRLEN] = "?";
+  int port = 0;
+  if (getpeername(fd, (struct sockaddr *)&ss, &sl) == 0) {
+    if (ss.ss_family == AF_INET6) {
+      inet_ntop(AF_INET6, &((struct sockaddr_in6 *)&ss)->sin6_addr, h, sizeof h);
+      port = ntohs(((struct sockaddr_in6 *)&ss)->sin6_port);
+      snprintf(buf, cap, "[%s]:%d", h, port);
+      return;
+    }
+    inet_ntop(AF_INET, &((struct sockaddr_in *)&ss)->sin_addr, h, sizeof h);
+    port = ntohs(((struct sockaddr_in *)&ss)->sin_port);
+  }
+  snprintf(buf, cap, "%s:%d", h, port);
+}
+
+/* Check an incoming hello. Returns ACK_OK, or a refusal; *fatal is set when
+ * the refusal means this job cannot run (one of our own ranks disagrees). */
+static int check_hello(tl_comm_t *c, const hello_t *h, int *fatal) {
+  *fatal = 0;
+  if (h->version != TL_PROTOCOL_VERSION) return *fatal = 1, ACK_WRONG_VERSION;
+  if (h->job_id != c->comm_id) return ACK_WRONG_JOB;
+  *fatal = 1;
+  if (h->world_size != (uint32_t)c->size) return ACK_WRONG_SIZE;
+  int tg[TL_MAX_CONNS], nt;
+  if (h->dst_rank != (uint32_t)c->rank || h->src_rank >= (uint32_t)c->size ||
+      h->src_rank == (uint32_t)c->rank ||
+      tl__link_plan(c->eps, c->neps, c->rank, (int)h->src_rank, tg, &nt) != c->rank)
+    return ACK_WRONG_RANK;
+  tl_link_t *l = &c->links[h->src_rank];
+  if (h->options_digest != options_digest(&c->opts) || h->nconns != (uint32_t)l->nboot ||
+      h->conn_index >= h->nconns)
+    return ACK_WRONG_OPTIONS;
+  if (l->boot_fds[h->conn_index] >= 0) return ACK_DUPLICATE;
+  *fatal = 0;
+  return ACK_OK;
+}
+
+static void adopt(tl_comm_t *c, int peer, int index, int fd, const char *remote,
+                  uint64_t host_id) {
+  tl_link_t *l = &c->links[peer];
+  /* Every transport sends small messages on these (frames, wake-ups). */
+  int one = 1;
+  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  l->boot_fds[index] = fd;
+  l->host_id = host_id;
+  if (index == 0 || !l->remote[0]) snprintf(l->remote, sizeof l->remote, "%s", remote);
+  tl__log(c, TL_LOG_TRACE, "bootstrap connection %d with rank %d up (%s)", index, peer,
+          remote);
+}
+
+/* Advance one pending connection after poll said it is ready. Returns 1 when
+ * it became a connection, 0 to keep waiting, <0 fatal. */
+static int advance(tl_comm_t *c, pending_t *p, int64_t now) {
+  if (p->state == P_CONNECTING) {
+    int err = 0;
+    socklen_t el = sizeof err;
+    getsockopt(p->fd, SOL_SOCKET, SO_ERROR, &err, &el);
+    if (err) {
+      p->last_errno = err;
+      if (retryable(err)) { schedule_retry(p, now); return 0; }
+      return tl__error(c, TL_ERR_SYSTEM, "connect to rank %d at %s: %s", p->peer,
+                       p->remote, strerror(err));
+    }
+    fill_hello(c, p);
+    p->state = P_SEND_HELLO;
+  }
+  if (p->state == P_SEND_HELLO) {
+    int r = pio(p, sizeof(hello_t), 1);
+    if (r < 0) { p->last_errno = errno; schedule_retry(p, now); return 0; }
+    if (r == 0) return 0;
+    p->done = 0;
+    p->state = P_RECV_ACK;
+    return 0;
+  }
+  if (p->state == P_RECV_ACK) {
+    int r = pio(p, sizeof(ack_t), 0);
+    if (r == 0) return 0;
+    ack_t *a = &p->buf.ack;
+    /* A refusal from another protocol version is only ACK_V1_BYTES long. */
+    if (r < 0 && (p->done < ACK_V1_BYTES || a->magic != ACK_MAGIC || a->status == ACK_OK))
+      return tl__error(c, TL_ERR_PEER, "rank %d at %s closed the connection during "
+                       "the handshake (is something other than rank %d listening "
+                       "there?)", p->peer, p->remote, p->peer);
+    if (a->magic != ACK_MAGIC)
+      return tl__error(c, TL_ERR_PROTOCOL, "%s answered the handshake with bytes "
+                       "that are not thunderlink's: something other than rank %d "
+                       "listens there", p->remote, p->peer);
+    if (a->status != ACK_OK)
+      return tl__error(c, TL_ERR_CONFIG, "rank %d at %s refused our connection: %s",
+                       p->peer, p->remote, refusal(a->status));
+    adopt(c, p->peer, p->index, p->fd, p->remote, a->host_id);
+    p->fd = -1;
+    return 1;
+  }
+  if (p->state == P_RECV_HELLO) {
+    int r = pio(p, sizeof(hello_t), 0);
+    if (r == 0) return 0;
+    if (r < 0 || p->buf.hello.magic != HELLO_MAGIC) {
+      tl__log(c, TL_LOG_WARN, "refused a connection from %s: %s", p->remote,
+              r < 0 ? "it closed before saying hello" :
+                      "not a thunderlink peer (bad magic)");
+      pending_close(p);
+      return 0;
+    }
+    int fatal;
+    hello_t h = p->buf.hello;
+    int st = check_hello(c, &h, &fatal);
+    p->peer = (int)h.src_rank;
+    p->index = (int)h.conn_index;
+    memset(&p->buf.ack, 0, sizeof p->buf.ack);
+    p->buf.ack.magic = ACK_MAGIC;
+    p->buf.ack.version = TL_PROTOCOL_VERSION;
+    p->buf.ack.status = (uint16_t)st;
+    p->buf.ack.rank = (uint32_t)c->rank;
+    p->buf.ack.host_id = c->host_id;
+    p->done = 0;
+    p->state = P_SEND_ACK;
+    p->peer_host = h.host_id;
+    if (st != ACK_OK) {
+      /* Best effort: tell it why, then drop it. */
+      pio(p, sizeof(ack_t), 1);
+      pending_close(p);
+      if (!fatal) {
+        tl__log(c, TL_LOG_WARN, "refused a connection from %s: %s", p->remote, refusal(st));
+        return 0;
+      }
+      return tl__error(c, TL_ERR_CONFIG, "rank %u connected from %s but %s",
+                       h.src_rank, p->remote, refusal(st));
+    }
+  }
+  if (p->state == P_SEND_ACK) {
+    int r = pio(p, sizeof(ack_t), 1);
+    if (r == 0) return 0;
+    if (r < 0) {
+      tl__log(c, TL_LOG_WARN, "connection from rank %d (%s) dropped during the "
+              "handshake", p->peer, p->remote);
+      pending_close(p);
+      return 0;
+    }
+    adopt(c, p->peer, p->index, p->fd, p->remote, p->peer_host);
+    p->fd = -1;
+    return 1;
+  }
+  return 0;
+}
+int tl__boot_connect(tl_comm_t *c) {
+  boot_t *t = B(c);
+  int rc;
+  int nout = 0, nin = 0; /* we dial the peers that listen for our link */
+  for (int p = 0; p < c->size; p++) {
+    tl_link_t *l = &c->links[p];
+    l->peer = p;
+    int n = tl__boot_conns(c, p);
+    if (n == 0) continue;
+    l->boot_fds = malloc((size_t)n * sizeof *l->boot_fds);
+    if (!l->boot_fds) return tl__error(c, TL_ERR_NOMEM, "out of memory");
+    for (int k = 0; k < n; k++) l->boot_fds[k] = -1;
+    l->nboot = n;
+    int tg[TL_MAX_CONNS], nt;
+    if (tl__link_plan(c->eps, c->neps, c->rank, p, tg, &nt) == p) nout += n; else nin += n;
+  }
+  int cap = nout + nin + 64;
+  pending_t *ps = calloc((size_t)cap, sizeof *ps);
+  struct pollfd *pf = calloc((size_t)cap + (size_t)t->nls, sizeof *pf);
+  int *pidx = calloc((size_t)cap + (size_t)t->nls, sizeof *pidx);
+  if (!ps || !pf || !pidx) {
+    free(ps); free(pf); free(pidx);
+    return tl__error(c, TL_ERR_NOMEM, "out of memory");
+  }
+  int np = 0;
+  for (int p = 0; p < c->size; p++) {
+    int tg[TL_MAX_CONNS], nt;
+    if (p == c->rank || tl__link_plan(c->eps, c->neps, c->rank, p, tg, &nt) != p) continue;
+    for (int k = 0; k < c->links[p].nboot; k++) {
+      pending_t *q = &ps[np++];
+      q->fd = -1;
+      q->outgoing = 1;
+      q->state = P_WAIT;
+      q->peer = p;
+      q->index = k;
+      q->ep = tg[tl__boot_cable(c, k, nt)];
+      q->src_ep = tl__source_ep(c->eps, c->neps, c->rank, p, tl__boot_cable(c, k, nt));
+      host_port(&c->eps[q->ep], c->eps[q->ep].port, q->remote, sizeof q->remote);
+    }
+  }
+  int64_t start = tl__now_ns();
+  int64_t deadline = start + (int64_t)c->opts.connect_timeout_ms * 1000000;
+  int up = 0, want = nout + nin;
+  rc = TL_OK;
+  while (up < want) {
+    int64_t now = tl__now_ns();
+    if (now >= deadline) break;
+    int64_t wake = deadline;
+    int n = 0;
+    for (int i = 0; i < t->nls; i++) {
+      pf[n].fd = t->ls[i].fd;
+      pf[n].events = POLLIN;
+      pidx[n++] = -1 - i;
+    }
+    for (int i = 0; i < np; i++) {
+      pending_t *q = &ps[i];
+      if (q->outgoing && q->state == P_WAIT && q->fd < 0 && q->retry_at <= now &&
+          q->retry_at >= 0) {
+        int r = start_connect(c, q);
+        if (r < 0) { rc = r; goto out; }
+        if (r == 1) schedule_retry(q, now);
+      }
+      if (q->state == P_WAIT && q->outgoing && q->retry_at > now && q->retry_at < wake)
+        wake = q->retry_at;
+      if (!q->outgoing && q->fd >= 0 && now - q->started > STRANGER_TIMEOUT_NS) {
+        tl__log(c, TL_LOG_WARN, "dropped a connection from %s that did not complete "
+                "the handshake within 10 s", q->remote);
+        pending_close(q);
+      }
+      if (q->fd < 0) continue;
+      pf[n].fd = q->fd;
+      pf[n].events = (q->state == P_CONNECTING || q->state == P_SEND_HELLO ||
+                      q->state == P_SEND_ACK) ? POLLOUT : POLLIN;
+      pidx[n++] = i;
+    }
+    int64_t ms = (wake - now + 999999) / 1000000;
+    if (ms > 1000) ms = 1000;
+    int r = poll(pf, (nfds_t)n, (int)ms);
+    if (r < 0) {
+      if (errno == EINTR) {
+        if (tl__on_main_thread()) {
+          rc = tl__error(c, TL_ERR_INTERRUPTED, "interrupted while connecting");
+          goto out;
+        }
+        continue;
+      }
+      rc = tl__error(c, TL_ERR_SYSTEM, "poll: %s", strerror(errno));
+      goto out;
+    }
+    now = tl__now_ns();
+    for (int i = 0; i < n && r > 0; i++) {
+      if (!pf[i].revents) continue;
+      if (pidx[i] < 0) {
+        int fd;
+        while ((fd = accept(pf[i].fd, NULL, NULL)) >= 0) {
+          fcntl(fd, F_SETFD, FD_CLOEXEC);
+          set_nonblocking(fd);
+#ifdef SO_NOSIGPIPE
+          int one = 1;
+          setsockopt(fd, SOL_SOCKET, SO_NOSIGPIPE, &one, sizeof one);
+#endif
+          int slot = -1;
+          for (int j = 0; j < np; j++)
+            if (!ps[j].outgoing && ps[j].fd < 0) { slot = j; break; }
+          if (slot < 0 && np < cap) slot = np++;
+          if (slot < 0) { close(fd); continue; }
+          pending_t *q = &ps[slot];
+          memset(q, 0, sizeof *q);
+          q->fd = fd;
+          q->state = P_RECV_HELLO;
+          q->started = now;
+          q->ep = q->src_ep = -1;
+          describe_peer(fd, q->remote, sizeof q->remote);
+        }
+        continue;
+      }
+      pending_t *q = &ps[pidx[i]];
+      if (q->fd < 0) continue;
+      int a = advance(c, q, now);
+      if (a < 0) { rc = a; goto out; }
+      if (a == 1) {
+        up++;
+        q->retry_at = -1; /* done */
+        if (!q->outgoing) q->state = P_WAIT;
+      }
+    }
+  }
+  if (up < want) {
+    /* Name what is missing: the first outgoing connection not up, else the
+     * first peer that never dialled in. */
+    double secs = (double)c->opts.connect_timeout_ms / 1000.0;
+    for (int i = 0; i < np; i++) {
+      pending_t *q = &ps[i];
+      if (!q->outgoing || q->retry_at == -1) continue;
+      rc = tl__error(c, TL_ERR_TIMEOUT,
+                     "could not connect to rank %d at %s within %.0f s (%d attempts, "
+                     "last error: %s). Is rank %d running, and is %s its address "
+                     "on a link this host can reach? (thunderlink doctor checks "
+                     "a hostfile)", q->peer, q->remote, secs, q->attempts,
+                     q->last_errno ? strerror(q->last_errno) : "still connecting",
+                     q->peer, q->remote);
+      goto out;
+    }
+    for (int p = 0; p < c->size; p++)
+      for (int k = 0; k < c->links[p].nboot; k++)
+        if (c->links[p].boot_fds[k] < 0) {
+          char where[TL_HOST_LEN + 16] = "?";
+          if (t->nls) host_port(&c->eps[t->ls[0].ep], c->eps[t->ls[0].ep].port, where, sizeof where);
+          rc = tl__error(c, TL_ERR_TIMEOUT,
+                         "rank %d never connected to this rank (listening at %s) "
+                         "within %.0f s: is rank %d running, and can it reach "
+                         "this address?", p, where, secs, p);
+          goto out;
+        }
+    rc = tl__error(c, TL_ERR_TIMEOUT, "connection set-up did not finish in time");
+  }
+out:
+  for (int i = 0; i < np; i++) pending_close(&ps[i]);
+  free(ps);
+  free(pf);
+  free(pidx);
+  if (!rc) {
+    /* Listening sockets are no longer needed: every connection is up. */
+    for (int i = 0; i < t->nls; i++) close(t->ls[i].fd);
+    t->nls = 0;
+    tl__log(c, TL_LOG_TRACE, "bootstrap: %d connections made, %d accepted, in %.1f ms",
+            nout, nin, (double)(tl__now_ns() - start) / 1e6);
+  }
+  return rc;
+}
+
+int tl__boot_xfer(tl_comm_t *c, tl_link_t *l, int fd, void *buf, size_t len, int is_send,
+                  int64_t deadline_ns) {
+  char *p = buf;
+  size_t done = 0;
+  while (done < len) {
+    ssize_t n = is_send ? send(fd, p + done, len - done, MSG_NOSIGNAL | MSG_DONTWAIT)
+                        : recv(fd, p + done, len - done, MSG_DONTWAIT);
+    if (n > 0) { done += (size_t)n; continue; }
+    if (n == 0)
+      return tl__error(c, TL_ERR_PEER, "rank %d (%s) closed the connection while "
+                       "setting up the link: it exited or failed (see its own error)",
+                       l->peer, l->remote);
+    if (errno == EINTR) continue;
+    if (errno != EAGAIN && errno != EWOULDBLOCK)
+      return tl__error(c, TL_ERR_PEER, "setting up the link to rank %d (%s): %s", l->peer,
+                       l->remote, strerror(errno));
+    int64_t left = deadline_ns - tl__now_ns();
+    if (left <= 0)
+      return tl__error(c, TL_ERR_TIMEOUT, "rank %d (%s) did not complete the link's "
+                       "set-up in time", l->peer, l->remote);
+    struct pollfd pfd = {fd, (short)(is_send ? POLLOUT : POLLIN), 0};
+    int ms = (int)tl__min((size_t)((left + 999999) / 1000000), 1000);
+    if (poll(&pfd, 1, ms) < 0 && errno == EINTR && tl__on_main_thread())
+      return tl__error(c, TL_ERR_INTERRUPTED, "interrupted while connecting");
+  }
+  return TL_OK;
+}

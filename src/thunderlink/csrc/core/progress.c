@@ -1,0 +1,485 @@
+/*
+ * Channels: queues of frames, and the loop that drives every transport.
+ *
+ * Each channel has a FIFO of slices to send and one to receive. The core
+ * writes and checks the frame headers; the channel's transport only moves
+ * bytes (tl_transport_ops_t.send / .recv) and says how to sleep (.arm). One
+ * loop serves every transport of a job at once: it spins briefly on the
+ * channels with work, then sleeps in poll(2) on every descriptor the
+ * transports armed (TCP connections; a shared-memory link's control
+ * connection, which its peer rings when it leaves work).
+ *
+ * The rules that are not a transport's business live here: a frame that
+ * shows a peer called another collective is an error at once, even on a
+ * channel this rank is not reading yet; a peer's abort notice fails this
+ * rank's collective, unless the peer failed in a later one (then this one
+ * can still complete and the next call reports it); a channel that closes
+ * while idle is an error only once this rank needs it.
+ */
+#include <errno.h>
+#include <poll.h>
+#include <sched.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+#ifndef MSG_NOSIGNAL
+#define MSG_NOSIGNAL 0 /* macOS: SO_NOSIGPIPE is set on every socket instead */
+#endif
+
+#define ABORT_MAX 900    /* bytes of reason carried by an abort frame */
+#define WAKE_BYTE 'w'    /* on control channels, between frames */
+
+static void push(tl_slice_t **head, tl_slice_t **tail, tl_slice_t *s) {
+  s->next = NULL;
+  if (*tail) (*tail)->next = s; else *head = s;
+  *tail = s;
+}
+
+static tl_slice_t *pop(tl_slice_t **head, tl_slice_t **tail) {
+  tl_slice_t *s = *head;
+  *head = s->next;
+  if (!*head) *tail = NULL;
+  return s;
+}
+
+/* "10.0.0.2:32323, tcp connection 1" */
+static void where(const tl_chan_t *k, char *buf, size_t cap) {
+  if (k->index < 0)
+    snprintf(buf, cap, "%s, control connection", k->link->remote);
+  else if (k->ops->id == TL_TRANSPORT_TCP)
+    snprintf(buf, cap, "%s, connection %d", k->link->remote, k->index);
+  else
+    snprintf(buf, cap, "%s channel %d", k->ops->name, k->index);
+}
+
+/* A channel failed while we needed it. `what` is "sending to" or
+ * "receiving from"; err 0 means the peer closed it. */
+static int lost(tl_comm_t *c, tl_chan_t *k, const char *what, int err) {
+  char w[TL_HOST_LEN + 64];
+  where(k, w, sizeof w);
+  int peer = k->link->peer;
+  if (err == 0)
+    return tl__fail(c, TL_ERR_PEER, "rank %d (%s) closed the connection: it exited "
+                    "or failed (see its own error)", peer, w);
+  if (err == EPIPE || err == ECONNRESET)
+    return tl__fail(c, TL_ERR_PEER, "%s rank %d (%s) failed: %s; rank %d exited or "
+                    "failed (see its own error)", what, peer, w, strerror(err), peer);
+  return tl__fail(c, TL_ERR_PEER, "%s rank %d (%s) failed: %s", what, peer, w,
+                  strerror(err));
+}
+
+/* The rest of a frame, as an iovec over its header (hdr: what is sent, or
+ * where the received header goes) and its payload; both move in one call. */
+static int frame_iov(tl_slice_t *s, tl_frame_t *hdr, struct iovec iov[2]) {
+  const size_t H = sizeof(tl_frame_t);
+  int n = 0;
+  if (s->done < H) {
+    iov[n].iov_base = (char *)hdr + s->done;
+    iov[n++].iov_len = H - s->done;
+  }
+  size_t pdone = s->done > H ? s->done - H : 0;
+  if (pdone < s->len) {
+    iov[n].iov_base = s->buf + pdone;
+    iov[n++].iov_len = s->len - pdone;
+  }
+  return n;
+}
+
+/* Payload bytes among the first `done` bytes of a frame. */
+static size_t payload(size_t done) {
+  return done > sizeof(tl_frame_t) ? done - sizeof(tl_frame_t) : 0;
+}
+
+/* Write queued frames until the channel takes no more. Returns the number of
+ * slices completed, or a negative status. */
+static int send_some(tl_comm_t *c, tl_chan_t *k) {
+  int completed = 0;
+  while (k->sq) {
+    tl_slice_t *s = k->sq;
+    struct iovec iov[2];
+    int n = frame_iov(s, &s->hdr, iov);
+    long w = n ? k->ops->send(k, iov, n) : 0;
+    if (w < 0) return lost(c, k, "sending to", (int)-w);
+    if (w == 0 && n) break;
+    size_t moved = payload(s->done + (size_t)w) - payload(s->done);
+    s->done += (size_t)w;
+    c->stats.bytes_sent += moved;
+    c->stats.bytes_sent_by[k->ops->id] += moved;
+    if (s->done == sizeof(tl_frame_t) + s->len) {
+      pop(&k->sq, &k->sq_tail);
+      tl__slice_done(c, s);
+      completed++;
+    }
+  }
+  return completed;
+}
+
+/*
+ * A peer's abort notice: its header is in `got`, the first `have` bytes of
+ * its reason at `buf`; read the rest of the reason. The peer failed during
+ * the operation the header names. If that is a later collective than ours,
+ * ours can still complete (every rank finished it, or the peer could not
+ * have moved on), so the failure is kept for this rank's next call;
+ * otherwise it fails now.
+ */
+static int peer_aborted(tl_comm_t *c, tl_chan_t *k, const tl_frame_t *got,
+                        const char *buf, size_t have) {
+  char msg[ABORT_MAX + 1];
+  size_t len = tl__min(got->len, ABORT_MAX);
+  size_t n = tl__min(have, len);
+  memcpy(msg, buf, n);
+  int64_t until = tl__now_ns() + 200000000; /* 200 ms for the rest */
+  while (n < len && tl__now_ns() < until) {
+    struct iovec iov = {msg + n, len - n};
+    long r = k->ops->recv(k, &iov, 1, 0);
+    if (r > 0) { n += (size_t)r; continue; }
+    if (r < 0) break;
+    struct pollfd p = {k->fd, POLLIN, 0};
+    poll(&p, 1, 20);
+  }
+  msg[n] = 0;
+  k->eof = 1;
+  int later = got->op && got->op != TL_OP_SEND && c->cur.op && c->cur.op != TL_OP_SEND &&
+              (int32_t)(got->seq - c->cur.seq) > 0;
+  int peer = k->link->peer;
+  if (later && !k->rq) {
+    if (!c->pending_abort[0])
+      snprintf(c->pending_abort, sizeof c->pending_abort, "rank %d failed: %s", peer,
+               n ? msg : "(no reason given)");
+    return 0;
+  }
+  return tl__fail(c, TL_ERR_PEER, "rank %d failed: %s", peer, n ? msg : "(no reason given)");
+}
+
+static int recv_some(tl_comm_t *c, tl_chan_t *k) {
+  int completed = 0;
+  const size_t H = sizeof(tl_frame_t);
+  while (k->rq) {
+    tl_slice_t *s = k->rq;
+    struct iovec iov[2];
+    int n = frame_iov(s, &s->got, iov);
+    long r = n ? k->ops->recv(k, iov, n, 0) : 0;
+    if (r < 0) return lost(c, k, "receiving from", r == -EPIPE ? 0 : (int)-r);
+    if (r == 0 && n) break;
+    size_t before = s->done;
+    size_t moved = payload(before + (size_t)r) - payload(before);
+    s->done += (size_t)r;
+    c->stats.bytes_received += moved;
+    c->stats.bytes_received_by[k->ops->id] += moved;
+    if (before < H && s->done >= H) {
+      if (s->got.magic == TL_FRAME_MAGIC && s->got.type == TL_FRAME_ABORT)
+        return peer_aborted(c, k, &s->got, s->buf, s->done - H);
+      char w[TL_HOST_LEN + 64];
+      where(k, w, sizeof w);
+      int rc = tl__check_frame(c, k->link->peer, &s->hdr, &s->got, w);
+      if (rc) return rc;
+    }
+    if (s->done == H + s->len) {
+      pop(&k->rq, &k->rq_tail);
+      k->peeked = 0;
+      tl__slice_done(c, s);
+      completed++;
+    }
+  }
+  return completed;
+}
+
+/* Consume the wake-up bytes at the head of a control channel. */
+static void skip_wakes(tl_chan_t *k) {
+  char b[64];
+  for (;;) {
+    struct iovec iov = {b, sizeof b};
+    long r = k->ops->recv(k, &iov, 1, 1);
+    if (r <= 0) return;
+    long w = 0;
+    while (w < r && b[w] == WAKE_BYTE) w++;
+    if (w == 0) return;
+    iov.iov_len = (size_t)w;
+    k->ops->recv(k, &iov, 1, 0);
+    if (w < r) return;
+  }
+}
+
+/* Look at the next frame on a channel with no receive queued. */
+static int peek_idle(tl_comm_t *c, tl_chan_t *k) {
+  if (k->index < 0) skip_wakes(k);
+  tl_frame_t f;
+  struct iovec iov = {&f, sizeof f};
+  long r = k->ops->recv(k, &iov, 1, 1);
+  if (r < 0) {
+    /* Closed or reset while idle: an error only once we need this peer. */
+    k->eof = 1;
+    if (r == -EPIPE)
+      tl__log(c, TL_LOG_INFO, "rank %d closed %s channel %d", k->link->peer,
+              k->ops->name, k->index);
+    else
+      tl__log(c, TL_LOG_INFO, "%s channel %d to rank %d: %s", k->ops->name, k->index,
+              k->link->peer, strerror((int)-r));
+    return 0;
+  }
+  if ((size_t)r < sizeof f) return 0; /* the rest of the header is on its way */
+  char w[TL_HOST_LEN + 64];
+  where(k, w, sizeof w);
+  int peer = k->link->peer;
+  if (f.magic != TL_FRAME_MAGIC)
+    return tl__fail(c, TL_ERR_PROTOCOL, "rank %d (%s) sent bytes that are not a "
+                    "thunderlink frame; the stream is corrupt", peer, w);
+  if (f.type == TL_FRAME_ABORT) {
+    k->ops->recv(k, &iov, 1, 0); /* consume the header */
+    return peer_aborted(c, k, &f, NULL, 0);
+  }
+  if (k->index < 0)
+    return tl__fail(c, TL_ERR_PROTOCOL, "rank %d (%s) sent a data frame on the "
+                    "control connection", peer, w);
+  if (f.op != TL_OP_SEND && c->cur.op && c->cur.op != TL_OP_SEND) {
+    if (f.seq == c->cur.seq) {
+      tl_frame_t want = tl__frame(c, f.unit, c->cur.root >= 0 ? (uint32_t)c->cur.root : f.lane);
+      want.len = f.len;
+      int rc = tl__check_frame(c, peer, &want, &f, w);
+      if (rc) return rc;
+    } else if ((int32_t)(f.seq - c->cur.seq) < 0) {
+      return tl__fail(c, TL_ERR_PROTOCOL, "rank %d (%s) sent a frame of %s #%u, "
+                      "which this rank finished already", peer, w,
+                      tl__op_name(f.op, f.redop), f.seq);
+    }
+  }
+  k->peeked = 1; /* legitimate, for a later receive */
+  return 0;
+}
+
+int tl__chan_post(tl_comm_t *c, tl_chan_t *k, tl_slice_t *s, int is_send) {
+  if (!is_send) {
+    push(&k->rq, &k->rq_tail, s);
+    k->peeked = 0;
+    return TL_OK;
+  }
+  int was_empty = k->sq == NULL;
+  push(&k->sq, &k->sq_tail, s);
+  if (!was_empty) return TL_OK;
+  /* Start at once: small messages leave without a trip through poll. */
+  int r = send_some(c, k);
+  return r < 0 ? r : TL_OK;
+}
+
+static void describe_wait(tl_comm_t *c, char *buf, size_t cap) {
+  size_t n = 0;
+  int listed = 0;
+  for (int i = 0; i < c->nchans && listed < 3; i++) {
+    tl_chan_t *k = c->chans[i];
+    char w[TL_HOST_LEN + 64];
+    where(k, w, sizeof w);
+    if (k->rq && n < cap) {
+      n += (size_t)snprintf(buf + n, cap - n, "%s to receive %zu B from rank %d (%s; "
+                            "%zu B arrived)", listed ? ";" : "", k->rq->len,
+                            k->link->peer, w, payload(k->rq->done));
+      listed++;
+    }
+    if (k->sq && n < cap && listed < 3) {
+      n += (size_t)snprintf(buf + n, cap - n, "%s to send %zu B to rank %d (%s; %zu B "
+                            "sent)", listed ? ";" : "", k->sq->len, k->link->peer, w,
+                            payload(k->sq->done));
+      listed++;
+    }
+  }
+}
+
+/* Move what can move on one channel; events as poll reports them. Returns
+ * slices completed, or a negative status. */
+static int service(tl_comm_t *c, tl_chan_t *k, short re) {
+  int completed = 0;
+  if (k->sq && (re & (POLLOUT | POLLERR | POLLHUP))) {
+    int x = send_some(c, k);
+    if (x < 0) return x;
+    completed += x;
+  }
+  if (re & (POLLIN | POLLERR | POLLHUP)) {
+    int x = k->rq ? recv_some(c, k) : peek_idle(c, k);
+    if (x < 0) return x;
+    completed += x;
+  }
+  return completed;
+}
+
+int tl__progress(tl_comm_t *c) {
+  /* Spin first (small operations only): try the channels directly, without
+   * poll, and yield the core between tries, so that a peer sharing this
+   * core (more ranks than cores) gets to run instead of being spun out. */
+  int64_t spin_end = c->spin_ns ? tl__now_ns() + c->spin_ns : 0;
+  while (spin_end && tl__now_ns() < spin_end) {
+    int completed = 0;
+    for (int i = 0; i < c->nchans; i++) {
+      tl_chan_t *k = c->chans[i];
+      if (!k->sq && !k->rq) continue;
+      int x = service(c, k, POLLIN | POLLOUT);
+      if (x < 0) return x;
+      completed += x;
+    }
+    if (completed) return TL_OK;
+    sched_yield();
+  }
+  for (;;) {
+    int n = 0, busy = 0, ready = 0;
+    for (int i = 0; i < c->nchans; i++) {
+      tl_chan_t *k = c->chans[i];
+      int want_in = k->rq || (!k->peeked && !k->eof);
+      int want_out = k->sq != NULL;
+      if (k->sq || k->rq) busy++;
+      if (!want_in && !want_out) continue;
+      c->pfds[n].fd = -1;
+      c->pfds[n].events = c->pfds[n].revents = 0;
+      ready |= k->ops->arm(k, want_in, want_out, &c->pfds[n]);
+      c->pchan[n++] = k;
+    }
+    if (!busy) {
+      for (int i = 0; i < n; i++) c->pchan[i]->ops->disarm(c->pchan[i]);
+      return tl__fail(c, TL_ERR_INVALID, "internal error: waiting with nothing queued");
+    }
+    int64_t left = c->deadline_ns - tl__now_ns();
+    int timeout = ready || left <= 0 ? 0
+                                     : (int)tl__min((size_t)((left + 999999) / 1000000), 1000);
+    int r = poll(c->pfds, (nfds_t)n, timeout);
+    int err = errno;
+    for (int i = 0; i < n; i++) c->pchan[i]->ops->disarm(c->pchan[i]);
+    if (r < 0) {
+      if (err != EINTR) return tl__fail(c, TL_ERR_SYSTEM, "poll: %s", strerror(err));
+      if (tl__on_main_thread())
+        return tl__fail(c, TL_ERR_INTERRUPTED, "interrupted by a signal");
+      continue;
+    }
+    int completed = 0;
+    for (int i = 0; i < n; i++) {
+      /* A channel without a descriptor (shared memory) is simply tried. */
+      short re = c->pfds[i].fd < 0 ? (POLLIN | POLLOUT) : c->pfds[i].revents;
+      if (!re) continue;
+      int x = service(c, c->pchan[i], re);
+      if (x < 0) return x;
+      completed += x;
+    }
+    if (completed) return TL_OK;
+    if (tl__now_ns() >= c->deadline_ns) {
+      char what[600] = "";
+      describe_wait(c, what, sizeof what);
+      return tl__fail(c, TL_ERR_TIMEOUT, "timed out after %.1f s waiting%s. A peer "
+                      "may be stopped, hung or still busy elsewhere, or a cable is "
+                      "down (THUNDERLINK_TIMEOUT sets the limit)",
+                      (double)c->opts.timeout_ms / 1000.0, what);
+    }
+  }
+}
+
+/* ---- links ----------------------------------------------------------------------- */
+
+static int add_chan(tl_comm_t *c, tl_chan_t *k) {
+  tl_chan_t **all = realloc(c->chans, (size_t)(c->nchans + 1) * sizeof *all);
+  if (!all) return TL_ERR_NOMEM;
+  c->chans = all;
+  struct pollfd *pf = realloc(c->pfds, (size_t)(c->nchans + 1) * sizeof *pf);
+  if (!pf) return TL_ERR_NOMEM;
+  c->pfds = pf;
+  tl_chan_t **pc = realloc(c->pchan, (size_t)(c->nchans + 1) * sizeof *pc);
+  if (!pc) return TL_ERR_NOMEM;
+  c->pchan = pc;
+  c->chans[c->nchans++] = k;
+  return TL_OK;
+}
+
+int tl__link_init(tl_comm_t *c, tl_link_t *l, const tl_transport_ops_t *ops, int nchans,
+                  int ctl_fd) {
+  l->comm = c;
+  l->ops = ops;
+  l->chans = calloc((size_t)nchans, sizeof *l->chans);
+  if (!l->chans) return tl__error(c, TL_ERR_NOMEM, "out of memory");
+  l->nchans = nchans;
+  for (int k = 0; k < nchans; k++) {
+    tl_chan_t *ch = &l->chans[k];
+    ch->link = l;
+    ch->ops = ops;
+    ch->index = k;
+    ch->fd = -1;
+    if (add_chan(c, ch)) return tl__error(c, TL_ERR_NOMEM, "out of memory");
+  }
+  if (ctl_fd >= 0) {
+    if (!(l->ctl = calloc(1, sizeof *l->ctl)))
+      return tl__error(c, TL_ERR_NOMEM, "out of memory");
+    l->ctl->link = l;
+    l->ctl->ops = &tl__tcp_ops;
+    l->ctl->index = -1;
+    l->ctl->fd = ctl_fd;
+    if (add_chan(c, l->ctl)) return tl__error(c, TL_ERR_NOMEM, "out of memory");
+  }
+  return TL_OK;
+}
+
+void tl__ctl_wake(tl_link_t *l) {
+  char b = WAKE_BYTE;
+  if (l->ctl && l->ctl->fd >= 0) {
+    ssize_t w = send(l->ctl->fd, &b, 1, MSG_NOSIGNAL | MSG_DONTWAIT);
+    (void)w; /* a full buffer already holds a wake-up */
+  }
+}
+
+static void drop_queues(tl_comm_t *c, tl_chan_t *k) {
+  while (k->sq) tl__slice_free(c, pop(&k->sq, &k->sq_tail));
+  while (k->rq) tl__slice_free(c, pop(&k->rq, &k->rq_tail));
+}
+
+void tl__abort_all(tl_comm_t *c, const char *why) {
+  size_t len = tl__min(strlen(why), ABORT_MAX);
+  tl_frame_t f;
+  memset(&f, 0, sizeof f);
+  f.magic = TL_FRAME_MAGIC;
+  f.type = TL_FRAME_ABORT;
+  f.op = (uint8_t)c->cur.op; /* where we failed: see peer_aborted */
+  f.seq = c->cur.seq;
+  f.len = (uint32_t)len;
+  for (int i = 0; i < c->nchans; i++) {
+    tl_chan_t *k = c->chans[i];
+    /* The notice goes where the peer reads frames between operations: the
+     * control channel if the link has one, else every channel, and only at
+     * a frame boundary (a half-sent frame cannot be interrupted). */
+    int tell = !k->eof && (!k->sq || k->sq->done == 0) &&
+               (k->index < 0 || !k->link->ctl);
+    k->ops->abort(k, tell ? &f : NULL, why, len);
+    k->eof = 1;
+    drop_queues(c, k);
+  }
+}
+
+void tl__links_close(tl_comm_t *c) {
+  if (!c->links) return;
+  for (int p = 0; p < c->size; p++) {
+    tl_link_t *l = &c->links[p];
+    for (int k = 0; k < l->nchans; k++) {
+      drop_queues(c, &l->chans[k]);
+      l->ops->close(&l->chans[k]);
+    }
+    if (l->ctl) {
+      drop_queues(c, l->ctl);
+      l->ctl->ops->close(l->ctl);
+      free(l->ctl);
+      l->ctl = NULL;
+    }
+    if (l->ops && l->ops->close_link) l->ops->close_link(l);
+    for (int k = 0; k < l->nboot; k++)
+      if (l->boot_fds[k] >= 0) close(l->boot_fds[k]);
+    free(l->boot_fds);
+    l->boot_fds = NULL;
+    l->nboot = 0;
+    free(l->chans);
+    l->chans = NULL;
+    l->nchans = 0;
+  }
+  free(c->chans);
+  free(c->pfds);
+  free(c->pchan);
+  c->chans = NULL;
+  c->pfds = NULL;
+  c->pchan = NULL;
+  c->nchans = 0;
+}
