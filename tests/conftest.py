@@ -70,6 +70,17 @@ def ranks():
     return run_ranks
 
 
+# The transports every collective and error test runs over: ranks of one
+# host take shared memory by default, so TCP is forced for its half.
+TRANSPORTS = ("tcp", "shm")
+
+
+@pytest.fixture(params=TRANSPORTS)
+def transport(request):
+    """THUNDERLINK_TRANSPORT for the test's ranks (the transport axis)."""
+    return request.param
+
+
 _names = itertools.count()
 _RUN = f"{os.getpid() % 4096:03x}{secrets.token_hex(1)}"
 

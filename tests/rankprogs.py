@@ -293,6 +293,40 @@ def unlinked_send(peer):
         emit({"raised": type(e).__name__, "message": str(e)})
 
 
+def killed_mid_collective(stamp_path):
+    """all_sums of 16 MiB until the last rank SIGKILLs itself in the middle
+    of one (having written the time to stamp_path); the others report."""
+    import signal
+    import threading
+
+    comm = thunderlink.connect()
+    x = np.ones(4 << 20, np.float32)
+    comm.all_sum(x, x)
+    if comm.rank == comm.size - 1:
+        def kill():
+            time.sleep(0.05)
+            with open(stamp_path, "w") as f:
+                f.write(repr(time.time()))
+            os.kill(os.getpid(), signal.SIGKILL)
+        threading.Thread(target=kill, daemon=True).start()
+    try:
+        for _ in range(100000):
+            comm.all_sum(x, x)
+        emit({"raised": None})
+    except thunderlink.ThunderlinkError as e:
+        emit({"raised": type(e).__name__, "message": str(e), "at": time.time()})
+
+
+def links_report(_):
+    """A few collectives, then each rank's links and byte counters."""
+    comm = thunderlink.connect()
+    x = np.ones(1 << 18, np.float32)
+    comm.all_sum(x, x)
+    comm.all_gather(x)
+    comm.barrier()
+    emit({"links": {str(p): list(v) for p, v in comm.links().items()}, "stats": comm.stats()})
+
+
 def loop_all_sum(seconds):
     """all_sum of 4 MiB over and over until it fails or time is up."""
     comm = thunderlink.connect()

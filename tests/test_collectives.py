@@ -1,6 +1,7 @@
-"""Collectives over loopback with N = 2, 3, 4 ranks: every dtype and op, the
-awkward sizes, in place and out of place, both algorithms; results equal to
-the numpy reference (exact for integers) and bit-identical on every rank."""
+"""Collectives over loopback with N = 2, 3, 4 ranks, over TCP and over shared
+memory: every dtype and op, the awkward sizes, in place and out of place,
+both algorithms; results equal to the numpy reference (exact for integers)
+and bit-identical on every rank."""
 
 import os
 
@@ -32,36 +33,38 @@ def check(r, n):
 
 @pytest.mark.parametrize("algo", ["auto", "ring"])
 @pytest.mark.parametrize("n", [2, 3, 4])
-def test_all_sum_every_dtype(ranks, n, algo):
+def test_all_sum_every_dtype(ranks, transport, n, algo):
     cases = [["sum", d, c, ip] for d in DTYPES for c in sizes(n) + [PRIME] for ip in (False, True)]
-    check(ranks(n, "reductions", cases, env={"THUNDERLINK_ALGO": algo}, timeout=120), n)
+    env = {"THUNDERLINK_ALGO": algo, "THUNDERLINK_TRANSPORT": transport}
+    check(ranks(n, "reductions", cases, env=env, timeout=120), n)
 
 
 @pytest.mark.parametrize("algo", ["auto", "ring", "oneshot"])
 @pytest.mark.parametrize("n", [2, 3, 4])
-def test_every_op(ranks, n, algo):
+def test_every_op(ranks, transport, n, algo):
     cases = [[op, d, c, ip] for op in OPS for d in ("float32", "int32", "float16", "bfloat16", "complex64", "uint8", "bool")
              for c in sizes(n) + [1000] for ip in (False, True)]
-    check(ranks(n, "reductions", cases, env={"THUNDERLINK_ALGO": algo}, timeout=120), n)
+    env = {"THUNDERLINK_ALGO": algo, "THUNDERLINK_TRANSPORT": transport}
+    check(ranks(n, "reductions", cases, env=env, timeout=120), n)
 
 
 @pytest.mark.parametrize("n", [2, 3, 4])
-def test_large(ranks, n):
+def test_large(ranks, transport, n):
     big = (16 << 20) // 4  # 16 MiB of float32
     cases = [["sum", "float32", big, ip] for ip in (False, True)]
     cases += [["max", "bfloat16", PRIME, False], ["sum", "int64", PRIME, True], ["sum", "float16", big, True]]
-    check(ranks(n, "reductions", cases, timeout=180), n)
+    check(ranks(n, "reductions", cases, env={"THUNDERLINK_TRANSPORT": transport}, timeout=180), n)
 
 
 @pytest.mark.parametrize("algo", ["auto", "ring"])
 @pytest.mark.parametrize("n", [2, 3, 4])
-def test_gather_scatter_broadcast(ranks, n, algo):
+def test_gather_scatter_broadcast(ranks, transport, n, algo):
     cases = []
     for kind in ("all_gather", "reduce_scatter", "broadcast"):
         for d in ("float32", "int8", "bfloat16", "complex64"):
             for c in sizes(n) + [PRIME, (4 << 20) // 4]:
                 cases += [[kind, d, c, ip] for ip in ((False, True) if kind == "all_gather" else (False,))]
-    r = ranks(n, "gathers", cases, env={"THUNDERLINK_ALGO": algo}, timeout=180)
+    r = ranks(n, "gathers", cases, env={"THUNDERLINK_ALGO": algo, "THUNDERLINK_TRANSPORT": transport}, timeout=180)
     assert r.status == 0, r.all_text()
     for rank in range(n):
         bad = {k: c["err"] for k, c in r.values[rank].items() if c["err"]}
@@ -71,16 +74,16 @@ def test_gather_scatter_broadcast(ranks, n, algo):
 
 
 @pytest.mark.parametrize("n", [2, 3, 4])
-def test_send_recv_between_any_ranks(ranks, n):
-    r = ranks(n, "p2p", [0, 1, 1000, (3 << 20) + 5], timeout=120)
+def test_send_recv_between_any_ranks(ranks, transport, n):
+    r = ranks(n, "p2p", [0, 1, 1000, (3 << 20) + 5], env={"THUNDERLINK_TRANSPORT": transport}, timeout=120)
     assert r.status == 0, r.all_text()
     assert all(v["errors"] == [] for v in r.values)
     assert all(v["stats"]["send"] == 4 * 2 * (n - 1) for v in r.values)
 
 
 @pytest.mark.parametrize("n", [3, 4])
-def test_split(ranks, n):
-    r = ranks(n, "split", None)
+def test_split(ranks, transport, n):
+    r = ranks(n, "split", None, env={"THUNDERLINK_TRANSPORT": transport})
     assert r.status == 0, r.all_text()
     for v in r.values:
         assert v["sum"] == v["want"]
@@ -95,7 +98,7 @@ def test_stats_see_the_callers_buffer(ranks):
 
 
 def test_ipv6_loopback(tmp_path):
-    """IPv6 addresses work like IPv4 ones (here [::1])."""
+    """IPv6 addresses work like IPv4 ones (here [::1], over TCP)."""
     import json
     import socket
     import sys
@@ -113,6 +116,6 @@ def test_ipv6_loopback(tmp_path):
     path.write_text(json.dumps({"ranks": [{"addresses": [f"[::1]:{p}"]} for p in ports]}))
     cases = [["sum", "float32", k, False] for k in (1, 1000, PRIME)]
     envs = [dict(os.environ, THUNDERLINK_HOSTFILE=str(path), THUNDERLINK_RANK=str(r), THUNDERLINK_TIMEOUT="30",
-                 THUNDERLINK_CONNECT_TIMEOUT="20") for r in range(3)]
+                 THUNDERLINK_CONNECT_TIMEOUT="20", THUNDERLINK_TRANSPORT="tcp") for r in range(3)]
     cmd = [sys.executable, RANKPROGS, "reductions", json.dumps([cases])]
     check(Ranks(Job([cmd] * 3, envs, capture=True, timeout=60, on_line=lambda *a: None).run()), 3)

@@ -12,14 +12,15 @@ import time
 import pytest
 
 from conftest import RANKPROGS
+from thunderlink.bindings import lib
 from thunderlink.launch import free_ports
 
 pytestmark = pytest.mark.multiproc
 
 
-def test_mismatched_collectives_fail_on_every_rank(ranks):
+def test_mismatched_collectives_fail_on_every_rank(ranks, transport):
     for kind in ("op", "size", "dtype", "large_size"):
-        r = ranks(3, "mismatch", kind)
+        r = ranks(3, "mismatch", kind, env={"THUNDERLINK_TRANSPORT": transport})
         assert r.status == 0, r.all_text()
         for v in r.values:
             assert v["raised"] in ("MismatchError", "PeerLostError"), (kind, v)
@@ -29,8 +30,8 @@ def test_mismatched_collectives_fail_on_every_rank(ranks):
         assert "while this rank called" in msg or "sizes or dtypes" in msg, msg
 
 
-def test_mismatched_broadcast_root_is_reported(ranks):
-    r = ranks(3, "mismatch", "root")
+def test_mismatched_broadcast_root_is_reported(ranks, transport):
+    r = ranks(3, "mismatch", "root", env={"THUNDERLINK_TRANSPORT": transport})
     assert r.status == 0, r.all_text()
     # Receivers compare roots; the roots themselves see the leftover frame of
     # the other root at their next call. Either way every rank raises.
@@ -38,8 +39,8 @@ def test_mismatched_broadcast_root_is_reported(ranks):
     assert all(x in ("MismatchError", "PeerLostError") for x in raised), raised
 
 
-def test_dead_peer_is_an_error_on_every_other_rank(ranks):
-    r = ranks(3, "die_mid_collective", None, timeout=60)
+def test_dead_peer_is_an_error_on_every_other_rank(ranks, transport):
+    r = ranks(3, "die_mid_collective", None, env={"THUNDERLINK_TRANSPORT": transport}, timeout=60)
     assert r.status == 0, r.all_text()
     for rank in (0, 1):
         v = r.values[rank]
@@ -48,8 +49,8 @@ def test_dead_peer_is_an_error_on_every_other_rank(ranks):
         assert "rank" in v["message"]
 
 
-def test_failure_is_sticky(ranks):
-    r = ranks(2, "then_fail_later", None)
+def test_failure_is_sticky(ranks, transport):
+    r = ranks(2, "then_fail_later", None, env={"THUNDERLINK_TRANSPORT": transport})
     assert r.status == 0, r.all_text()
     for v in r.values:
         assert v["first"] is not None
@@ -57,8 +58,8 @@ def test_failure_is_sticky(ranks):
 
 
 @pytest.mark.parametrize("kind", ["dtype", "peer", "self", "noncontig"])
-def test_bad_arguments_raise_value_errors_and_leave_the_comm_usable(ranks, kind):
-    r = ranks(2, "bad_call", kind)
+def test_bad_arguments_raise_value_errors_and_leave_the_comm_usable(ranks, transport, kind):
+    r = ranks(2, "bad_call", kind, env={"THUNDERLINK_TRANSPORT": transport})
     assert r.status == 0, r.all_text()
     for v in r.values:
         assert v["raised"] == "InvalidArgumentError", v
@@ -160,10 +161,14 @@ def test_strangers_are_refused_without_disturbing_the_job(tmp_path):
 
     def knock():
         _stranger(ports[0], b"GET / HTTP/1.0\r\n\r\n" + b"x" * 80)
-        # A hello of protocol v1 from another job (job id 99).
-        hello = struct.pack("<IHHQQIIIIII Q32s", 0x4B4E4C54, 1, 0, 99, 0, 1, 0, 0, 2, 2, 0, 0, b"")
+        # A hello of this protocol version from another job (job id 99).
+        version = int(lib.TL_PROTOCOL_VERSION)
+        hello = struct.pack("<IHHQQIIIIII Q32s", 0x4B4E4C54, version, 0, 99, 0, 1, 0, 0, 2, 2, 0, 0, b"")
         ack = _stranger(ports[0], hello)
-        assert len(ack) == 16 and struct.unpack("<IHH", ack[:8])[2] == 1  # ACK_WRONG_JOB
+        assert len(ack) == 56 and struct.unpack("<IHH", ack[:8])[1:] == (version, 1), ack  # ACK_WRONG_JOB
+        # One of another protocol version, whatever its job: refused, not fatal.
+        ack = _stranger(ports[0], struct.pack("<IH", 0x4B4E4C54, version + 1) + hello[6:])
+        assert len(ack) >= 16 and struct.unpack("<IHH", ack[:8])[2] == 2, ack  # ACK_WRONG_VERSION
 
     (out0, err0), rank1 = _two_ranks(dict(env, THUNDERLINK_RANK="0"), dict(env, THUNDERLINK_RANK="1"), knock)
     assert '"raised": null' in rank1.stdout, rank1.stdout + rank1.stderr
@@ -172,13 +177,16 @@ def test_strangers_are_refused_without_disturbing_the_job(tmp_path):
     assert "another job" in err0
 
 
-def test_different_tuning_on_two_ranks_is_refused(tmp_path):
+@pytest.mark.parametrize("name,value", [("THUNDERLINK_CHUNK_BYTES", "2M"), ("THUNDERLINK_PIPELINE_DEPTH", "4"),
+                                        ("THUNDERLINK_TRANSPORT", "tcp")])
+def test_different_tuning_on_two_ranks_is_refused(tmp_path, name, value):
+    """Settings that change the wire are compared at connect, not found out
+    mid-collective."""
     ports = free_ports(2)
     hf = _hostfile(tmp_path, 2, ports)
     env = dict(os.environ, THUNDERLINK_HOSTFILE=hf, THUNDERLINK_JOB_ID="77", CT="10")
-    (out0, _), p1 = _two_ranks(dict(env, THUNDERLINK_RANK="0", THUNDERLINK_CHUNK_BYTES="2M"),
-                               dict(env, THUNDERLINK_RANK="1"))
+    (out0, _), p1 = _two_ranks(dict(env, THUNDERLINK_RANK="0", **{name: value}), dict(env, THUNDERLINK_RANK="1"))
     for out in (p1.stdout, out0):
         v = json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:])
         assert v["raised"] == "ConfigError", v
-        assert "THUNDERLINK_CHUNK_BYTES" in v["message"]
+        assert name in v["message"]

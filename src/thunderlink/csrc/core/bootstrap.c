@@ -500,7 +500,11 @@ static void describe_peer(int fd, char *buf, size_t cap) {
  * the refusal means this job cannot run (one of our own ranks disagrees). */
 static int check_hello(tl_comm_t *c, const hello_t *h, int *fatal) {
   *fatal = 0;
-  if (h->version != TL_PROTOCOL_VERSION) return *fatal = 1, ACK_WRONG_VERSION;
+  /* Nothing past the version can be read in another version's layout, so
+   * this says nothing about who sent it: refused and logged, not fatal (a
+   * rank of this job running another version fails on its own side, with
+   * the refusal's reason). */
+  if (h->version != TL_PROTOCOL_VERSION) return ACK_WRONG_VERSION;
   if (h->job_id != c->comm_id) return ACK_WRONG_JOB;
   *fatal = 1;
   if (h->world_size != (uint32_t)c->size) return ACK_WRONG_SIZE;
