@@ -137,3 +137,60 @@ def test_cable_pulled_mid_run_is_an_error_not_a_hang(tmp_path):
         # The ranks on the pulled cable time out; the third learns it from them.
         assert all(x in ("CollectiveTimeoutError", "PeerLostError", "killed") for x in raised), r.all_text()
         assert any(x == "CollectiveTimeoutError" for x in raised), r.all_text()
+
+
+def _two_ranks_per_host(c) -> dict:
+    """Two emulated hosts, two ranks on each: ranks 0, 1 on host 0 and 2, 3
+    on host 1. Ranks of one host reach each other on the host's loopback;
+    rank 0 faces rank 2 and rank 1 faces rank 3 over the cable."""
+    ends = [c.hosts[h].addresses[0].ip for h in (0, 1)]
+    port = 41000
+    ranks = []
+    for r in range(4):
+        h, mate, far = r // 2, r ^ 1, (r + 2) % 4
+        ranks.append({"host": c.hosts[h].netns, "netns": c.hosts[h].netns, "addresses": [
+            {"ip": "127.0.0.1", "port": port + 2 * r, "peer": mate},
+            {"ip": ends[h], "port": port + 2 * r + 1, "peer": far}]})
+    return {"version": 1, "ranks": ranks}
+
+
+def _run_hostfile(tmp_path, hostfile, func, *args, env=None, timeout=120):
+    path = tmp_path / f"hosts-{secrets.token_hex(3)}.json"
+    path.write_text(json.dumps(hostfile))
+    full = dict(os.environ, THUNDERLINK_CONNECT_TIMEOUT="20", THUNDERLINK_TIMEOUT="30", **(env or {}))
+    res = launch_hostfile(str(path), ["--", sys.executable, RANKPROGS, func, json.dumps(list(args))], env=full,
+                          timeout=timeout, capture=True, on_line=lambda *a: None)
+    return Ranks(res)
+
+
+def test_mixed_job_shared_memory_inside_hosts_tcp_across(tmp_path):
+    """Two hosts with two ranks each: shared memory inside each host, TCP
+    over the cable between them; every collective is right, and the log and
+    the counters say which transport each link took."""
+    with cl.Cluster(2, topology="ring", name=name()) as c:
+        hf = _two_ranks_per_host(c)
+        r = _run_hostfile(tmp_path, hf, "links_report", None, env={"THUNDERLINK_DEBUG": "info"})
+        assert r.status == 0, r.all_text()
+        for rank, v in enumerate(r.values):
+            mate, far = rank ^ 1, (rank + 2) % 4
+            assert v["links"] == {str(mate): ["shm", 2], str(far): ["tcp", 2]}, v
+            assert f"link to rank {mate}: shm" in r.text(rank) and f"link to rank {far}: tcp" in r.text(rank)
+            sent = v["stats"]["bytes_sent_by"]
+            assert sent["shm"] > 0 and sent["tcp"] > 0, sent
+        reductions = [[op, d, k, ip] for op in ("sum", "max") for d in ("float32", "bfloat16", "int32")
+                      for k in (1, 5, 999983) for ip in (False, True)]
+        check_values(_run_hostfile(tmp_path, hf, "reductions", reductions), 4)
+        gathers = [[kind, "float32", k, False] for kind in ("all_gather", "reduce_scatter", "broadcast")
+                   for k in (1, 4, 300001)]
+        check_values(_run_hostfile(tmp_path, hf, "gathers", gathers), 4, hashed=False)
+        r = _run_hostfile(tmp_path, hf, "p2p", [1, 100000], [[0, 1], [0, 2], [1, 3], [2, 3]])
+        assert r.status == 0 and all(v["errors"] == [] for v in r.values), r.all_text()
+
+
+def test_shared_memory_across_hosts_is_a_clear_error(tmp_path):
+    with cl.Cluster(2, topology="ring", name=name()) as c:
+        r = run_in(c, tmp_path, RANKPROGS, "connect_only", None, env={"THUNDERLINK_TRANSPORT": "shm", "CT": "20"})
+        for v in r.values:
+            assert v and v["raised"] == "ConfigError", r.all_text()
+            assert "THUNDERLINK_TRANSPORT=shm" in v["message"] and "another host" in v["message"], v
+            assert "auto" in v["message"], v

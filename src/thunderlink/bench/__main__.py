@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also measure MLX's ring backend over the same hosts, interleaved, with the ratio")
     p.add_argument("--via", choices=("core", "mlx"), action="append", default=[],
                    help="mlx: also measure through mx.distributed (thunderlink's Group), MLX overhead included")
+    p.add_argument("--transport", choices=("auto", "tcp", "shm"), default=None,
+                   help="THUNDERLINK_TRANSPORT for thunderlink's ranks: auto (shared memory between ranks of one "
+                        "host, TCP otherwise), tcp or shm (default: the environment's, else auto)")
     p.add_argument("--timeout", type=float, default=None, help="stop the job after this many seconds")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     return p
@@ -99,7 +102,7 @@ def run_worker(args) -> int:
     from .worker import run
 
     s = settings_of(args)
-    with connect() as comm:
+    with connect(transport=args.transport) as comm:
         if comm.size < 2 and s.op == "sendrecv":
             raise SystemExit("thunderlink bench: sendrecv needs at least 2 ranks")
         results = run(comm, s)

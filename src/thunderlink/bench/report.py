@@ -33,9 +33,15 @@ def _ratio_names(series) -> list[str]:
     return [_short(b.name, v) for b, v in series if b.name != "mlx-ring"]
 
 
-def header(out, s, n: int, series) -> None:
+def header(out, s, n: int, series, links: dict | None = None) -> None:
     out.write(f"# thunderlink bench: {s.op}, {n} ranks, {s.dtype}, on {socket.gethostname()} "
               f"({platform.system()} {platform.machine()}), {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    if links:
+        kinds: dict[str, list[int]] = {}
+        for peer, (kind, _) in sorted(links.items()):
+            kinds.setdefault(kind, []).append(peer)
+        out.write("# rank 0's links: " + "; ".join(f"{k} to rank{'s' if len(p) > 1 else ''} "
+                                                    f"{', '.join(map(str, p))}" for k, p in kinds.items()) + "\n")
     out.write(f"# warmup {s.warmup}, iterations {s.iters or 'auto'}, check {'on' if s.check else 'off'}; "
               f"time = mean over iterations of the slowest rank, p50/p99 likewise; busbw as in nccl-tests;\n"
               f"# cpu = CPU time of all ranks / (wall time x ranks) over the timed loop\n")

@@ -290,7 +290,7 @@ def run(comm, s: Settings, backends=None, out=sys.stdout) -> list[Measurement]:
     rank0 = comm.rank == 0
     results: list[Measurement] = []
     if rank0:
-        report.header(out, s, comm.size, series)
+        report.header(out, s, comm.size, series, comm.links())
     for size in s.sizes:
         row = [measure(comm, b, s, size, v) for b, v in series]
         results += row
