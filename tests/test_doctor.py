@@ -20,8 +20,10 @@ import pytest
 
 from conftest import PKG_ROOT as SRC, unique_name  # the thunderlink under test's folder
 
+from thunderlink.doctor import ranks as rk
 from thunderlink.testing import cluster as cl
 from thunderlink.transport import interfaces as ifs
+from thunderlink.transport.hostfile import parse
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_TIMEOUT_S = 45
@@ -143,11 +145,81 @@ def test_malformed_hostfile(tmp_path, content, expect):
     assert rc == 1 and pr["check"] == "hostfile" and expect in pr["message"] and pr["fix"]
 
 
-def test_loopback_hostfile(tmp_path):
+def test_loopback_hostfile(tmp_path, monkeypatch):
+    monkeypatch.setenv("THUNDERLINK_TRANSPORT", "auto")
     path = write(tmp_path, {"ranks": [{"addresses": ["127.0.0.1:41011"]}, {"addresses": ["127.0.0.1:41012"]}]})
     rc, res = doctor_json("--hostfile", path)
     assert rc == 0 and not problems(res), problems(res)
     assert set(res["facts"]) == {"0", "1"}
+    # The topology the core derives: rank 0 listens, rank 1 dials; both ranks
+    # live here, so auto joins them by shared memory.
+    topo = res["topology"]
+    assert topo["ring"] == [0, 1] and topo["ring_problem"] is None
+    assert topo["links"] == [{"ranks": [0, 1], "acceptor": 0, "dialer": 1,
+                              "cables": [{"to": "127.0.0.1:41011", "from": None}]}]
+    assert topo["shared_memory"] == [[0, 1]]
+    cp = doctor("--hostfile", path)
+    assert "topology (as the core will connect):" in cp.stdout, cp.stdout
+    assert "ring 0 -> 1 -> 0" in cp.stdout and "rank 0 listens for 1 (at 1 address for any rank)" in cp.stdout
+    assert "links 0-1 stay on this host" in cp.stdout and "shared memory" in cp.stdout
+    assert "topology" not in doctor("--hostfile", path, "-q").stdout
+    monkeypatch.setenv("THUNDERLINK_TRANSPORT", "tcp")
+    _, res = doctor_json("--hostfile", path)
+    assert res["topology"]["shared_memory"] == []
+
+
+def loopback_cables(n, cables, port=41100):
+    """A hostfile whose cables are pairs of loopback addresses (on lo, so every
+    rank is on this host), each end facing the other."""
+    ranks = [[] for _ in range(n)]
+    for i, (a, b) in enumerate(cables):
+        ranks[a].append({"ip": f"127.0.{i + 1}.1", "port": port, "peer": b})
+        ranks[b].append({"ip": f"127.0.{i + 1}.2", "port": port, "peer": a})
+    return {"ranks": [{"addresses": x} for x in ranks]}
+
+
+def test_no_ring_shows_the_cores_reason(tmp_path):
+    # A line 0-1-2-3: ranks 0 and 3 have one neighbour each (the core names the first).
+    obj = loopback_cables(4, [(1, 0), (1, 2), (2, 3)])
+    (ring,) = [c for c in rk.hostfile_checks(parse(obj)) if c.check == "ring"]
+    assert ring.status == "problem" and ring.title == "no ring through the links"
+    assert ring.message == "rank 0 shares a link with rank 1 only, and a ring needs two neighbours: add a " \
+                           "cable or a common address to a second rank"
+    assert '"ring"' in ring.fix
+    path = write(tmp_path, obj)
+    cp = doctor("--hostfile", path, "--timeout", "1")
+    assert cp.returncode == 1, cp.stdout + cp.stderr
+    assert "PROBLEM: no ring through the links" in cp.stdout
+    assert "rank 0 shares a link with rank 1 only" in cp.stdout and "ring: none" in cp.stdout
+    rc, res = doctor_json("--hostfile", path, "--timeout", "1")
+    assert res["topology"]["ring"] is None and "rank 0" in res["topology"]["ring_problem"]
+
+
+def test_probes_follow_the_cores_links():
+    # A cabled ring: every cable is probed from both ends, each from its own end.
+    hf = parse(loopback_cables(3, [(0, 1), (1, 2), (2, 0)]))
+    for r in range(3):
+        got = {(p, d.ip, s.ip) for p, (_, d), (_, s) in rk.probes(hf, r)}
+        want = {(p, x.ip, y.ip) for p in range(3) if p != r
+                for x in hf.ranks[p].addresses if x.peer == r
+                for y in hf.ranks[r].addresses if y.peer == p}
+        assert got == want and len(got) == 2, (r, got)
+    # Addresses for any rank: the dialer probes what it dials, leaving by the
+    # route; the listener has no end of its own to probe back from.
+    hf = parse({"ranks": [{"addresses": [f"127.0.0.1:{41200 + r}"]} for r in range(3)]})
+    assert rk.probes(hf, 0) == []
+    assert [(p, d.port, s) for p, (_, d), s in rk.probes(hf, 2)] == [(0, 41200, None), (1, 41201, None)]
+
+
+def test_cable_pairs_as_the_core_pairs_them():
+    obj = loopback_cables(2, [(0, 1), (1, 0)])
+    obj["ranks"][1]["addresses"].insert(0, "127.0.9.9:41300")  # rank 1's cable ends are its 2nd and 3rd
+    hf = parse(obj)
+    assert rk.cable_pairs(hf, 0, 1) == [(0, 1), (1, 2)]
+    assert rk.cable_pairs(hf, 1, 0) == [(1, 0), (2, 1)]
+    # Addresses for any rank are no cable ends.
+    hf = parse({"ranks": [{"addresses": ["127.0.0.1:41300"]}, {"addresses": ["127.0.0.1:41301"]}]})
+    assert rk.cable_pairs(hf, 0, 1) == []
 
 
 # ----------------------------------------------------------------------------- emulated clusters

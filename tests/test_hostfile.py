@@ -1,6 +1,7 @@
 """Hostfiles (thunderlink.transport.hostfile): both formats, defaults, every
 error path, the MLX ring's cable directions, ring derivation, job ids,
-endpoints and the JSON round trip."""
+endpoints and the JSON round trip. The topology itself (links, ring search):
+test_topology.py."""
 
 from __future__ import annotations
 
@@ -444,9 +445,16 @@ def test_ring_five_out_of_order():
 
 
 def test_ring_without_a_cycle_is_none():
-    # A line 0-1-2-3 (no cable closing the ring): no ring exists.
+    # A line 0-1-2-3 (no cable closing the ring): no ring exists, and the
+    # core's reason names the rank at an end of the line.
     hf = parse(cabled(4, [(0, 1), (1, 2), (2, 3)]))
     assert hf.ring is None
+    assert "rank 0 shares a link with rank 1 only" in hf.ring_problem
+    assert "ring" not in hf.to_json()
+
+
+def test_ring_found_has_no_problem():
+    assert parse(cabled(4, [(0, 2), (2, 1), (1, 3), (3, 0)])).ring_problem is None
 
 
 def test_ring_with_shared_addresses_is_in_order():

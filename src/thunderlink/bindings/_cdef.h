@@ -102,8 +102,8 @@ int tl_comm_create(tl_comm_t **out, int rank, int size, const tl_options_t *opts
 int tl_comm_add_endpoint(tl_comm_t *comm, int owner, int facing, const char *host,
                          int port, const char *ifname, double weight);
 int tl_comm_set_ring(tl_comm_t *comm, const int32_t *order, int n);
-int tl_comm_link_plan(tl_comm_t *comm, int a, int b, int *acceptor, int32_t *cables, int cap,
-                      int *ncables);
+int tl_comm_link_plan(tl_comm_t *comm, int a, int b, int *acceptor, int32_t *cables, int32_t *sources,
+                      int cap, int *ncables);
 int tl_comm_find_ring(tl_comm_t *comm, int32_t *order, int n);
 int tl_comm_link_info(tl_comm_t *comm, int peer, int *transport, int *nchannels);
 int tl_transport_available(int transport, char *why, size_t cap);

@@ -476,16 +476,20 @@ class Topology:
                 self._h,
             )
 
-    def link(self, a: int, b: int) -> tuple[int | None, list[int]]:
+    def link(self, a: int, b: int) -> tuple[int | None, list[int], list[int | None]]:
         """(the rank that listens for the link between a and b, indices in
-        ``endpoints`` of its addresses the other rank dials, one per cable);
-        (None, []) when the two share no link."""
+        ``endpoints`` of its addresses the other rank dials, one per cable,
+        and for each cable the index of the dialling rank's own address it
+        leaves from, or None where its routes decide); (None, [], []) when
+        the two share no link."""
         acceptor, n = ffi.new("int *"), ffi.new("int *")
-        cables = ffi.new("int32_t[64]")
-        check(lib.tl_comm_link_plan(self._h, a, b, acceptor, cables, 64, n), self._h)
+        cables, sources = ffi.new("int32_t[64]"), ffi.new("int32_t[64]")
+        check(lib.tl_comm_link_plan(self._h, a, b, acceptor, cables, sources, 64, n), self._h)
         if acceptor[0] < 0:
-            return None, []
-        return acceptor[0], [int(cables[i]) for i in range(min(n[0], 64))]
+            return None, [], []
+        k = min(n[0], 64)
+        return (acceptor[0], [int(cables[i]) for i in range(k)],
+                [int(sources[i]) if sources[i] >= 0 else None for i in range(k)])
 
     def linked(self, a: int, b: int) -> bool:
         return self.link(a, b)[0] is not None

@@ -197,10 +197,12 @@ int tl_comm_set_ring(tl_comm_t *comm, const int32_t *order, int n);
  * can ask before (or without) connecting. tl_comm_link_plan: who listens
  * for the link between ranks a and b (*acceptor, -1 when they share no link)
  * and which of the acceptor's endpoints the other dials, one per cable
- * (indices in declaration order, at most cap, their number in *ncables).
+ * (indices in declaration order, at most cap, their number in *ncables),
+ * and for each cable the dialling rank's own endpoint it leaves from
+ * (sources, may be NULL; -1 where it has none and its routes decide).
  */
 int tl_comm_link_plan(tl_comm_t *comm, int a, int b, int *acceptor,
-                      int32_t *cables, int cap, int *ncables);
+                      int32_t *cables, int32_t *sources, int cap, int *ncables);
 
 /*
  * A ring order (n = world size entries) in which neighbours share links:

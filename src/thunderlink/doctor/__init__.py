@@ -4,7 +4,8 @@ mismatches, busy ports, unreachable peers) and prints each with its fix.
 
 See :mod:`thunderlink.doctor.__main__` for the command line; the checks live
 in :mod:`.listing` (this host's interfaces) and :mod:`.ranks` (a hostfile
-against this host), :mod:`.netns` runs them in emulated clusters.
+against this host), :mod:`.netns` runs them in emulated clusters, and
+:mod:`.topology` shows what the core derives from a hostfile.
 """
 
 from .report import Check, Report

@@ -1,7 +1,9 @@
 """thunderlink doctor: find set-up problems and print each with its fix.
 
     thunderlink doctor                          this host's interfaces (Thunderbolt marked)
-    thunderlink doctor --hostfile H [--rank R]  check the hostfile against this host
+    thunderlink doctor --hostfile H [--rank R]  the topology the core derives from the hostfile
+                                                (ring, who listens for each link), and the
+                                                hostfile checked against this host
     thunderlink doctor --hostfile H --all-netns every rank inside its network namespace
                                                 (emulated clusters: thunderlink cluster up)
 
@@ -26,9 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="thunderlink doctor",
         description="Find set-up problems (addresses, interfaces, Thunderbolt Bridge vs per-cable "
         "links, MTUs, ports, reachability) and print each with its fix.",
-        epilog="Without --hostfile: list this host's interfaces. With --hostfile: check the ranks "
-        "whose addresses are on this host (or --rank R). Exit status: 0 no problems, 1 problems, "
-        "2 usage error.",
+        epilog="Without --hostfile: list this host's interfaces. With --hostfile: show the topology "
+        "the core derives (ring order, who listens for each link) and check the ranks whose addresses "
+        "are on this host (or --rank R). Exit status: 0 no problems, 1 problems, 2 usage error.",
     )
     p.add_argument("--hostfile", metavar="H", help="thunderlink or MLX ring hostfile to check")
     p.add_argument("--rank", type=int, metavar="R", help="check this rank (default: the ranks whose "
@@ -64,6 +66,7 @@ def _hostfile_report(args, host: Host) -> Report | int:
     from ..transport import hostfile as hostfile_mod
     from ..transport import interfaces as ifs
     from . import ranks as rk
+    from . import topology as tp
 
     path = args.hostfile
     rep = Report(header=[f"thunderlink doctor: hostfile {path}, on {host.label} ({host.platform})"])
@@ -80,6 +83,7 @@ def _hostfile_report(args, host: Host) -> Report | int:
     if not args.rank_only:
         rep.extend(rk.hostfile_checks(hf))
     facts: dict[int, dict] = {}
+    shm: list[tuple[int, int]] = []  # links that auto joins by shared memory, as far as this host shows
     if args.all_netns:
         from .netns import run_all
 
@@ -103,14 +107,20 @@ def _hostfile_report(args, host: Host) -> Report | int:
                  "the ranks' addresses"), where=host.label))
         else:
             rep.header.append(f"checking rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}")
-        ifname = from_env().ifname  # the core binds this rank's unnamed addresses to it
-        for r in ranks:
-            checks, f = rk.check_rank(hf.with_default_iface(r, ifname), r, timeout=args.timeout, host=host,
+        cfg = from_env()
+        for r in ranks:  # the core binds a rank's unnamed addresses to THUNDERLINK_IFNAME
+            checks, f = rk.check_rank(hf.with_default_iface(r, cfg.ifname), r, timeout=args.timeout, host=host,
                                       interfaces=its)
             rep.extend(checks)
             facts[r] = f
+        if cfg.transport == "auto":
+            local = [r for r in ranks if all(a["local"] for a in facts[r]["addresses"])]
+            shm = tp.shared_memory_pairs(hf, local)
     if not args.rank_only:
         rep.extend(rk.mtu_checks(hf, facts))
+        text, rep.extra["topology"] = tp.describe(hf, shm)
+        if not args.quiet:
+            rep.text_sections.append(text)
     rep.extra["hostfile"] = os.path.abspath(path)
     rep.extra["facts"] = {str(r): f for r, f in facts.items()}
     return rep

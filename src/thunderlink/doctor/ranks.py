@@ -1,10 +1,11 @@
 """Checks of a hostfile against this host, for one rank; and the checks that
 need the hostfile only or several ranks' findings (MTUs of both cable ends).
 
-Which peers a rank talks to mirrors the core (csrc/transport/tcp.c): for a
-pair lo < hi, hi connects to lo's addresses facing hi (else lo's addresses
-facing any rank), binding the k-th connection to hi's k-th address facing lo
-(and to its interface, when the hostfile names one).
+Which ranks share a link, who dials whom over which cables, and from which
+address, are the core's answers (Hostfile.link, from csrc/core/topo.c). The
+doctor probes every link from both ends: the dialing rank as the core dials,
+the listening rank the way back along each cable, from its end to the
+dialer's.
 """
 
 from __future__ import annotations
@@ -20,22 +21,10 @@ from ..transport.hostfile import Address, Hostfile, linked
 from .commands import Host
 from .report import Check, ok, problem, warn
 
-__all__ = ["hostfile_checks", "select_ranks", "check_rank", "mtu_checks", "targets", "cable_pairs"]
+__all__ = ["hostfile_checks", "select_ranks", "check_rank", "mtu_checks", "probes", "cable_pairs"]
 
 
 # --------------------------------------------------------------------------- small helpers
-
-
-def targets(hf: Hostfile, owner: int, frm: int) -> list[tuple[int, Address]]:
-    """(index, address) of ``owner``'s addresses that ``frm`` uses: those facing
-    ``frm``, else those facing any rank (as the core's targets())."""
-    addrs = list(enumerate(hf.ranks[owner].addresses))
-    facing = [(j, a) for j, a in addrs if a.peer == frm]
-    return facing or [(j, a) for j, a in addrs if a.peer is None]
-
-
-def facing(hf: Hostfile, r: int, p: int) -> list[tuple[int, Address]]:
-    return [(j, a) for j, a in enumerate(hf.ranks[r].addresses) if a.peer == p]
 
 
 def resolve(host: str) -> tuple[str | None, str | None]:
@@ -91,18 +80,15 @@ def hostfile_checks(hf: Hostfile) -> list[Check]:
     n = hf.size
     where = hf.path or "hostfile"
     out.append(ok("hostfile", "hostfile read",
-                  f"hostfile {where}: {n} rank{'s' if n != 1 else ''}, {hf.format} format"
-                  + (f", ring {hf.ring}" if hf.ring and n > 2 else "")))
+                  f"hostfile {where}: {n} rank{'s' if n != 1 else ''}, {hf.format} format"))
     # The ring must follow links.
     if n > 2:
         if hf.ring is None:
-            unl = [f"{a}-{(a + 1) % n}" for a in range(n) if not linked(hf, a, (a + 1) % n)]
             out.append(problem(
-                "ring", "no ring through the links",
-                f"no order of the ranks forms a ring in which consecutive ranks share a cable or a "
-                f"common address (unlinked neighbours in 0..{n - 1} order: {', '.join(unl)})",
-                "every rank needs an address facing each ring neighbour (\"peer\": neighbour) or an address "
-                "without \"peer\" that every rank may use; add the missing cables' addresses"))
+                "ring", "no ring through the links", hf.ring_problem,
+                "the doctor's topology lists the links found; add cables (both ends, each address with "
+                "\"peer\": the other rank) or addresses without \"peer\" that every rank may use, or, if "
+                "the links are right, give the order as \"ring\" in the hostfile"))
         else:
             bad = [(a, b) for a, b in zip(hf.ring, hf.ring[1:] + hf.ring[:1]) if not linked(hf, a, b)]
             if bad:
@@ -117,7 +103,7 @@ def hostfile_checks(hf: Hostfile) -> list[Check]:
             if a.peer is None or hf.format != "thunderlink":
                 continue
             p = a.peer
-            if facing(hf, p, r):
+            if any(x.peer == r for x in hf.ranks[p].addresses):
                 continue
             oe = other_end(a.ip, a.prefix)
             entry = '{"ip": "' + (oe or "<rank %d's address on this cable>" % p) + f'", "peer": {r}'
@@ -406,7 +392,7 @@ def _connect(ip: str, port: int, timeout: float, device: str | None = None,
         s.close()
 
 
-def _peer_check(hf: Hostfile, r: int, p: int, j: int, d: Address, k: int, src: tuple[int, Address] | None,
+def _peer_check(hf: Hostfile, r: int, p: int, j: int, d: Address, src: tuple[int, Address] | None,
                 src_fact: dict | None, its: list[ifs.Interface], host: Host, timeout: float) -> list[Check]:
     out: list[Check] = []
     dloc = _loc(p, j)
@@ -499,6 +485,25 @@ def _peer_check(hf: Hostfile, r: int, p: int, j: int, d: Address, k: int, src: t
     return out
 
 
+def probes(hf: Hostfile, r: int) -> list[tuple[int, tuple[int, Address], tuple[int, Address] | None]]:
+    """What rank r's checks try to reach: (peer, (index, address) of the
+    peer's, (index, address) of r's to leave from or None). Where r dials, the
+    cables the core dials, from the addresses it binds; where r listens, each
+    cable the other way, from r's end to the dialer's (cables whose dialer
+    binds no address of its own are checked from the dialer's side only)."""
+    out = []
+    for p in range(hf.size):
+        link = hf.link(r, p) if p != r else None
+        if link is None:
+            continue
+        for cable, source in zip(link.cables, link.sources):
+            if link.dialer == r:
+                out.append((p, cable, source))
+            elif source is not None:
+                out.append((p, source, cable))
+    return out
+
+
 def check_rank(hf: Hostfile, r: int, *, timeout: float = 2.0, host: Host | None = None,
                interfaces: list[ifs.Interface] | None = None) -> tuple[list[Check], dict]:
     """Every check of rank ``r`` that can run on this host; and the facts
@@ -507,19 +512,12 @@ def check_rank(hf: Hostfile, r: int, *, timeout: float = 2.0, host: Host | None 
     its = ifs.list_interfaces() if interfaces is None else interfaces
     checks, afacts = _address_checks(hf, r, its, host)
     checks += _port_checks(hf, r, afacts, host)
-    jobs = []
-    for p in range(hf.size):
-        if p == r or not linked(hf, r, p):
-            continue
-        srcs = facing(hf, r, p)
-        for k, (j, d) in enumerate(targets(hf, p, r)):
-            src = srcs[k] if k < len(srcs) else None  # as the core's source_ep()
-            sf = afacts[src[0]] if src else None
-            jobs.append((p, j, d, k, src, sf))
+    jobs = probes(hf, r)
     if jobs:
         with ThreadPoolExecutor(max_workers=min(16, len(jobs))) as ex:
-            futs = [ex.submit(_peer_check, hf, r, p, j, d, k, src, sf, its, host, timeout)
-                    for p, j, d, k, src, sf in jobs]
+            futs = [ex.submit(_peer_check, hf, r, p, j, d, src, afacts[src[0]] if src else None, its, host,
+                              timeout)
+                    for p, (j, d), src in jobs]
             for f in futs:
                 checks += f.result()
     facts = {"rank": r, "host": host.name, "netns": host.netns, "platform": host.platform,
@@ -531,22 +529,18 @@ def check_rank(hf: Hostfile, r: int, *, timeout: float = 2.0, host: Host | None 
 
 
 def cable_pairs(hf: Hostfile, a: int, b: int) -> list[tuple[int, int]]:
-    """(index at a, index at b) of the two ends of each cable between a and b:
-    matched by subnet where prefixes are known, else in order."""
-    ea, eb = facing(hf, a, b), facing(hf, b, a)
-    pairs, used = [], set()
-    for ja, xa in ea:
-        net = _net(xa.ip, xa.prefix)
-        match = None
-        if net is not None:
-            match = next((jb for jb, xb in eb if jb not in used and _in(xb.ip, net)), None)
-        if match is not None:
-            pairs.append((ja, match))
-            used.add(match)
-    rest_a = [ja for ja, _ in ea if ja not in {x for x, _ in pairs}]
-    rest_b = [jb for jb, _ in eb if jb not in used]
-    pairs += list(zip(rest_a, rest_b))
-    return pairs
+    """(index at a, index at b) of the two ends of each cable between a and b,
+    as the core pairs them: the address it dials and the one it leaves from.
+    Addresses without "peer" are no cable ends."""
+    link = hf.link(a, b)
+    if link is None:
+        return []
+    out = []
+    for (jc, c), source in zip(link.cables, link.sources):
+        if source is None or c.peer is None:
+            continue
+        out.append((jc, source[0]) if link.acceptor == a else (source[0], jc))
+    return out
 
 
 def mtu_checks(hf: Hostfile, facts: dict[int, dict]) -> list[Check]:

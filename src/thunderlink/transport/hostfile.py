@@ -7,7 +7,7 @@ Two formats are read (the format is recognised from the JSON itself):
     {
       "version": 1,
       "port": 32323,                      # optional default port (plus the rank)
-      "ring": [0, 2, 1, 3],               # optional ring order
+      "ring": [0, 2, 1, 3],               # optional ring order (default: found along the links)
       "ranks": [
         {"host": "mac-a",                 # ssh target / label (default: first ip)
          "ssh": "me@mac-a",               # optional ssh destination
@@ -25,6 +25,12 @@ p connects there, and several such addresses to the same peer (several
 cables) share the traffic in proportion to ``rate``. Addresses without
 ``peer`` are reachable by every rank.
 
+Which ranks share a link, who listens for it, over which cables, and the
+ring order when the file gives none are the C core's answers
+(csrc/core/topo.c, through :class:`thunderlink.bindings.Topology`):
+:meth:`Hostfile.link`, :func:`link_plan` and :func:`linked` ask it, so the
+tools and the core never disagree.
+
 **MLX ring** (what ``mlx.launch --backend ring`` writes to ``MLX_HOSTFILE``):
 a JSON list, one entry per rank, each a list of ``"ip:port"`` strings. As in
 MLX's ring, rank r's addresses are those its left neighbour (r-1) connects
@@ -38,11 +44,13 @@ import ipaddress
 import json
 import os
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 from ..config import parse_rate
 from ..errors import ConfigError
 
-__all__ = ["Address", "RankSpec", "Hostfile", "load", "parse", "local_hostfile", "DEFAULT_PORT"]
+__all__ = ["Address", "RankSpec", "Link", "Hostfile", "load", "parse", "link_plan", "linked", "local_hostfile",
+           "DEFAULT_PORT"]
 
 DEFAULT_PORT = 32323
 
@@ -69,6 +77,20 @@ class RankSpec:
     extra: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Link:
+    """How the core joins two ranks: ``dialer`` connects to each of
+    ``acceptor``'s addresses in ``cables`` (one per cable), leaving for the
+    k-th from ``sources[k]``. Entries are (index in that rank's addresses,
+    address); a source is None where the dialer has no k-th address facing
+    the acceptor (its route then picks the way out)."""
+
+    acceptor: int
+    dialer: int
+    cables: tuple[tuple[int, Address], ...]
+    sources: tuple[tuple[int, Address] | None, ...]
+
+
 @dataclass
 class Hostfile:
     ranks: list[RankSpec]
@@ -76,10 +98,39 @@ class Hostfile:
     format: str = "thunderlink"
     path: str | None = None
     canonical: str = ""
+    # Why no ring exists when the file gives none and the core finds none
+    # (then ``ring`` is None and the core refuses to connect with this reason).
+    ring_problem: str | None = None
 
     @property
     def size(self) -> int:
         return len(self.ranks)
+
+    @cached_property
+    def topology(self):
+        """The core's topology of these addresses (:class:`thunderlink.bindings.Topology`),
+        built on first use; ``ranks`` must not change afterwards."""
+        from ..bindings import Topology  # lazily, as in endpoints(): it loads the compiled core
+
+        return Topology(self.size, self.endpoints())
+
+    def link(self, a: int, b: int) -> Link | None:
+        """How the core joins ranks a and b; None when they share no link."""
+        acceptor, cables, sources = self.topology.link(a, b)
+        if acceptor is None:
+            return None
+        dialer = b if acceptor == a else a
+        # Endpoints are in rank order, then address order (endpoints()).
+        starts = [0]
+        for spec in self.ranks:
+            starts.append(starts[-1] + len(spec.addresses))
+
+        def local(rank: int, i: int) -> tuple[int, Address]:
+            return i - starts[rank], self.ranks[rank].addresses[i - starts[rank]]
+
+        return Link(acceptor=acceptor, dialer=dialer,
+                    cables=tuple(local(acceptor, i) for i in cables),
+                    sources=tuple(None if i is None else local(dialer, i) for i in sources))
 
     def job_id(self) -> int:
         """A 64-bit id every rank derives from the same file."""
@@ -94,7 +145,7 @@ class Hostfile:
         spec = ranks[rank]
         ranks[rank] = RankSpec(host=spec.host, ssh=spec.ssh, extra=spec.extra,
                                addresses=[a if a.iface else replace(a, iface=ifname) for a in spec.addresses])
-        return Hostfile(ranks=ranks, ring=self.ring, format=self.format, path=self.path, canonical=self.canonical)
+        return replace(self, ranks=ranks)
 
     def endpoints(self, ifname: str | None = None, rank: int | None = None):
         """Endpoints for the core. ``ifname`` applies to ``rank``'s addresses
@@ -191,10 +242,21 @@ def parse(obj, path: str | None = None) -> Hostfile:
             f"or a list of address lists (MLX ring format), got {type(obj).__name__}"
         )
     _check(hf)
+    try:
+        topology = hf.topology
+    except ConfigError as e:  # an address the core cannot take (an overlong name)
+        raise ConfigError(f"[thunderlink] {_where(path)}: {_reason(e)}") from None
     if hf.ring is None:
-        hf.ring = _ring_from_cables(hf)
+        try:
+            hf.ring = topology.ring()
+        except ConfigError as e:
+            hf.ring_problem = _reason(e)
     hf.canonical = json.dumps(hf.to_json(), sort_keys=True, separators=(",", ":"))
     return hf
+
+
+def _reason(e: ConfigError) -> str:
+    return str(e).removeprefix("[thunderlink] ")
 
 
 def _split_hostport(text: str, where: str, default_port: int | None) -> tuple[str, int]:
@@ -346,55 +408,24 @@ def _check(hf: Hostfile) -> None:
             seen[key] = r
 
 
-def _usable(hf: Hostfile, owner: int, frm: int) -> list[Address]:
-    """owner's addresses that frm dials: those facing frm, else those for any rank."""
-    addrs = hf.ranks[owner].addresses
-    return [x for x in addrs if x.peer == frm] or [x for x in addrs if x.peer is None]
-
-
 def link_plan(hf: Hostfile, a: int, b: int) -> tuple[int | None, list[Address]]:
     """(the rank that listens for the link between a and b, the addresses the
-    other dials), as the core decides: the lower rank if it has an address
-    the higher may use, else the higher; (None, []) when they share no link."""
-    lo, hi = min(a, b), max(a, b)
-    for owner, frm in ((lo, hi), (hi, lo)):
-        found = _usable(hf, owner, frm)
-        if found:
-            return owner, found
-    return None, []
+    other dials, one per cable), as the core decides; (None, []) when they
+    share no link."""
+    link = hf.link(a, b)
+    return (None, []) if link is None else (link.acceptor, [x for _, x in link.cables])
 
 
 def linked(hf: Hostfile, a: int, b: int) -> bool:
-    """Can ranks a and b connect (one has an address the other may dial)?"""
-    return link_plan(hf, a, b)[0] is not None
+    """Do ranks a and b share a link (one has an address the other may dial)?"""
+    return hf.topology.linked(a, b)
 
 
-def _ring_from_cables(hf: Hostfile) -> list[int] | None:
-    """The ring order: 0..n-1 if consecutive ranks are linked, else a cycle
-    through the cables (searched), else None (the core then reports which
-    neighbours lack a link)."""
-    n = hf.size
-    order = list(range(n))
-    if n <= 2 or all(linked(hf, order[i], order[(i + 1) % n]) for i in range(n)):
-        return order
-    if n > 24:
-        return None
-    path = [0]
-    used = {0}
-
-    def extend() -> bool:
-        if len(path) == n:
-            return linked(hf, path[-1], path[0])
-        for nxt in range(n):
-            if nxt not in used and linked(hf, path[-1], nxt):
-                path.append(nxt)
-                used.add(nxt)
-                if extend():
-                    return True
-                used.discard(path.pop())
-        return False
-
-    return list(path) if extend() else None
+def _dialable(hf: Hostfile, owner: int, frm: int) -> list[Address]:
+    """owner's addresses that frm dials when owner listens: those facing frm,
+    else those for any rank (the rule of targets() in csrc/core/topo.c)."""
+    addrs = hf.ranks[owner].addresses
+    return [x for x in addrs if x.peer == frm] or [x for x in addrs if x.peer is None]
 
 
 def mlx_ring_hostfile(hf: Hostfile, port_offset: int) -> list[list[str]]:
@@ -404,9 +435,9 @@ def mlx_ring_hostfile(hf: Hostfile, port_offset: int) -> list[list[str]]:
     must share a link."""
     n = hf.size
     out = []
-    for r, spec in enumerate(hf.ranks):
+    for r in range(n):
         left = (r - 1) % n
-        addrs = [a for a in spec.addresses if a.peer == left] or [a for a in spec.addresses if a.peer is None]
+        addrs = _dialable(hf, r, left)
         if not addrs:
             raise ConfigError(
                 f"[thunderlink] MLX's ring needs ranks {left} and {r} to share a link (it follows rank order), "

@@ -185,8 +185,8 @@ int tl_comm_set_ring(tl_comm_t *c, const int32_t *order, int n) {
   return TL_OK;
 }
 
-int tl_comm_link_plan(tl_comm_t *c, int a, int b, int *acceptor, int32_t *cables, int cap,
-                      int *ncables) {
+int tl_comm_link_plan(tl_comm_t *c, int a, int b, int *acceptor, int32_t *cables,
+                      int32_t *sources, int cap, int *ncables) {
   if (!c || !acceptor || !ncables || (cap > 0 && !cables)) return TL_ERR_INVALID;
   if (a < 0 || a >= c->size || b < 0 || b >= c->size)
     return tl__error(c, TL_ERR_INVALID, "ranks %d and %d: out of range (world size %d)",
@@ -194,7 +194,11 @@ int tl_comm_link_plan(tl_comm_t *c, int a, int b, int *acceptor, int32_t *cables
   int tg[TL_MAX_CONNS], nt;
   *acceptor = tl__link_plan(c->eps, c->neps, a, b, tg, &nt);
   *ncables = nt;
-  for (int i = 0; i < nt && i < cap; i++) cables[i] = tg[i];
+  int dialler = *acceptor == a ? b : a;
+  for (int i = 0; i < nt && i < cap; i++) {
+    cables[i] = tg[i];
+    if (sources) sources[i] = tl__source_ep(c->eps, c->neps, dialler, *acceptor, i);
+  }
   return TL_OK;
 }
 
