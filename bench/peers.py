@@ -4,6 +4,7 @@ the way `thunderlink bench` measures thunderlink, so the two can be put side by 
 
     python bench/peers.py --peer gloo [--sizes 4:256M] [--iters N] [--warmup N] [--json out.json] [-n 2]
     python bench/peers.py --peer ompi [--sizes 4:256M] [--iters N] [--warmup N] [--json out.json] [-n 2]
+    python bench/peers.py --peer ompi-shm ...                  (Open MPI over its shared memory)
     python bench/peers.py --peer ompi --with-thunderlink ...   (thunderlink bench first, then both side by side)
     python bench/peers.py --compare thunderlink.json gloo.json ompi.json [--json all.json] [--plot all.png]
 
@@ -15,6 +16,15 @@ the way `thunderlink bench` measures thunderlink, so the two can be put side by 
         `mpirun --mca pml ob1 --mca btl tcp,self --mca btl_tcp_if_include lo`:
         the TCP BTL over loopback (no shared memory, no UCX). Out of place
         (Allreduce(x, y)) and in place (Allreduce(IN_PLACE, x)).
+  ompi-shm  the same over Open MPI's shared memory between the ranks
+        (`--mca pml ob1 --mca btl vader,self`: the vader BTL, Open MPI 4's
+        shared memory with single-copy CMA where the kernel allows it), to
+        compare with thunderlink's shared-memory transport
+        (--with-thunderlink then runs thunderlink with --transport shm).
+  mlx-mpi  MLX's own `mpi` backend over that same Open MPI shared memory:
+        mx.distributed.all_sum on a fresh MLX array, out of place (MLX
+        allocates every output), as users call it (--with-thunderlink then
+        runs thunderlink with --transport shm --via mlx).
 
 Method (as in src/thunderlink/bench/worker.py): per size, `--warmup` untimed
 iterations; then, unless --iters is given, one timed iteration (slowest rank)
@@ -49,17 +59,22 @@ import time
 
 import numpy as np
 
-PEERS = ("gloo", "ompi")
+PEERS = ("gloo", "ompi", "ompi-shm", "mlx-mpi")
 INSTALL = {
     "gloo": "gloo (PyTorch) is not installed: pip install torch==2.13.0  "
             "(CPU build; see bench/PEERS.md)",
     "ompi": "Open MPI / mpi4py is not installed: apt-get install -y openmpi-bin libopenmpi-dev "
             "&& pip install mpi4py  (see bench/PEERS.md)",
 }
+INSTALL["ompi-shm"] = INSTALL["mlx-mpi"] = INSTALL["ompi"]
 # mpirun options: the TCP BTL over loopback only. pml ob1 is pinned because
 # Debian's Open MPI also has the UCX pml, which would ignore the btl list and
 # move the bytes through shared memory.
-MPIRUN_MCA = ["--mca", "pml", "ob1", "--mca", "btl", "tcp,self", "--mca", "btl_tcp_if_include", "lo"]
+MPIRUN_MCA = {
+    "ompi": ["--mca", "pml", "ob1", "--mca", "btl", "tcp,self", "--mca", "btl_tcp_if_include", "lo"],
+    "ompi-shm": ["--mca", "pml", "ob1", "--mca", "btl", "vader,self"],
+}
+MPIRUN_MCA["mlx-mpi"] = MPIRUN_MCA["ompi-shm"]
 
 # ---- sizes and data: thunderlink bench's own, so that both measure the same ----
 
@@ -177,6 +192,41 @@ class MPIComm:
         pass
 
 
+class MLXMPIComm(MPIComm):
+    """MLX's `mpi` backend: MLX initialises MPI itself, so mpi4py (for the
+    harness's barrier and reductions of timings) attaches to it afterwards."""
+
+    variants = (False,)  # MLX decides when to work in place (donation)
+
+    def __init__(self):
+        import mlx.core as mx
+
+        self.mx = mx
+        self.group = mx.distributed.init(backend="mpi", strict=True)
+        import mpi4py
+
+        mpi4py.rc.initialize = mpi4py.rc.finalize = False
+        super().__init__()
+        self.describe = f"MLX {mx.__version__} mpi backend on {self.describe.split(' via ')[0]}"
+
+    def prepare(self, x: np.ndarray, inplace: bool):
+        mx, g = self.mx, self.group
+        a = mx.array(x)
+        mx.eval(a)
+        box = {}
+
+        def run():
+            y = mx.distributed.all_sum(a, group=g)
+            mx.eval(y)
+            box["y"] = y
+
+        class Result:
+            def __array__(self, dtype=None, copy=None):
+                return np.array(box["y"])
+
+        return {"run": run, "result": Result()}
+
+
 # ---- measuring (the method of src/thunderlink/bench/worker.py) ------------------------
 
 
@@ -212,7 +262,7 @@ def measure(comm, size: int, inplace: bool, warmup: int, iters: int, budget: flo
     # #wrong: fresh buffers, one more all-reduce, exact comparison
     prepared = comm.prepare(make_data(count, rank), inplace)
     prepared["run"]()
-    wrong = count_wrong(prepared["result"], expected_sum(count, n))
+    wrong = count_wrong(np.asarray(prepared["result"]), expected_sum(count, n))
     wrong = int(comm.all_sum(np.array([wrong], dtype=np.int64))[0])
     algbw = nbytes / mean / 1e9 if mean > 0 else 0.0
     return {
@@ -273,8 +323,12 @@ def run_rank(args) -> int:
     sizes = parse_sizes(args.sizes)
     if args.peer == "gloo":
         comm = GlooComm(args.rank, args.ranks, args.port, timeout=min(args.timeout, 300))
+    elif args.peer == "mlx-mpi":
+        comm = MLXMPIComm()
+        comm.name = args.peer
     else:
         comm = MPIComm()
+        comm.name = args.peer  # ompi or ompi-shm: which BTL mpirun gave it
     wanted = {"both": (False, True), "out": (False,), "in": (True,)}[args.inplace]
     variants = tuple(v for v in comm.variants if v in wanted) or comm.variants
     rank0 = comm.rank == 0
@@ -302,8 +356,8 @@ def _label(m: dict) -> str:
     b = m["backend"]
     if b == "thunderlink":
         return "tl-in" if m.get("inplace") else "tl"
-    if b == "ompi":
-        return "ompi-in" if m.get("inplace") else "ompi"
+    if b.startswith("ompi"):
+        return f"{b}-in" if m.get("inplace") else b
     return b
 
 
@@ -336,7 +390,10 @@ def run_thunderlink(args, json_path: str) -> int:
     """`python -m thunderlink bench` with the same sizes, warm-up, iterations and ranks."""
     cmd = [sys.executable, "-m", "thunderlink", "bench", "-n", str(args.ranks), "--sizes", args.sizes,
            "--warmup", str(args.warmup), "--iters", str(args.iters), "--json", json_path,
-           "--timeout", str(int(args.timeout))]
+           "--timeout", str(int(args.timeout)),
+           "--transport", "shm" if args.peer in ("ompi-shm", "mlx-mpi") else "tcp"]
+    if args.peer == "mlx-mpi":
+        cmd += ["--via", "mlx"]
     print("# " + " ".join(cmd[1:]), flush=True)
     p = subprocess.Popen(cmd, start_new_session=True)
     return _supervise([p], args.timeout + 15)
@@ -429,7 +486,7 @@ def launch(args) -> int:
                                   + worker_args(args), env=env, start_new_session=True)
                  for r in range(args.ranks)]
     else:
-        cmd = (["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(args.ranks)] + MPIRUN_MCA
+        cmd = (["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(args.ranks)] + MPIRUN_MCA[args.peer]
                + ["--timeout", str(int(args.timeout) + 5), sys.executable, script, "--rank-worker"] + worker_args(args))
         procs = [subprocess.Popen(cmd, env=env, start_new_session=True)]
     return _supervise(procs, args.timeout + 15)
@@ -438,7 +495,8 @@ def launch(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench/peers.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--peer", choices=PEERS, help="gloo (torch.distributed) or ompi (Open MPI, mpi4py)")
+    p.add_argument("--peer", choices=PEERS,
+                   help="gloo (torch.distributed), ompi (Open MPI over TCP, mpi4py) or ompi-shm (its shared memory)")
     p.add_argument("-n", "--ranks", type=int, default=2, help="local ranks (default 2)")
     p.add_argument("--sizes", default="4:256M", help="MIN:MAX[:xF|:+STEP] or a list, bytes (default 4:256M)")
     p.add_argument("--warmup", type=int, default=5, help="warm-up iterations per size (default 5)")

@@ -19,7 +19,10 @@
  *  - an in-place all_reduce receives reduce-scatter chunks into a slot of
  *    scratch memory and reduces them into the output;
  *  - reduce_scatter keeps partial sums in slots until they have been
- *    forwarded; only the last step writes the output.
+ *    forwarded; only the last step writes the output;
+ *  - where the link can be read in place (shared memory), reduce-scatter
+ *    chunks are combined with this rank's data as they arrive, straight out
+ *    of the channel (tl__irecv_reduce): no copy, and no slot for all_reduce.
  * Every block is reduced once, by its final owner, and then copied around,
  * so all ranks end with the same bits.
  */
@@ -38,6 +41,7 @@ typedef struct inst {
   int left, right;
   int T, t0; /* local steps 0..T-1 are tl_ring_step steps t0.. */
   int K, G;  /* chunks per block part; chunk columns per group */
+  int direct; /* reduce-scatter chunks combined on arrival (tl__irecv_reduce) */
   int64_t nunits;
   int64_t rnext, rhead, snext, shead;
   int routstanding;
@@ -109,7 +113,7 @@ static char *slot_mem(inst_t *I, int s) { return I->slots + (size_t)s * I->slot_
 static void on_recv_done(ring_t *R, inst_t *I, int64_t u) {
   int t, j;
   tl_ring_unit(I->K, I->G, I->T, u, &t, &j);
-  if (rs_step(R, I, t)) {
+  if (rs_step(R, I, t) && !I->direct) {
     int sb, rb;
     tl_ring_step(R->n, I->ipos, I->t0 + t, &sb, &rb);
     uint64_t off, len, own;
@@ -213,21 +217,27 @@ static int pump_once(ring_t *R, inst_t *I, int *changed) {
       continue;
     }
     char *dst;
-    int staged = rs_step(R, I, t) &&
-                 (R->kind == TL_RING_REDUCE_SCATTER || R->inplace);
+    const char *other = NULL; /* combine on arrival with this */
+    int rs = rs_step(R, I, t);
+    int last = I->t0 + t == R->n - 2; /* reduce_scatter: this rank's own block */
+    int staged = rs && (R->kind == TL_RING_REDUCE_SCATTER ? !(I->direct && last)
+                                                          : R->inplace && !I->direct);
+    if (rs && I->direct) other = R->in + off * es;
     if (staged) {
       int s = slot_get(I);
       if (s < 0) break;
       I->slot[u] = s;
       dst = slot_mem(I, s);
     } else {
-      dst = R->out + off * es;
+      dst = R->out + (R->kind == TL_RING_REDUCE_SCATTER ? own : off) * es;
     }
     I->rnext++;
     tl_frame_t h = tl__frame(c, (uint32_t)u, (uint32_t)I->id);
     I->rst[u] = U_POSTED;
     I->routstanding++;
-    int rc = tl__irecv(c, I->left, I->lane, &h, dst, len * es, &I->rreq[u]);
+    int rc = other ? tl__irecv_reduce(c, I->left, I->lane, &h, dst, other, len * es, R->dtype,
+                                      R->redop, &I->rreq[u])
+                   : tl__irecv(c, I->left, I->lane, &h, dst, len * es, &I->rreq[u]);
     if (rc) return rc;
   }
   *changed = I->rhead != rhead0 || I->shead != shead0 || I->rnext != rnext0 ||
@@ -249,6 +259,7 @@ static int setup(ring_t *R, inst_t *I, int id, char **mem, size_t *need) {
   I->lane.step = R->ninst;
   I->left = c->ring[base_pos(R, I, (I->ipos + n - 1) % n)];
   I->right = c->ring[base_pos(R, I, (I->ipos + 1) % n)];
+  I->direct = R->kind != TL_RING_ALL_GATHER && tl__can_reduce_in_place(c, I->left);
   I->T = R->kind == TL_RING_ALL_REDUCE ? 2 * (n - 1) : n - 1;
   I->t0 = R->kind == TL_RING_ALL_GATHER ? n - 1 : 0;
   /* The longest part of any block decides the chunk count. */

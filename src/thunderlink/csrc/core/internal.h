@@ -84,6 +84,10 @@ typedef struct tl_slice {
   char *buf;
   size_t len;  /* payload bytes */
   size_t done; /* header + payload bytes transferred so far */
+  /* recv only, when other is set: buf = payload op other, element-wise,
+   * reduced straight out of the channel (see tl__irecv_reduce). */
+  const char *other;
+  int dtype, redop;
 } tl_slice_t;
 
 /* Channels {first, first + step, ...} of a link carry one stream of
@@ -121,6 +125,10 @@ struct iovec;
 typedef struct tl_transport_ops {
   const char *name;
   int id; /* TL_TRANSPORT_* */
+  /* Spin before sleeping whatever the operation's size: the peer moves the
+   * bytes itself (shared memory), so waiting for it is short, and waking a
+   * sleeper costs the peer a system call. */
+  int spin_always;
   /* Can this process use the transport at all (library, kernel support)?
    * 0 when not, with the reason in why. */
   int (*available)(char *why, size_t cap);
@@ -140,6 +148,11 @@ typedef struct tl_transport_ops {
    * recv with peek leaves the bytes in place. */
   long (*send)(tl_chan_t *ch, const struct iovec *iov, int n);
   long (*recv)(tl_chan_t *ch, const struct iovec *iov, int n, int peek);
+  /* Optional (NULL when the bytes cannot be read in place): the readable
+   * bytes that lie contiguous at *p (0 when none, -EPIPE when the peer is
+   * gone and nothing is left), and consuming n of them. */
+  long (*view)(tl_chan_t *ch, const char **p);
+  void (*consume)(tl_chan_t *ch, size_t n);
   /* About to sleep waiting for the channel to become readable (want_in) or
    * writable (want_out): fill *pfd with a descriptor to poll (fd -1 for
    * none) and return 0, or return 1 if it is ready now (don't sleep). */
@@ -357,6 +370,16 @@ int tl__isend(tl_comm_t *c, int peer, tl_lane_t lane, const tl_frame_t *hdr,
               const void *buf, size_t len, tl_req_t *req);
 int tl__irecv(tl_comm_t *c, int peer, tl_lane_t lane, const tl_frame_t *hdr,
               void *buf, size_t len, tl_req_t *req);
+
+/* A receive whose payload is combined on arrival: buf = payload op other,
+ * element-wise, read straight out of the channel, without a copy; buf may
+ * equal other. Only where tl__can_reduce_in_place(c, peer). */
+int tl__irecv_reduce(tl_comm_t *c, int peer, tl_lane_t lane, const tl_frame_t *hdr,
+                     void *buf, const void *other, size_t len, int dtype, int redop,
+                     tl_req_t *req);
+static inline int tl__can_reduce_in_place(const tl_comm_t *c, int peer) {
+  return c->links[peer].ops && c->links[peer].ops->view != NULL;
+}
 
 /* Drive the channels until req completes. */
 int tl__wait(tl_comm_t *c, tl_req_t *req);

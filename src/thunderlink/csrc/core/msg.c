@@ -95,7 +95,7 @@ void tl__slice_done(tl_comm_t *c, tl_slice_t *s) {
  * whole on the lane's first channel. Slice boundaries are rounded to 4 KiB.
  */
 static int post(tl_comm_t *c, int peer, tl_lane_t lane, const tl_frame_t *hdr,
-                char *buf, size_t len, tl_req_t *req, int is_send) {
+                char *buf, size_t len, tl_req_t *req, int is_send, const tl_slice_t *red) {
   tl_link_t *l = &c->links[peer];
   int conns[TL_MAX_CONNS];
   int n = 0;
@@ -131,6 +131,11 @@ static int post(tl_comm_t *c, int peer, tl_lane_t lane, const tl_frame_t *hdr,
     s->hdr.len = (uint32_t)part;
     s->buf = buf + off;
     s->len = part;
+    if (red) {
+      s->other = red->other + off;
+      s->dtype = red->dtype;
+      s->redop = red->redop;
+    }
     req->pending++;
     int rc = tl__chan_post(c, &l->chans[conns[i]], s, is_send);
     if (rc) return rc;
@@ -144,7 +149,7 @@ int tl__isend(tl_comm_t *c, int peer, tl_lane_t lane, const tl_frame_t *hdr,
   if (len > TL_MAX_FRAME)
     return tl__fail(c, TL_ERR_INVALID, "internal error: message of %zu B exceeds "
                     "the frame limit", len);
-  return post(c, peer, lane, hdr, (char *)buf, len, req, 1);
+  return post(c, peer, lane, hdr, (char *)buf, len, req, 1, NULL);
 }
 
 int tl__irecv(tl_comm_t *c, int peer, tl_lane_t lane, const tl_frame_t *hdr,
@@ -152,7 +157,21 @@ int tl__irecv(tl_comm_t *c, int peer, tl_lane_t lane, const tl_frame_t *hdr,
   if (len > TL_MAX_FRAME)
     return tl__fail(c, TL_ERR_INVALID, "internal error: message of %zu B exceeds "
                     "the frame limit", len);
-  return post(c, peer, lane, hdr, (char *)buf, len, req, 0);
+  return post(c, peer, lane, hdr, (char *)buf, len, req, 0, NULL);
+}
+
+int tl__irecv_reduce(tl_comm_t *c, int peer, tl_lane_t lane, const tl_frame_t *hdr,
+                     void *buf, const void *other, size_t len, int dtype, int redop,
+                     tl_req_t *req) {
+  if (len > TL_MAX_FRAME || !tl__can_reduce_in_place(c, peer))
+    return tl__fail(c, TL_ERR_INVALID, "internal error: reduce-on-receive of %zu B from "
+                    "rank %d", len, peer);
+  tl_slice_t red;
+  memset(&red, 0, sizeof red);
+  red.other = other;
+  red.dtype = dtype;
+  red.redop = redop;
+  return post(c, peer, lane, hdr, (char *)buf, len, req, 0, &red);
 }
 
 int tl__wait(tl_comm_t *c, tl_req_t *req) {

@@ -157,6 +157,35 @@ static int peer_aborted(tl_comm_t *c, tl_chan_t *k, const tl_frame_t *got,
   return tl__fail(c, TL_ERR_PEER, "rank %d failed: %s", peer, n ? msg : "(no reason given)");
 }
 
+/* Combine payload bytes of a reduce-on-receive slice straight out of the
+ * channel. Returns the bytes consumed (whole elements), or -errno. */
+static long reduce_some(tl_chan_t *k, tl_slice_t *s) {
+  const size_t H = sizeof(tl_frame_t), es = tl_dtype_size(s->dtype);
+  size_t pdone = s->done - H, moved = 0;
+  while (pdone + moved < s->len) {
+    const char *p;
+    long avail = k->ops->view(k, &p);
+    if (avail < 0) return moved ? (long)moved : avail;
+    size_t n = tl__min((size_t)avail, s->len - pdone - moved), at = pdone + moved;
+    n -= n % es; /* an element split by the writer waits for its rest */
+    if (!n) {
+      /* An element that the end of a ring splits in two (after a frame of
+       * another element size): through a copy. */
+      char tmp[16];
+      struct iovec iov = {tmp, es};
+      if (k->ops->recv(k, &iov, 1, 1) < (long)es) break;
+      k->ops->recv(k, &iov, 1, 0);
+      tl_reduce(s->buf + at, tmp, s->other + at, 1, s->dtype, s->redop);
+      moved += es;
+      continue;
+    }
+    tl_reduce(s->buf + at, p, s->other + at, n / es, s->dtype, s->redop);
+    k->ops->consume(k, n);
+    moved += n;
+  }
+  return (long)moved;
+}
+
 static int recv_some(tl_comm_t *c, tl_chan_t *k) {
   int completed = 0;
   const size_t H = sizeof(tl_frame_t);
@@ -164,9 +193,12 @@ static int recv_some(tl_comm_t *c, tl_chan_t *k) {
     tl_slice_t *s = k->rq;
     struct iovec iov[2];
     int n = frame_iov(s, &s->got, iov);
-    long r = n ? k->ops->recv(k, iov, n, 0) : 0;
+    /* Reduce-on-receive: the header is read, the payload combined in place. */
+    if (s->other && n) n = s->done < H ? 1 : 0;
+    long r = n ? k->ops->recv(k, iov, n, 0) : s->other && s->done < H + s->len
+                                                  ? reduce_some(k, s) : 0;
     if (r < 0) return lost(c, k, "receiving from", r == -EPIPE ? 0 : (int)-r);
-    if (r == 0 && n) break;
+    if (r == 0 && s->done < H + s->len) break;
     size_t before = s->done;
     size_t moved = payload(before + (size_t)r) - payload(before);
     s->done += (size_t)r;
@@ -310,7 +342,12 @@ int tl__progress(tl_comm_t *c) {
   /* Spin first (small operations only): try the channels directly, without
    * poll, and yield the core between tries, so that a peer sharing this
    * core (more ranks than cores) gets to run instead of being spun out. */
-  int64_t spin_end = c->spin_ns ? tl__now_ns() + c->spin_ns : 0;
+  int64_t spin = c->spin_ns;
+  for (int i = 0; i < c->nchans && !spin; i++) {
+    tl_chan_t *k = c->chans[i];
+    if ((k->sq || k->rq) && k->ops->spin_always) spin = (int64_t)c->opts.spin_us * 1000;
+  }
+  int64_t spin_end = spin ? tl__now_ns() + spin : 0;
   while (spin_end && tl__now_ns() < spin_end) {
     int completed = 0;
     for (int i = 0; i < c->nchans; i++) {

@@ -22,7 +22,18 @@
  * raised, takes it down and writes one byte on the control connection.
  * Both sides order the flag and the counter with sequentially consistent
  * operations, so one of them always sees the other (no lost wake-up), and
- * no byte is written while the peer is awake.
+ * no byte is written while the peer is awake. (A futex would wake faster,
+ * but cannot be waited on together with the TCP links of the same job, nor
+ * exists on macOS; the control connection serves both systems alike.)
+ *
+ * The peer's counters are not trusted: a ring that claims more bytes than
+ * it holds is a protocol error, and every index is masked into the ring.
+ *
+ * Large messages are copied twice (into the ring and out of it). A single
+ * copy with cross-memory attach (process_vm_readv) was measured against it
+ * and lost on the machines at hand (bench/cma_vs_ring.c, BENCHMARKS.md); on
+ * the receiving side of a reduce-scatter the copy out is skipped anyway:
+ * the core reduces straight out of the ring (view / consume).
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -324,6 +335,7 @@ static long shm_send(tl_chan_t *ch, const struct iovec *iov, int n) {
   if (peer_gone(ch)) return -EPIPE;
   uint64_t head = atomic_load_explicit(&r->head, memory_order_relaxed);
   uint64_t tail = atomic_load_explicit(&r->tail, memory_order_acquire);
+  if (head - tail > sc->mask + 1) return -EPROTO; /* the peer wrote nonsense */
   size_t space = (size_t)(sc->mask + 1 - (head - tail)), moved = 0;
   for (int i = 0; i < n && moved < space; i++) {
     size_t m = tl__min(iov[i].iov_len, space - moved);
@@ -344,6 +356,7 @@ static long shm_recv(tl_chan_t *ch, const struct iovec *iov, int n, int peek) {
   ring_t *r = sc->rx;
   uint64_t tail = atomic_load_explicit(&r->tail, memory_order_relaxed);
   uint64_t head = atomic_load_explicit(&r->head, memory_order_acquire);
+  if (head - tail > sc->mask + 1) return -EPROTO; /* the peer wrote nonsense */
   size_t avail = (size_t)(head - tail), moved = 0;
   if (!avail) return peer_gone(ch) ? -EPIPE : 0;
   for (int i = 0; i < n && moved < avail; i++) {
@@ -358,6 +371,29 @@ static long shm_recv(tl_chan_t *ch, const struct iovec *iov, int n, int peek) {
       atomic_exchange(&r->tx_sleep, 0))
     tl__ctl_wake(ch->link);
   return (long)moved;
+}
+
+static long shm_view(tl_chan_t *ch, const char **p) {
+  shm_chan_t *sc = ch->t;
+  ring_t *r = sc->rx;
+  uint64_t tail = atomic_load_explicit(&r->tail, memory_order_relaxed);
+  uint64_t head = atomic_load_explicit(&r->head, memory_order_acquire);
+  if (head == tail) return peer_gone(ch) ? -EPIPE : 0;
+  if (head - tail > sc->mask + 1) return -EPROTO;
+  size_t at = (size_t)(tail & sc->mask);
+  *p = r->data + at;
+  return (long)tl__min((size_t)(head - tail), (size_t)(sc->mask + 1) - at);
+}
+
+static void shm_consume(tl_chan_t *ch, size_t n) {
+  shm_chan_t *sc = ch->t;
+  ring_t *r = sc->rx;
+  uint64_t tail = atomic_load_explicit(&r->tail, memory_order_relaxed);
+  atomic_store_explicit(&r->tail, tail + n, memory_order_release);
+  atomic_thread_fence(memory_order_seq_cst);
+  if (atomic_load_explicit(&r->tx_sleep, memory_order_relaxed) &&
+      atomic_exchange(&r->tx_sleep, 0))
+    tl__ctl_wake(ch->link);
 }
 
 static int shm_arm(tl_chan_t *ch, int want_in, int want_out, struct pollfd *pfd) {
@@ -397,10 +433,13 @@ static void shm_close(tl_chan_t *ch) {
 const tl_transport_ops_t tl__shm_ops = {
     .name = "shm",
     .id = TL_TRANSPORT_SHM,
+    .spin_always = 1,
     .available = shm_available,
     .setup = shm_setup,
     .send = shm_send,
     .recv = shm_recv,
+    .view = shm_view,
+    .consume = shm_consume,
     .arm = shm_arm,
     .disarm = shm_disarm,
     .abort = shm_abort,
