@@ -30,11 +30,22 @@ import thunderlink  # noqa: E402
 PKG_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(thunderlink.__file__)))
 
 
+def result_of(output: str, who: str, tag: str = "RESULT "):
+    """The JSON after ``tag`` on the last line of ``output`` that starts with
+    it (a rank program's RESULT line); fails the test, naming ``who`` and
+    showing the output, when no line does."""
+    found = [line[len(tag):] for line in output.splitlines() if line.startswith(tag)]
+    if not found:
+        pytest.fail(f"{who} printed no {tag.strip()} line; its output:\n{output}", pytrace=False)
+    return json.loads(found[-1])
+
+
 class Ranks:
     def __init__(self, result):
         self.result = result
         self.status = result.status
         self.output = result.output
+        # Each rank's RESULT value, None where a rank printed none (see results()).
         self.values = []
         for lines in result.output:
             found = None
@@ -42,6 +53,11 @@ class Ranks:
                 if line.startswith("RESULT "):
                     found = json.loads(line[len("RESULT "):])
             self.values.append(found)
+
+    def results(self) -> list:
+        """Every rank's RESULT value; fails the test, naming the rank and
+        showing its output, where a rank printed none."""
+        return [result_of(self.text(r), f"rank {r} (job status {self.status})") for r in range(len(self.output))]
 
     def text(self, rank: int) -> str:
         return "\n".join(self.output[rank])

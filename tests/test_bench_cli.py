@@ -193,7 +193,7 @@ def test_sendrecv_needs_two_ranks():
 ])
 def test_bad_sizes(sizes, message):
     p = bench("--sizes", sizes, timeout=20)
-    assert p.returncode != 0
+    assert p.returncode == 2, p.stdout + p.stderr
     assert "--sizes" in p.stderr and message in p.stderr
     assert "Traceback" not in p.stderr
 
@@ -210,6 +210,34 @@ def test_bad_sizes_start_nothing():
     """Sizes are checked before any rank starts (no [rank] output)."""
     p = bench("--sizes", "64K:4", timeout=20)
     assert "[0]" not in p.stdout + p.stderr and "[1]" not in p.stdout + p.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--iters", "-5"], "argument --iters: -5 is out of range: give 0..1000000"),
+    (["--iters", "10000000"], "argument --iters: 10000000 is out of range"),
+    (["--iters", "many"], "argument --iters: 'many' is not an integer"),
+    (["--warmup", "-1"], "argument --warmup: -1 is out of range: give 0 or more"),
+    (["-n", "0"], "argument -n/--ranks: 0 is out of range: give 1 or more"),
+    (["--timeout", "-3"], "argument --timeout: -3 is not a positive number of seconds"),
+    (["--sizes", "0,4"], "give sizes of at least 1 byte"),
+    (["--sizes", "4:64K:xinf"], "factor must be above 1"),
+    (["--sizes", "1:1T:+1"], "more than 1000 sizes"),
+])
+def test_bad_numbers_are_usage_errors(args, message):
+    """Checked by the parser before any rank starts: status 2 with the usage,
+    never a rank's traceback (--iters -5 used to crash every rank)."""
+    p = bench(*args, timeout=20)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert message in p.stderr and "usage: thunderlink bench" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr and "[0]" not in p.stdout + p.stderr, p.stdout + p.stderr
+
+
+def test_bad_hostfile_is_named_without_traceback(tmp_path):
+    path = tmp_path / "hosts.json"
+    path.write_bytes(b"\xff\xfe[]")
+    p = bench("--hostfile", str(path), timeout=20)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert f"hostfile {path} is not UTF-8 text" in p.stderr and "Traceback" not in p.stderr, p.stderr
 
 
 @pytest.mark.parametrize("args", [["--op", "all_to_all"], ["--dtype", "float128"], ["--inplace", "sideways"]])

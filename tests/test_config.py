@@ -193,6 +193,15 @@ def test_configured():
     assert not from_env({"THUNDERLINK_RANK": "0"}).configured
 
 
+def test_half_configured_names_what_is_missing():
+    assert from_env({}).half_configured is None
+    assert from_env({"MLX_HOSTFILE": "/h", "MLX_RANK": "0"}).half_configured is None
+    msg = from_env({"MLX_HOSTFILE": "/h"}).half_configured
+    assert msg.startswith("MLX_HOSTFILE is set but no rank") and "THUNDERLINK_RANK" in msg and "JACCL_RANK" in msg
+    msg = from_env({"JACCL_RANK": "1"}).half_configured
+    assert msg.startswith("JACCL_RANK is set but no hostfile") and "THUNDERLINK_HOSTFILE" in msg
+
+
 def test_world_size_job_id_ifname():
     assert from_env({"THUNDERLINK_WORLD_SIZE": "8"}).world_size == 8
     env_error({"THUNDERLINK_WORLD_SIZE": "0"}, "THUNDERLINK_WORLD_SIZE", "must be at least 1")

@@ -145,6 +145,22 @@ def test_malformed_hostfile(tmp_path, content, expect):
     assert rc == 1 and pr["check"] == "hostfile" and expect in pr["message"] and pr["fix"]
 
 
+@pytest.mark.parametrize("content, expect", [
+    (b'{"ranks": [{"host": "caf\xe9", "addresses": ["10.0.0.1:5"]}]}', "is not UTF-8 text"),
+    (b'{"ranks": [{"addresses": ["10.0.0.1:5"]}], "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+     "levels deep"),
+    (b'{"ranks": [{"addresses": ["127.0.0.1:41000"]}, {"addresses": ["localhost:41000"]}]}', "duplicate address"),
+    (b'{"ranks": [{"addresses": ["[::1]:41000"]}, {"addresses": ["[0:0::1]:41000"]}]}', "duplicate address"),
+    (b'{"ranks": [{"addresses": ["999.0.0.1:41000"]}]}', "is not a valid IPv4 address"),
+], ids=["latin-1", "nested", "localhost", "ipv6-spelling", "bad-ipv4"])
+def test_hostile_hostfile_is_a_problem_not_a_traceback(tmp_path, content, expect):
+    p = tmp_path / "bad.json"
+    p.write_bytes(content)
+    cp = doctor("--hostfile", str(p))
+    assert cp.returncode == 1 and "Traceback" not in cp.stderr, cp.stdout + cp.stderr
+    assert "PROBLEM: hostfile rejected" in cp.stdout and expect in cp.stdout and "fix:" in cp.stdout, cp.stdout
+
+
 def test_loopback_hostfile(tmp_path, monkeypatch):
     monkeypatch.setenv("THUNDERLINK_TRANSPORT", "auto")
     path = write(tmp_path, {"ranks": [{"addresses": ["127.0.0.1:41011"]}, {"addresses": ["127.0.0.1:41012"]}]})

@@ -272,6 +272,122 @@ def test_duplicate_address_within_a_rank():
     raises([["127.0.0.1:5", "127.0.0.1:5"]], "rank 0 lists it twice")
 
 
+@pytest.mark.parametrize("a, b, why", [
+    ("127.0.0.1:41000", "localhost:41000", "localhost is 127.0.0.1 or ::1"),
+    ("[::1]:41000", "LOCALHOST:41000", "localhost is 127.0.0.1 or ::1"),
+    ("[::1]:41000", "[0:0::1]:41000", "the same address written two ways"),
+    ("[::ffff:10.0.0.1]:41000", "10.0.0.1:41000", "the same address written two ways"),
+    ("mac-a.local:41000", "MAC-A.local.:41000", "the same address written two ways"),
+])
+def test_duplicate_address_written_two_ways(a, b, why):
+    """The same address spelled twice is one address: both entries are named."""
+    raises(tl([a], [b]), f"duplicate address {a} in ranks[0].addresses[0] and {b} in ranks[1].addresses[0]",
+           why, "ranks 0 and 1 both listen there", "h.json", path="h.json")
+    raises([[a], [b]], f"duplicate address {a} in [0][0] and {b} in [1][0]", why)
+    raises(tl([a, b]), "rank 0 lists it twice")
+
+
+def test_different_addresses_on_one_port_are_fine():
+    parse(tl(["127.0.0.1:41000"], ["127.0.0.2:41000"], ["[::2]:41000"], ["[fe80::1%en0]:41000"],
+             ["[fe80::1%en1]:41000"], ["mac-a:41000"], ["mac-b:41000"], ["localhost:41001"]))
+
+
+@pytest.mark.parametrize("ip, why", [
+    ("999.0.0.1", "is not a valid IPv4 address"),
+    ("256.1.1.1", "is not a valid IPv4 address"),
+    ("10.1", "is not a valid IPv4 address"),  # inet_aton would read 10.0.0.1
+    ("1.2.3.4.5", "is not a valid IPv4 address"),
+    ("01.2.3.4", "is not a valid IPv4 address"),
+    ("0x7f.1", "is not a valid IPv4 address"),
+    ("1:2:3", "is not a valid IPv6 address"),
+    ("::g", "is not a valid IPv6 address"),
+    ("bad host", "neither an IP address nor a host name"),
+    ("-lead.example", "neither an IP address nor a host name"),
+    ("a..b", "neither an IP address nor a host name"),
+    ("10.0.0.1%en0", "neither an IP address nor a host name"),
+    ("host\x1b[31m", "neither an IP address nor a host name"),
+])
+def test_malformed_addresses_are_refused_not_resolved(ip, why):
+    """A malformed literal is an error in the hostfile, not a name for DNS."""
+    raises(tl([{"ip": ip, "port": 5000}]), "ranks[0].addresses[0]", repr(ip), why, "h.json", path="h.json")
+    if ":" not in ip:
+        raises(tl([f"{ip}:5000"]), repr(ip), why)
+        raises([[f"{ip}:5000"]], "rank 0", repr(ip), why)
+
+
+def test_bracketed_ipv6_in_an_object_says_to_drop_the_brackets():
+    raises(tl([{"ip": "[::1]", "port": 5000}]), "'[::1]' is not a valid IPv6 address", "without brackets")
+
+
+def test_host_names_and_literals_are_accepted():
+    hf = parse(tl(["mac-a:1"], ["mac-b.local:1"], ["host_1.example.com.:1"], ["10.0.0.1:1"], ["[fe80::1%en0]:1"],
+                  ["localhost:2"]))
+    assert [r.addresses[0].ip for r in hf.ranks] == ["mac-a", "mac-b.local", "host_1.example.com.", "10.0.0.1",
+                                                     "fe80::1%en0", "localhost"]
+
+
+@pytest.mark.parametrize("key", ["host", "ssh", "iface"])
+def test_names_with_control_characters_are_refused(key):
+    """Names are printed (doctor, launch): a terminal escape in one, as a
+    forged JACCL record could carry, is an error showing it escaped."""
+    entry = {"addresses": [{"ip": "10.0.0.1", "port": 1}]}
+    if key == "iface":
+        entry["addresses"][0]["iface"] = "en0\x1b]0;owned\x07"
+    else:
+        entry[key] = "en0\x1b]0;owned\x07"
+    msg = raises({"ranks": [entry]}, f'"{key}" must be', "'en0\\x1b]0;owned\\x07'")
+    assert "\x1b" not in msg
+
+
+def test_non_utf8_hostfile_names_the_file(tmp_path):
+    path = tmp_path / "hosts.json"
+    path.write_bytes('{"ranks": [{"host": "café", "addresses": ["10.0.0.1:1"]}]}'.encode("latin-1"))
+    with pytest.raises(ConfigError) as ei:
+        load(str(path), "THUNDERLINK_HOSTFILE")
+    msg = str(ei.value)
+    assert f"hostfile {path} (from THUNDERLINK_HOSTFILE) is not UTF-8 text (byte 0xe9 at offset 24)" in msg, msg
+
+
+@pytest.mark.parametrize("depth", [40, 990, 100_000])
+def test_deeply_nested_hostfile_names_the_file(tmp_path, depth):
+    """Past Python's recursion limit (100 000), and below it (990), where
+    later steps (the canonical JSON) would recurse out of stack."""
+    path = write(tmp_path, '{"ranks": [{"addresses": ["10.0.0.1:1"], "x": ' + "[" * depth + "]" * depth + "}]}")
+    with pytest.raises(ConfigError) as ei:
+        load(path)
+    msg = str(ei.value)
+    assert f"hostfile {path} nests arrays or objects more than {H.MAX_JSON_DEPTH} levels deep" in msg, msg
+
+
+def test_oversized_hostfile_is_refused(tmp_path):
+    path = write(tmp_path, " " * H.MAX_HOSTFILE_BYTES + "[]")
+    with pytest.raises(ConfigError) as ei:
+        load(path)
+    assert f"hostfile {path} is larger than 4 MiB" in str(ei.value)
+
+
+def test_huge_number_in_a_hostfile(tmp_path):
+    path = write(tmp_path, '{"port": ' + "1" * 5000 + ', "ranks": [{"addresses": ["10.0.0.1"]}]}')
+    with pytest.raises(ConfigError, match="is not usable JSON") as ei:
+        load(path)
+    assert path in str(ei.value)
+
+
+def test_rendezvous_record_nested_too_deep_is_a_value_error():
+    """Anyone may connect to a JACCL coordinator: a record nested past the
+    recursion limit is a ValueError (the coordinator drops that connection),
+    not a RecursionError that ends rank 0."""
+    import time
+
+    from thunderlink.transport import jaccl
+
+    a, b = socket.socketpair()
+    with a, b:
+        a.sendall(b"[" * 200_000 + b"\n")
+        with pytest.raises(ValueError, match="JACCL rendezvous record nests"):
+            jaccl._recv_json(b, time.monotonic() + 10)
+
+
 @pytest.mark.parametrize("ring", [[0, 1], [0, 1, 1], [0, 1, 3], [2, 1, 0, 0], "012", 3, [0, 1, 2, 3]])
 def test_bad_ring(ring):
     raises(tl(["10.0.0.1:1"], ["10.0.0.2:1"], ["10.0.0.3:1"], ring=ring),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -82,6 +83,9 @@ RANK_PROG = textwrap.dedent(r'''
             time.sleep(10)
         sleep_forever()
     elif mode == "sleep":
+        sleep_forever()
+    elif mode == "hostfile_then_sleep":
+        note(f"hostfile{rank}.path", os.environ["THUNDERLINK_HOSTFILE"])
         sleep_forever()
     elif mode == "child_then_fail":
         if rank == 0:
@@ -326,6 +330,35 @@ def test_timeout_does_not_blame_a_rank(prog, tmp_path, capfd):
     assert "timed out after 0.5 s" in err
     assert "exited with status" not in err, err
     assert res.failed_rank is None
+
+
+def test_killed_launcher_leaves_no_hostfile(prog, tmp_path):
+    """SIGKILL of `thunderlink launch` (no finally, no atexit): its temporary
+    hostfile does not outlive it. (Its ranks, orphaned, are killed by
+    no_strays.)"""
+    launcher = subprocess.Popen([sys.executable, "-m", "thunderlink", "launch", "-n", "2", prog, str(tmp_path),
+                                 "hostfile_then_sleep"], env=base_env(), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    folder = None
+    try:
+        end = time.monotonic() + HARD_TIMEOUT
+        while len(pids(tmp_path, "rank*.pid")) < 2:
+            assert launcher.poll() is None and time.monotonic() < end, "the ranks did not start"
+            time.sleep(0.05)
+        folder = os.path.dirname((tmp_path / "hostfile0.path").read_text())
+        assert os.path.exists(os.path.join(folder, "hostfile.json"))
+        launcher.kill()
+        launcher.wait(HARD_TIMEOUT)
+        end = time.monotonic() + 5
+        while os.path.exists(folder) and time.monotonic() < end:
+            time.sleep(0.05)
+        assert not os.path.exists(folder), f"the killed launcher left {folder} behind"
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+        if folder and os.path.basename(folder).startswith("thunderlink-"):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_child_of_failed_job_is_killed(prog, tmp_path):

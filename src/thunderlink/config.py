@@ -14,7 +14,12 @@ from typing import Mapping
 
 from .errors import ConfigError
 
-__all__ = ["Config", "from_env", "ENV", "parse_size", "parse_rate", "cluster_state_dir"]
+__all__ = ["Config", "from_env", "ENV", "HOSTFILE_VARS", "RANK_VARS", "parse_size", "parse_rate",
+           "cluster_state_dir"]
+
+# Where a hostfile and a rank are looked for, first set first.
+HOSTFILE_VARS = ("THUNDERLINK_HOSTFILE", "MLX_HOSTFILE", "MLX_IBV_DEVICES", "JACCL_IBV_DEVICES")
+RANK_VARS = ("THUNDERLINK_RANK", "MLX_RANK", "JACCL_RANK")
 
 # name -> (default shown to users, description)
 ENV = {
@@ -116,6 +121,17 @@ class Config:
         """True when a hostfile and a rank say how to join a job."""
         return self.hostfile is not None and self.rank is not None
 
+    @property
+    def half_configured(self) -> str | None:
+        """When a hostfile is set without a rank, or a rank without a hostfile,
+        which one is missing ("MLX_HOSTFILE is set but no rank ..."); else
+        None. Such a process would run alone instead of joining its job."""
+        if self.hostfile is not None and self.rank is None:
+            return f"{self.hostfile_var} is set but no rank ({' / '.join(RANK_VARS)})"
+        if self.rank is not None and self.hostfile is None:
+            return f"{self.rank_var} is set but no hostfile ({' / '.join(HOSTFILE_VARS)})"
+        return None
+
 
 def _int(env: Mapping[str, str], name: str, lo: int | None = None, hi: int | None = None) -> int | None:
     raw = env.get(name)
@@ -210,13 +226,13 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
         options["log_level"] = level
 
     hostfile, hostfile_var = None, None
-    for name in ("THUNDERLINK_HOSTFILE", "MLX_HOSTFILE", "MLX_IBV_DEVICES", "JACCL_IBV_DEVICES"):
+    for name in HOSTFILE_VARS:
         if env.get(name):
             hostfile, hostfile_var = env[name], name
             break
     coordinator = env.get("MLX_JACCL_COORDINATOR") or env.get("JACCL_COORDINATOR") or None
     rank, rank_var = None, None
-    for name in ("THUNDERLINK_RANK", "MLX_RANK", "JACCL_RANK"):
+    for name in RANK_VARS:
         v = _int(env, name, 0)
         if v is not None:
             rank, rank_var = v, name

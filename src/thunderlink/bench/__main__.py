@@ -9,53 +9,106 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
 from ..config import parse_size
+from ..errors import ConfigError
 from .ops import DTYPES, OPS
 from .worker import Settings
 
 
-def parse_sizes(text: str) -> tuple[int, ...]:
-    """'4:64M' (x2 steps), '4:64M:x4' (factor), '1M:8M:+1M' (step), or '4,1K,1M'."""
-    from ..errors import ConfigError
+MAX_SIZES = 1000  # sizes in one sweep
+MAX_ITERS = 1_000_000  # timed iterations per size: each one's time is kept, and exchanged
 
+
+def parse_sizes(text: str) -> tuple[int, ...]:
+    """'4:64M' (x2 steps), '4:64M:x4' (factor), '1M:8M:+1M' (step), or '4,1K,1M'.
+    Exits with a message when malformed."""
     try:
         return _parse_sizes(text)
-    except (ConfigError, ValueError) as e:
-        raise SystemExit(f"thunderlink bench: --sizes {text!r}: {str(e).replace('[thunderlink] ', '')}") from None
+    except ValueError as e:
+        raise SystemExit(f"thunderlink bench: --sizes {text!r}: {e}") from None
+
+
+def _sizes_arg(text: str) -> tuple[int, ...]:
+    """--sizes, as an argparse type (a bad value is a usage error)."""
+    try:
+        return _parse_sizes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ConfigError:
+        raise ValueError(f"{text!r} is not a size (examples: 4096, 64K, 1M)") from None
 
 
 def _parse_sizes(text: str) -> tuple[int, ...]:
+    """The sizes of --sizes; ValueError saying what is wrong."""
     if "," in text or ":" not in text:
-        return tuple(parse_size(t, "--sizes") for t in text.split(",") if t)
+        sizes = tuple(_size(t) for t in text.split(",") if t)
+        if not sizes or min(sizes) < 1:
+            raise ValueError("give sizes of at least 1 byte")
+        if len(sizes) > MAX_SIZES:
+            raise ValueError(f"at most {MAX_SIZES} sizes")
+        return sizes
     parts = text.split(":")
     if len(parts) not in (2, 3):
-        raise SystemExit(f"thunderlink bench: --sizes {text!r}: expected MIN:MAX[:xFACTOR|:+STEP]")
-    lo, hi = parse_size(parts[0], "--sizes"), parse_size(parts[1], "--sizes")
+        raise ValueError("expected MIN:MAX[:xFACTOR|:+STEP]")
+    lo, hi = _size(parts[0]), _size(parts[1])
     step = parts[2] if len(parts) == 3 else "x2"
     if lo < 1 or hi < lo:
-        raise SystemExit(f"thunderlink bench: --sizes {text!r}: need 1 <= MIN <= MAX")
-    sizes, s = [], lo
+        raise ValueError("need 1 <= MIN <= MAX")
+    inc, factor = 0, 1.0
     if step.startswith("+"):
-        inc = parse_size(step[1:], "--sizes step")
+        inc = _size(step[1:])
         if inc < 1:
-            raise SystemExit("thunderlink bench: --sizes step must be positive")
-        while s <= hi:
-            sizes.append(s)
-            s += inc
+            raise ValueError("step must be positive")
     else:
         try:
-            f = float(step.lstrip("x"))
+            factor = float(step.removeprefix("x"))
         except ValueError:
-            raise SystemExit(f"thunderlink bench: --sizes {text!r}: {step!r} is not xFACTOR or +STEP") from None
-        if f <= 1:
-            raise SystemExit("thunderlink bench: --sizes factor must be above 1")
-        while s <= hi:
-            sizes.append(s)
-            s = max(s + 1, int(s * f))
+            raise ValueError(f"{step!r} is not xFACTOR or +STEP") from None
+        if not (math.isfinite(factor) and factor > 1):
+            raise ValueError("factor must be above 1")
+    sizes, s = [], lo
+    while s <= hi:
+        if len(sizes) == MAX_SIZES:
+            raise ValueError(f"more than {MAX_SIZES} sizes from MIN to MAX: take a larger step or factor")
+        sizes.append(s)
+        s = s + inc if inc else max(s + 1, int(s * factor))
     return tuple(sizes)
+
+
+def _count(lo: int, hi: int | None = None):
+    """An argparse type: an integer from lo (to hi)."""
+
+    def count(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"{v} is out of range: give {lo} or more" if hi is None
+                                             else f"{v} is out of range: give {lo}..{hi}")
+        return v
+
+    return count
+
+
+def _seconds(text: str) -> float:
+    """An argparse type: a positive, finite number of seconds."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
+    return v
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,14 +117,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Measure a collective over a size sweep: time, algbw, busbw and #wrong per size, "
         "out-of-place and in-place, like nccl-tests.",
     )
-    p.add_argument("-n", "--ranks", type=int, default=None, help="local ranks to start (default 2)")
+    p.add_argument("-n", "--ranks", type=_count(1), default=None, help="local ranks to start (default 2)")
     p.add_argument("--hostfile", metavar="FILE",
                    help="run one rank per hostfile entry (over ssh, or inside emulated hosts) instead of locally")
     p.add_argument("--op", choices=sorted(OPS), default="all_sum", help="collective (default all_sum)")
-    p.add_argument("--sizes", default="4:64M", help="MIN:MAX[:xF|:+STEP] or a list, bytes (default 4:64M)")
+    p.add_argument("--sizes", type=_sizes_arg, default="4:64M",
+                   help="MIN:MAX[:xF|:+STEP] or a list, bytes (default 4:64M)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="element type (default float32)")
-    p.add_argument("--warmup", type=int, default=5, help="warm-up iterations per size (default 5)")
-    p.add_argument("--iters", type=int, default=0, help="timed iterations per size (default: about 0.2 s worth)")
+    p.add_argument("--warmup", type=_count(0), default=5, help="warm-up iterations per size (default 5)")
+    p.add_argument("--iters", type=_count(0, MAX_ITERS), default=0,
+                   help=f"timed iterations per size, at most {MAX_ITERS} (default, or 0: about 0.2 s worth)")
     p.add_argument("--no-check", dest="check", action="store_false", help="do not verify results")
     p.add_argument("--inplace", choices=("both", "in", "out"), default=None,
                    help="which variants of the core (default both; out with --vs/--via)")
@@ -85,14 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--transport", choices=("auto", "tcp", "shm"), default=None,
                    help="THUNDERLINK_TRANSPORT for thunderlink's ranks: auto (shared memory between ranks of one "
                         "host, TCP otherwise), tcp or shm (default: the environment's, else auto)")
-    p.add_argument("--timeout", type=float, default=None, help="stop the job after this many seconds")
+    p.add_argument("--timeout", type=_seconds, default=None, help="stop the job after this many seconds")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     return p
 
 
 def settings_of(args) -> Settings:
     inplace = args.inplace or ("out" if (args.vs or "mlx" in args.via) else "both")
-    return Settings(op=args.op, sizes=parse_sizes(args.sizes), dtype=args.dtype, warmup=args.warmup,
+    return Settings(op=args.op, sizes=args.sizes, dtype=args.dtype, warmup=args.warmup,
                     iters=args.iters, check=args.check, inplace=inplace, json_path=args.json_path,
                     plot_path=args.plot_path, vs=tuple(args.vs), via_mlx="mlx" in args.via)
 
@@ -111,8 +166,8 @@ def run_worker(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    settings_of(args)  # validate before starting anything
+    parser = build_parser()
+    args = parser.parse_args(argv)  # every value is checked here, before anything starts
     if args.plot_path:
         try:
             import matplotlib  # noqa: F401
@@ -123,16 +178,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker or from_env().configured:
         return run_worker(args)
     if args.hostfile and args.ranks is not None:
-        raise SystemExit("thunderlink bench: give -n N or --hostfile FILE, not both")
+        parser.error("give -n N or --hostfile FILE, not both")
     ranks = 2 if args.ranks is None else args.ranks
-    if ranks < 1:
-        raise SystemExit("thunderlink bench: -n must be at least 1")
 
-    import tempfile
+    from ..launch import free_ports, launch_local, private_tempdir
 
-    from ..launch import free_ports, launch_local
-
-    progress = Progress(len(settings_of(args).sizes))
+    progress = Progress(len(args.sizes))
 
     def on_line(rank: int, stream: str, line: str) -> None:
         if rank == 0 and stream == "out":
@@ -146,13 +197,17 @@ def main(argv: list[str] | None = None) -> int:
 
     env = dict(os.environ)
     cmd = [sys.executable, "-m", "thunderlink.bench", "--worker"] + _worker_args(argv)
-    with tempfile.TemporaryDirectory(prefix="thunderlink-bench-") as tmp:
+    with private_tempdir(prefix="thunderlink-bench-") as tmp:
         try:
             if args.hostfile:
                 from ..launch.ssh import launch_hostfile
 
-                return launch_hostfile(args.hostfile, ["--"] + cmd, env=env, timeout=args.timeout,
-                                       on_line=on_line).status
+                try:
+                    return launch_hostfile(args.hostfile, ["--"] + cmd, env=env, timeout=args.timeout,
+                                           on_line=on_line).status
+                except ConfigError as e:  # the hostfile's problem, named by the message
+                    sys.stderr.write(f"thunderlink bench: {str(e).removeprefix('[thunderlink] ')}\n")
+                    return 2
             if args.vs:
                 # MLX's ring over the same loopback, on its own ports.
                 path = os.path.join(tmp, "mlx_ring.json")

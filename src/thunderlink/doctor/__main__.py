@@ -53,6 +53,10 @@ def _config_fix(msg: str, path: str) -> str:
         return f"check the path {path}"
     if "not valid JSON" in msg:
         return f"fix the JSON syntax at that line (python -m json.tool {path} shows it)"
+    if "not UTF-8" in msg:
+        return f"save {path} as UTF-8 (e.g. iconv -f LATIN1 -t UTF-8), or remove the stray byte"
+    if "levels deep" in msg or "larger than" in msg:
+        return f"check that {path} is the hostfile: one short entry per rank (see the README's hostfile formats)"
     if "duplicate address" in msg:
         return "give every rank its own ip:port (ranks on one host need different ports)"
     if "is empty" in msg:

@@ -2,17 +2,56 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
 import socket
+import subprocess
 import tempfile
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from ..transport.hostfile import local_hostfile, write
 from .job import Job, JobResult
 
-__all__ = ["free_ports", "rank_env", "launch_local"]
+__all__ = ["free_ports", "rank_env", "launch_local", "private_tempdir"]
+
+# The guard of private_tempdir, run by /bin/sh with the pipe as stdin: keep the
+# pipe as fd 3 and, in a background subshell that outlives this shell (so that
+# no one waits for it: init reaps it), wait for end of file there (`read`
+# returns then: nothing is ever written), then remove the directory ($1).
+_GUARD = 'exec 3<&0 </dev/null; (read -r _ <&3; rm -rf -- "$1") &'
+
+
+@contextlib.contextmanager
+def private_tempdir(prefix: str = "thunderlink-") -> Iterator[str]:
+    """A new directory of this user only (mode 0700, in the temp directory),
+    removed when the block ends -- and also when this process dies without
+    ending it (SIGKILL), so that no hostfile outlives its launcher.
+
+    For the second case a guard process, in a session of its own (out of
+    reach of signals to this process's group or terminal), holds the read end
+    of a pipe whose write end only this process holds (Python opens it
+    close-on-exec, so ranks do not inherit it). However this process ends,
+    the kernel closes that end; the guard reads end of file and removes the
+    directory. Ranks still starting then find no hostfile: their job is over."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    read_end, write_end = os.pipe()
+    try:
+        subprocess.run(["/bin/sh", "-c", _GUARD, "thunderlink-tempdir-guard", path], stdin=read_end,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/", start_new_session=True,
+                       check=True)
+    except BaseException:
+        os.close(write_end)
+        shutil.rmtree(path, ignore_errors=True)
+        raise
+    finally:
+        os.close(read_end)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+        os.close(write_end)  # the guard finds nothing left to remove, and exits
 
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
@@ -57,12 +96,9 @@ def launch_local(
     """Run argv as n ranks on this host and wait for them (see Job)."""
     if n < 1:
         raise ValueError("launch needs at least one rank (-n 1 or more)")
-    tmp = tempfile.mkdtemp(prefix="thunderlink-")
-    try:
+    with private_tempdir() as tmp:
         path = os.path.join(tmp, "hostfile.json")
         write(local_hostfile(n, free_ports(n, host), host), path)
         job_id = random.getrandbits(63)
         envs = [rank_env(env, r, n, path, job_id) for r in range(n)]
         return Job([argv] * n, envs, on_line=on_line, capture=capture, timeout=timeout).run()
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

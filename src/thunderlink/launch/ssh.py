@@ -71,7 +71,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
@@ -80,7 +79,7 @@ from ..errors import ConfigError
 from ..transport import hostfile as hostfile_mod
 from ..transport.hostfile import Hostfile, RankSpec
 from .job import GRACE_SECONDS, Job, JobResult, exit_status
-from .local import rank_env
+from .local import private_tempdir, rank_env
 
 __all__ = [
     "launch_hostfile",
@@ -522,8 +521,7 @@ def launch_hostfile(
     hf = hostfile_mod.load(hostfile_path)
     if cwd is None:
         cwd = os.getcwd()
-    tmp = tempfile.mkdtemp(prefix="thunderlink-")
-    try:
+    with private_tempdir() as tmp:
         local_path = os.path.join(tmp, "hostfile.json")
         plan = plan_hostfile(hf, program, env=env, extra_env=extra_env, local_hostfile=local_path,
                              python=python, default_python=default_python, cwd=cwd, ssh=ssh,
@@ -534,8 +532,6 @@ def launch_hostfile(
         if not all(plan.remote):
             hostfile_mod.write(hf.to_json(), local_path)
         return _run(plan, timeout=timeout, on_line=on_line, capture=capture, cwd=cwd)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _run(plan: LaunchPlan, *, timeout, on_line, capture, cwd) -> HostfileJobResult:

@@ -7,6 +7,7 @@ autodiff, reading and writing the arrays' own buffers.
 
 from __future__ import annotations
 
+import sys
 import threading
 
 from ..errors import ConfigError, ThunderlinkError
@@ -16,6 +17,7 @@ __all__ = ["init", "group_from_comm", "close", "is_thunderlink_group"]
 _lock = threading.Lock()
 _world = None          # the group init() made (like MLX, one per process)
 _mlx_init = None       # mx.distributed.init before autoload replaced it
+_warned_alone = False  # init() said why this process runs alone
 
 
 def _load_shim():
@@ -61,8 +63,11 @@ def init(strict: bool = False, *, transport: str | None = None, hostfile: str | 
     MLX_HOSTFILE/MLX_RANK, as written by mlx.launch), or by ``hostfile`` and
     THUNDERLINK_RANK. With nothing configured it behaves like
     ``mx.distributed.init``: a group of size 1, or an error if ``strict``.
+    With half a job configured (a hostfile but no rank, or a rank but no
+    hostfile) it says so on stderr, once, before returning that group of
+    size 1; with ``strict``, it raises ConfigError.
     The group is made once per process; later calls return it."""
-    global _world
+    global _world, _warned_alone
     from ..config import from_env
     from ..transport.rendezvous import connect
 
@@ -71,15 +76,22 @@ def init(strict: bool = False, *, transport: str | None = None, hostfile: str | 
             return _world
         cfg = from_env()
         if hostfile is None and not cfg.configured:
+            half = cfg.half_configured
             if strict:
-                seen = ", ".join(
-                    f"{k}={v}" for k, v in (("hostfile", cfg.hostfile), ("rank", cfg.rank)) if v is not None
-                ) or "nothing"
                 raise ConfigError(
-                    "[thunderlink] init(strict=True): no job to join (seen: "
-                    f"{seen}); set THUNDERLINK_HOSTFILE and THUNDERLINK_RANK (or MLX_HOSTFILE and "
-                    "MLX_RANK), or start the program with `thunderlink launch`"
+                    f"[thunderlink] init(strict=True): {half or 'no job to join: no hostfile and no rank are set'}; "
+                    "set THUNDERLINK_HOSTFILE and THUNDERLINK_RANK (or MLX_HOSTFILE and MLX_RANK), or start "
+                    "the program with `thunderlink launch`"
                 )
+            if half and not _warned_alone:
+                _warned_alone = True
+                set_var = cfg.hostfile_var if cfg.rank is None else cfg.rank_var
+                sys.stderr.write(
+                    f"[thunderlink] warning: {half}, so this process runs alone (a group of size 1) instead "
+                    f"of joining its job; set the missing variable on every rank (`thunderlink launch` sets "
+                    f"them all), or unset {set_var} to run alone without this warning\n"
+                )
+                sys.stderr.flush()
             return _original_init()(False)
         with connect(cfg, hostfile=hostfile, transport=transport) as comm:
             _world = group_from_comm(comm)

@@ -43,6 +43,7 @@ import hashlib
 import ipaddress
 import json
 import os
+import re
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 
@@ -194,28 +195,75 @@ def _where(path: str | None) -> str:
     return f"hostfile {path}" if path else "hostfile"
 
 
+# A hostfile holds one short entry per rank: anything near these bounds is the
+# wrong file (or a hostile one), refused before it can cost memory or recursion.
+MAX_HOSTFILE_BYTES = 4 << 20
+MAX_JSON_DEPTH = 32  # a thunderlink hostfile nests 5 deep, a JACCL device matrix 3
+
+
 def read_json(path: str, var: str | None = None):
     """The JSON of a hostfile, with errors that name the file."""
     via = f" (from {var})" if var else ""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        with open(path, "rb") as f:
+            data = f.read(MAX_HOSTFILE_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(f"[thunderlink] hostfile {path}{via} does not exist") from None
     except OSError as e:
         raise ConfigError(f"[thunderlink] cannot read hostfile {path}{via}: {e.strerror}") from None
-    if not text.strip():
+    if len(data) > MAX_HOSTFILE_BYTES:
+        raise ConfigError(
+            f"[thunderlink] hostfile {path}{via} is larger than {MAX_HOSTFILE_BYTES >> 20} MiB, far more than "
+            f"a hostfile needs (one short entry per rank): check that it is the right file"
+        )
+    if not data.strip():
         raise ConfigError(
             f"[thunderlink] hostfile {path}{via} is empty (mlx.launch writes an empty hostfile "
             f"for a single host; thunderlink needs at least one rank per entry)"
         )
+    return decode_json(data, f"hostfile {path}{via}")
+
+
+def decode_json(data: bytes, what: str):
+    """JSON from bytes that anyone may have written: every way it can be
+    unusable is a ConfigError naming ``what``, never a UnicodeDecodeError or
+    a RecursionError."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"[thunderlink] {what} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+            f"save it as UTF-8 JSON"
+        ) from None
     try:
         obj = json.loads(text)
+        too_deep = _deeper_than(obj, MAX_JSON_DEPTH)
     except json.JSONDecodeError as e:
         raise ConfigError(
-            f"[thunderlink] hostfile {path}{via} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}"
+            f"[thunderlink] {what} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}"
         ) from None
+    except RecursionError:  # nested past Python's own limit
+        too_deep = True
+    except ValueError as e:  # e.g. an integer of thousands of digits
+        raise ConfigError(f"[thunderlink] {what} is not usable JSON: {e}") from None
+    if too_deep:
+        raise ConfigError(
+            f"[thunderlink] {what} nests arrays or objects more than {MAX_JSON_DEPTH} levels deep; "
+            f"a hostfile needs 5 at most"
+        )
     return obj
+
+
+def _deeper_than(obj, limit: int) -> bool:
+    """Do arrays and objects nest more than ``limit`` levels in ``obj``? (No recursion.)"""
+    stack = [(obj, 1)]
+    while stack:
+        x, depth = stack.pop()
+        if isinstance(x, (list, dict)):
+            if depth > limit:
+                return True
+            stack.extend((v, depth + 1) for v in (x.values() if isinstance(x, dict) else x))
+    return False
 
 
 def load(path: str, var: str | None = None) -> Hostfile:
@@ -277,11 +325,9 @@ def _split_hostport(text: str, where: str, default_port: int | None) -> tuple[st
         if default_port is None:
             raise ConfigError(f"[thunderlink] {where}: {text!r} has no port (write ip:port)")
         return host, default_port
-    try:
-        p = int(port)
-    except ValueError:
-        raise ConfigError(f"[thunderlink] {where}: port {port!r} in {text!r} is not a number") from None
-    return host, p
+    if not re.fullmatch(r"[0-9]{1,5}", port):
+        raise ConfigError(f"[thunderlink] {where}: port {port!r} in {text!r} is not a number 1..65535")
+    return host, int(port)
 
 
 def _check_port(port, where: str) -> int:
@@ -290,10 +336,41 @@ def _check_port(port, where: str) -> int:
     return port
 
 
+# A label that makes a name numeric: getaddrinfo reads such names as IPv4
+# (inet_aton: 10.1, 0x7f.1), and no real host name ends in one.
+_NUMERIC_LABEL = re.compile(r"(?:[0-9]+|0x[0-9a-f]*)", re.IGNORECASE)
+_NAME_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?", re.IGNORECASE)
+
+
 def _check_ip(ip, where: str) -> str:
+    """An IP literal or a host name. A malformed literal (999.0.0.1, 10.1,
+    1:2:3) is refused here, not sent to DNS as a name."""
     if not isinstance(ip, str) or not ip.strip():
         raise ConfigError(f"[thunderlink] {where}: \"ip\" must be a non-empty string, not {ip!r}")
-    return ip.strip()
+    ip = ip.strip()
+    if ":" in ip:
+        try:
+            ipaddress.IPv6Address(ip)  # with a %zone where given
+        except ValueError:
+            hint = " (in \"ip\", write an IPv6 address without brackets)" if ip.startswith("[") else ""
+            raise ConfigError(f"[thunderlink] {where}: {ip!r} is not a valid IPv6 address{hint}") from None
+        return ip
+    labels = ip.removesuffix(".").split(".")
+    if _NUMERIC_LABEL.fullmatch(labels[-1]):
+        try:
+            ipaddress.IPv4Address(ip)
+        except ValueError:
+            raise ConfigError(
+                f"[thunderlink] {where}: {ip!r} is not a valid IPv4 address (four numbers 0..255 "
+                f"separated by dots, without leading zeros)"
+            ) from None
+        return ip
+    if len(ip) > 253 or not all(_NAME_LABEL.fullmatch(label) for label in labels):
+        raise ConfigError(
+            f"[thunderlink] {where}: {ip!r} is neither an IP address nor a host name (letters, digits, "
+            f"'-' and '_' in labels of up to 63 characters separated by dots)"
+        )
+    return ip
 
 
 def _parse_mlx_ring(obj: list, path: str | None) -> Hostfile:
@@ -312,6 +389,7 @@ def _parse_mlx_ring(obj: list, path: str | None) -> Hostfile:
             if not isinstance(a, str):
                 raise ConfigError(f"[thunderlink] {where}: {a!r} is not an \"ip:port\" string")
             ip, port = _split_hostport(a, where, None)
+            ip = _check_ip(ip, where)
             _check_port(port, where)
             loop = _is_loopback(ip)
             peer = None if (loop or n == 1) else (r - 1) % n
@@ -363,19 +441,21 @@ def _parse_thunderlink(obj: dict, path: str | None) -> Hostfile:
                     f"[thunderlink] {aw}: \"peer\" must be another rank 0..{n - 1}, not {peer!r}"
                 )
             iface = a.get("iface")
-            if iface is not None and (not isinstance(iface, str) or not iface):
-                raise ConfigError(f"[thunderlink] {aw}: \"iface\" must be an interface name")
+            if iface is not None and not _printable(iface):
+                raise ConfigError(f"[thunderlink] {aw}: \"iface\" must be an interface name, not {iface!r}")
             rate = parse_rate(a["rate"], f"{aw}.rate") if a.get("rate") is not None else None
             prefix = a.get("prefix")
             if prefix is not None and (not isinstance(prefix, int) or not 0 <= prefix <= 128):
                 raise ConfigError(f"[thunderlink] {aw}: \"prefix\" must be a prefix length 0..128")
             addrs.append(Address(ip=ip, port=port, peer=peer, iface=iface, rate=rate, prefix=prefix))
         host = entry.get("host", addrs[0].ip)
-        if not isinstance(host, str) or not host:
-            raise ConfigError(f"[thunderlink] {where}: \"host\" must be a non-empty string")
+        if not _printable(host):
+            raise ConfigError(f"[thunderlink] {where}: \"host\" must be a non-empty string of printable "
+                              f"characters, not {host!r}")
         ssh = entry.get("ssh")
-        if ssh is not None and (not isinstance(ssh, str) or not ssh):
-            raise ConfigError(f"[thunderlink] {where}: \"ssh\" must be a non-empty string")
+        if ssh is not None and not _printable(ssh):
+            raise ConfigError(f"[thunderlink] {where}: \"ssh\" must be a non-empty string of printable "
+                              f"characters, not {ssh!r}")
         extra = {k: v for k, v in entry.items() if k not in ("host", "ssh", "addresses", "port")}
         ranks.append(RankSpec(host=host, addresses=addrs, ssh=ssh, extra=extra))
     ring = obj.get("ring")
@@ -386,26 +466,64 @@ def _parse_thunderlink(obj: dict, path: str | None) -> Hostfile:
     return Hostfile(ranks=ranks, ring=ring, format="thunderlink", path=path)
 
 
+def _printable(value) -> bool:
+    """A non-empty string that a terminal shows as written: no control
+    characters (escape sequences), as names from a peer's record may hold."""
+    return isinstance(value, str) and value != "" and value.isprintable()
+
+
+def _is_localhost(ip: str) -> bool:
+    return ip.removesuffix(".").lower() == "localhost"
+
+
 def _is_loopback(ip: str) -> bool:
     try:
         return ipaddress.ip_address(ip.split("%")[0]).is_loopback
     except ValueError:
-        return ip == "localhost"
+        return _is_localhost(ip)
+
+
+def _listening_keys(a: Address) -> tuple[tuple[str, int], ...]:
+    """The (address, port) pairs where ``a`` may listen, for finding two
+    entries that are one: an IP literal in its one canonical form (::1 and
+    0:0::1, 127.0.0.1 and ::ffff:127.0.0.1 meet); localhost as both loopback
+    addresses it may resolve to; any other name as written, since resolving
+    it would ask DNS."""
+    if _is_localhost(a.ip):
+        return ("127.0.0.1", a.port), ("::1", a.port)
+    try:
+        ip = ipaddress.ip_address(a.ip)
+    except ValueError:
+        return ((a.ip.removesuffix(".").lower(), a.port),)
+    if ip.version == 6 and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return ((str(ip), a.port),)
 
 
 def _check(hf: Hostfile) -> None:
-    seen: dict[tuple[str, int], int] = {}
+    def entry(r: int, i: int) -> str:
+        return f"[{r}][{i}]" if hf.format == "mlx-ring" else f"ranks[{r}].addresses[{i}]"
+
+    seen: dict[tuple[str, int], tuple[int, int]] = {}  # listening key -> (rank, index) of its first entry
     for r, spec in enumerate(hf.ranks):
-        for a in spec.addresses:
-            key = (a.ip, a.port)
-            if key in seen:
-                other = seen[key]
-                who = f"rank {r} lists it twice" if other == r else f"ranks {other} and {r} both listen there"
+        for i, a in enumerate(spec.addresses):
+            keys = _listening_keys(a)
+            clash = next((seen[key] for key in keys if key in seen), None)
+            if clash is not None:
+                r0, i0 = clash
+                first = hf.ranks[r0].addresses[i0]
+                who = f"rank {r} lists it twice" if r0 == r else f"ranks {r0} and {r} both listen there"
+                if str(first) == str(a):
+                    what = f"{a} ({entry(r0, i0)} and {entry(r, i)})"
+                else:
+                    why = ("localhost is 127.0.0.1 or ::1" if _is_localhost(first.ip) or _is_localhost(a.ip)
+                           else "the same address written two ways")
+                    what = f"{first} in {entry(r0, i0)} and {a} in {entry(r, i)} ({why})"
                 raise ConfigError(
-                    f"[thunderlink] {_where(hf.path)}: duplicate address {a}: {who}; every rank needs its "
+                    f"[thunderlink] {_where(hf.path)}: duplicate address {what}: {who}; every rank needs its "
                     f"own address or port"
                 )
-            seen[key] = r
+            seen.update(dict.fromkeys(keys, (r, i)))
 
 
 def link_plan(hf: Hostfile, a: int, b: int) -> tuple[int | None, list[Address]]:

@@ -109,7 +109,10 @@ def _recv_json(sock: socket.socket, deadline: float):
         data += chunk
         if len(data) > _MAX_RECORD:
             raise ConfigError("[thunderlink] JACCL rendezvous: oversized record")
-    return json.loads(data)
+    # Anyone may connect to the coordinator: a record nested to exhaust the
+    # recursion limit is a ConfigError (a ValueError: the caller drops that
+    # connection), not a RecursionError that ends rank 0.
+    return hostfile_mod.decode_json(data, "JACCL rendezvous record")
 
 
 def _send_json(sock: socket.socket, obj) -> None:
