@@ -3,6 +3,7 @@ every rank, within its deadline; nothing hangs and nothing is silently wrong."""
 
 import json
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -11,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import RANKPROGS
+from conftest import RANKPROGS, result_of
 from thunderlink.bindings import lib
 from thunderlink.launch import free_ports
 
@@ -22,21 +23,32 @@ def test_mismatched_collectives_fail_on_every_rank(ranks, transport):
     for kind in ("op", "size", "dtype", "large_size"):
         r = ranks(3, "mismatch", kind, env={"THUNDERLINK_TRANSPORT": transport})
         assert r.status == 0, r.all_text()
-        for v in r.values:
+        values = r.results()
+        for v in values:
             assert v["raised"] in ("MismatchError", "PeerLostError"), (kind, v)
         # The ranks that compared headers name both sides.
-        assert any(v["raised"] == "MismatchError" for v in r.values), kind
-        msg = next(v["message"] for v in r.values if v["raised"] == "MismatchError")
+        assert any(v["raised"] == "MismatchError" for v in values), kind
+        msg = next(v["message"] for v in values if v["raised"] == "MismatchError")
         assert "while this rank called" in msg or "sizes or dtypes" in msg, msg
 
 
 def test_mismatched_broadcast_root_is_reported(ranks, transport):
     r = ranks(3, "mismatch", "root", env={"THUNDERLINK_TRANSPORT": transport})
     assert r.status == 0, r.all_text()
-    # Receivers compare roots; the roots themselves see the leftover frame of
-    # the other root at their next call. Either way every rank raises.
-    raised = [v["raised"] for v in r.values]
-    assert all(x in ("MismatchError", "PeerLostError") for x in raised), raised
+    # Ranks 0 and 2 call broadcast #1 from root 0, rank 1 from root 1. A rank
+    # that compares roots names both; a rank that went on to the barrier meets
+    # the other root's broadcast #1 there; the others are told by a peer that
+    # failed. Every rank raises, at least one detects the mismatch itself, and
+    # every message leads back to broadcast #1 (not to some unrelated failure).
+    values = r.results()
+    assert all(v["raised"] in ("MismatchError", "PeerLostError") for v in values), values
+    detected = [v["message"] for v in values if v["raised"] == "MismatchError"]
+    assert detected, values
+    for msg in detected:
+        roots = re.search(r"broadcast #1 from root (\d) while this rank called it from root (\d)", msg)
+        assert (roots and roots[1] != roots[2]) or re.search(
+            r"called broadcast #1 \(.*\) while this rank called barrier #2", msg), msg
+    assert all("broadcast #1" in v["message"] for v in values), values
 
 
 def test_dead_peer_is_an_error_on_every_other_rank(ranks, transport):
@@ -52,7 +64,7 @@ def test_dead_peer_is_an_error_on_every_other_rank(ranks, transport):
 def test_failure_is_sticky(ranks, transport):
     r = ranks(2, "then_fail_later", None, env={"THUNDERLINK_TRANSPORT": transport})
     assert r.status == 0, r.all_text()
-    for v in r.values:
+    for v in r.results():
         assert v["first"] is not None
         assert v["same"], v
 
@@ -61,7 +73,7 @@ def test_failure_is_sticky(ranks, transport):
 def test_bad_arguments_raise_value_errors_and_leave_the_comm_usable(ranks, transport, kind):
     r = ranks(2, "bad_call", kind, env={"THUNDERLINK_TRANSPORT": transport})
     assert r.status == 0, r.all_text()
-    for v in r.values:
+    for v in r.results():
         assert v["raised"] == "InvalidArgumentError", v
         assert "ValueError" in v["bases"]
         assert "cffi" not in v["message"]
@@ -79,8 +91,7 @@ def _run_one(tmp_path, rank, hostfile, extra_env=None, timeout=30):
     env.update(extra_env or {})
     p = subprocess.run([sys.executable, RANKPROGS, "connect_only", "[null]"], env=env,
                        capture_output=True, text=True, timeout=timeout)
-    line = next(l for l in p.stdout.splitlines() if l.startswith("RESULT "))
-    return json.loads(line[7:])
+    return result_of(p.stdout + p.stderr, f"rank {rank} (status {p.returncode})")
 
 
 def test_unreachable_peer_names_the_address(tmp_path):
@@ -185,8 +196,18 @@ def test_different_tuning_on_two_ranks_is_refused(tmp_path, name, value):
     ports = free_ports(2)
     hf = _hostfile(tmp_path, 2, ports)
     env = dict(os.environ, THUNDERLINK_HOSTFILE=hf, THUNDERLINK_JOB_ID="77", CT="10")
-    (out0, _), p1 = _two_ranks(dict(env, THUNDERLINK_RANK="0", **{name: value}), dict(env, THUNDERLINK_RANK="1"))
-    for out in (p1.stdout, out0):
-        v = json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:])
+    (out0, err0), p1 = _two_ranks(dict(env, THUNDERLINK_RANK="0", **{name: value}), dict(env, THUNDERLINK_RANK="1"))
+    for rank, out in ((1, p1.stdout + p1.stderr), (0, out0 + err0)):
+        v = result_of(out, f"rank {rank}")
         assert v["raised"] == "ConfigError", v
         assert name in v["message"]
+
+
+def test_peers_text_is_printed_escaped():
+    """Messages can quote a peer or a file: terminal escapes and
+    bidirectional overrides never reach the terminal raw."""
+    from thunderlink.errors import printable
+
+    shown = printable("rank 1 failed: \x1b[2J\x9b31m \u202eevil\u2066 caf\u00e9")
+    assert shown == "rank 1 failed: \\x1b[2J\\x9b31m \\u202eevil\\u2066 caf\u00e9"
+    assert not any(ord(ch) < 0x20 or 0x7F <= ord(ch) <= 0x9F for ch in shown)

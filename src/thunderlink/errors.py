@@ -8,6 +8,8 @@ Each also derives from the built-in that matches its cause, so
 
 from __future__ import annotations
 
+import re
+
 __all__ = [
     "ThunderlinkError",
     "ConfigError",
@@ -22,6 +24,7 @@ __all__ = [
     "ClosedError",
     "InterruptedCollectiveError",
     "check",
+    "printable",
 ]
 
 
@@ -105,6 +108,17 @@ def _table():
 
 _classes: dict | None = None
 
+# C0 and C1 controls (terminal escapes), DEL, and the bidirectional overrides.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """``text`` safe to print on a terminal: control characters and
+    bidirectional overrides shown as \\xNN or \\uNNNN. Messages can quote
+    what a peer or a file said; the core escapes a peer's abort notice
+    already, and this is the second line of defence."""
+    return _UNSAFE.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}", text)
+
 
 def check(rc: int, handle=None) -> int:
     """Return ``rc`` if it is not an error, else raise the matching exception
@@ -118,7 +132,7 @@ def check(rc: int, handle=None) -> int:
         _classes = _table()
     message = ""
     if handle is not None and handle != ffi.NULL:
-        message = ffi.string(lib.tl_comm_last_error(handle)).decode("utf-8", "replace")
+        message = printable(ffi.string(lib.tl_comm_last_error(handle)).decode("utf-8", "replace"))
     if not message:
         message = ffi.string(lib.tl_strerror(rc)).decode()
     raise _classes.get(rc, ThunderlinkError)(f"[thunderlink] {message}", rc)

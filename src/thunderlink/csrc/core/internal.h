@@ -125,10 +125,12 @@ struct iovec;
 typedef struct tl_transport_ops {
   const char *name;
   int id; /* TL_TRANSPORT_* */
-  /* Spin before sleeping whatever the operation's size: the peer moves the
-   * bytes itself (shared memory), so waiting for it is short, and waking a
-   * sleeper costs the peer a system call. */
-  int spin_always;
+  /* Spin before sleeping whatever the operation's size, this many times
+   * spin_us (0: only for small operations): where the peer moves the bytes
+   * itself (shared memory), waiting for it is short, and waking a sleeper
+   * costs the peer a system call and the sleeper a wake-up (tens of
+   * microseconds in a virtual machine). */
+  int spin_factor;
   /* Can this process use the transport at all (library, kernel support)?
    * 0 when not, with the reason in why. */
   int (*available)(char *why, size_t cap);

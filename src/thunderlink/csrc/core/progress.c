@@ -128,22 +128,34 @@ static int send_some(tl_comm_t *c, tl_chan_t *k) {
  * have moved on), so the failure is kept for this rank's next call;
  * otherwise it fails now.
  */
+/* A peer's text, made safe to print: bytes outside printable ASCII (terminal
+ * escapes, say) become \xNN. */
+static void printable(const char *in, size_t n, char *out, size_t cap) {
+  size_t o = 0;
+  for (size_t i = 0; i < n && o + 5 < cap; i++) {
+    unsigned char b = (unsigned char)in[i];
+    if (b >= 0x20 && b < 0x7f) out[o++] = (char)b;
+    else o += (size_t)snprintf(out + o, cap - o, "\\x%02x", b);
+  }
+  out[o] = 0;
+}
+
 static int peer_aborted(tl_comm_t *c, tl_chan_t *k, const tl_frame_t *got,
                         const char *buf, size_t have) {
-  char msg[ABORT_MAX + 1];
+  char raw[ABORT_MAX], msg[4 * ABORT_MAX + 1];
   size_t len = tl__min(got->len, ABORT_MAX);
   size_t n = tl__min(have, len);
-  memcpy(msg, buf, n);
+  memcpy(raw, buf, n);
   int64_t until = tl__now_ns() + 200000000; /* 200 ms for the rest */
   while (n < len && tl__now_ns() < until) {
-    struct iovec iov = {msg + n, len - n};
+    struct iovec iov = {raw + n, len - n};
     long r = k->ops->recv(k, &iov, 1, 0);
     if (r > 0) { n += (size_t)r; continue; }
     if (r < 0) break;
     struct pollfd p = {k->fd, POLLIN, 0};
     poll(&p, 1, 20);
   }
-  msg[n] = 0;
+  printable(raw, n, msg, sizeof msg);
   k->eof = 1;
   int later = got->op && got->op != TL_OP_SEND && c->cur.op && c->cur.op != TL_OP_SEND &&
               (int32_t)(got->seq - c->cur.seq) > 0;
@@ -339,15 +351,20 @@ static int service(tl_comm_t *c, tl_chan_t *k, short re) {
 }
 
 int tl__progress(tl_comm_t *c) {
-  /* Spin first (small operations only): try the channels directly, without
-   * poll, and yield the core between tries, so that a peer sharing this
-   * core (more ranks than cores) gets to run instead of being spun out. */
+  /* Spin first (small operations, and anything over shared memory): try the
+   * channels directly, without poll, and yield the core between tries, so
+   * that a peer sharing this core (more ranks than cores) gets to run
+   * instead of being spun out. The spin lasts spin_us past the last byte
+   * that moved: a peer in the middle of writing a chunk is worth waiting
+   * for, one that went quiet is not. */
   int64_t spin = c->spin_ns;
   for (int i = 0; i < c->nchans && !spin; i++) {
     tl_chan_t *k = c->chans[i];
-    if ((k->sq || k->rq) && k->ops->spin_always) spin = (int64_t)c->opts.spin_us * 1000;
+    if ((k->sq || k->rq) && k->ops->spin_factor)
+      spin = (int64_t)c->opts.spin_us * 1000 * k->ops->spin_factor;
   }
   int64_t spin_end = spin ? tl__now_ns() + spin : 0;
+  uint64_t moved = c->stats.bytes_sent + c->stats.bytes_received;
   while (spin_end && tl__now_ns() < spin_end) {
     int completed = 0;
     for (int i = 0; i < c->nchans; i++) {
@@ -358,6 +375,11 @@ int tl__progress(tl_comm_t *c) {
       completed += x;
     }
     if (completed) return TL_OK;
+    uint64_t now_moved = c->stats.bytes_sent + c->stats.bytes_received;
+    if (now_moved != moved) {
+      moved = now_moved;
+      spin_end = tl__now_ns() + spin;
+    }
     sched_yield();
   }
   for (;;) {

@@ -57,6 +57,8 @@
  * that a pipelined chunk never waits for the previous one to be read. */
 #define RING_MIN_BYTES ((uint64_t)1 << 20)
 #define RING_MAX_BYTES ((uint64_t)1 << 26)
+/* The writer moves the head after each piece of this many bytes. */
+#define PUBLISH_BYTES ((size_t)64 << 10)
 
 typedef struct ring {
   _Alignas(64) _Atomic uint64_t head; /* bytes written (producer) */
@@ -337,17 +339,22 @@ static long shm_send(tl_chan_t *ch, const struct iovec *iov, int n) {
   uint64_t tail = atomic_load_explicit(&r->tail, memory_order_acquire);
   if (head - tail > sc->mask + 1) return -EPROTO; /* the peer wrote nonsense */
   size_t space = (size_t)(sc->mask + 1 - (head - tail)), moved = 0;
+  /* Published a piece at a time, so that the reader copies (or reduces)
+   * one piece while this side writes the next. */
   for (int i = 0; i < n && moved < space; i++) {
-    size_t m = tl__min(iov[i].iov_len, space - moved);
-    copy_in(r, sc->mask, head + moved, iov[i].iov_base, m);
-    moved += m;
+    size_t done = 0, len = tl__min(iov[i].iov_len, space - moved);
+    while (done < len) {
+      size_t m = tl__min(len - done, PUBLISH_BYTES);
+      copy_in(r, sc->mask, head + moved, (const char *)iov[i].iov_base + done, m);
+      done += m;
+      moved += m;
+      atomic_store_explicit(&r->head, head + moved, memory_order_release);
+      atomic_thread_fence(memory_order_seq_cst);
+      if (atomic_load_explicit(&r->rx_sleep, memory_order_relaxed) &&
+          atomic_exchange(&r->rx_sleep, 0))
+        tl__ctl_wake(ch->link);
+    }
   }
-  if (!moved) return 0;
-  atomic_store_explicit(&r->head, head + moved, memory_order_release);
-  atomic_thread_fence(memory_order_seq_cst);
-  if (atomic_load_explicit(&r->rx_sleep, memory_order_relaxed) &&
-      atomic_exchange(&r->rx_sleep, 0))
-    tl__ctl_wake(ch->link);
   return (long)moved;
 }
 
@@ -433,7 +440,7 @@ static void shm_close(tl_chan_t *ch) {
 const tl_transport_ops_t tl__shm_ops = {
     .name = "shm",
     .id = TL_TRANSPORT_SHM,
-    .spin_always = 1,
+    .spin_factor = 4,
     .available = shm_available,
     .setup = shm_setup,
     .send = shm_send,
