@@ -154,8 +154,30 @@ def test_plan_variants():
         cl.Cluster(3, mtu=70000)
     with pytest.raises(ValueError):
         cl.Cluster(3, topology="torus")
-    assert cl.parse_rate("10gbit") == 10e9 and cl.parse_rate("1gbps") == 8e9
+    # "gbps" is bits, as the hostfile reads it (was bytes here, 8x the hostfile's reading)
+    assert cl.parse_rate("10gbit") == 10e9 and cl.parse_rate("1gbps") == 1e9
     assert int(cl.tbf_params("10gbit")["burst"]) >= 1_250_000
+
+
+@pytest.mark.parametrize("rate", ["10gbit", "1gbps", "500mbit", "100Mbps", "100mibit", "2.5gbit", "25G", "40"])
+def test_cluster_rate_round_trips_through_the_hostfile(rate):
+    """The rate string the cluster copies into its hostfile reads, there, as the bits tc was told."""
+    from thunderlink.transport import hostfile
+
+    c = cl.Cluster(2, topology="ring", rate=rate, name="plan5")
+    bits = cl.parse_rate(rate)
+    assert cl.tbf_params(rate)["rate"] == f"{bits}bit"  # tc gets bits, never tc's bytes-reading of "bps"
+    hf = hostfile.parse(c.hostfile())
+    rates = [a.rate for r in hf.ranks for a in r.addresses]
+    assert rates and all(x == pytest.approx(bits / 1e9) for x in rates)
+    assert bits == pytest.approx({"10gbit": 10e9, "1gbps": 1e9, "500mbit": 5e8, "100Mbps": 1e8,
+                                  "100mibit": 100 * 2**20, "2.5gbit": 2.5e9, "25G": 25e9, "40": 40e9}[rate])
+
+
+def test_cluster_refuses_what_the_hostfile_refuses():
+    for bad in ["fast", "10 furlongs", "0gbit", "10ibit"]:
+        with pytest.raises(ValueError, match="is not a rate"):
+            cl.Cluster(2, rate=bad, name="plan6")
 
 
 def test_available_reports_reason_without_root():

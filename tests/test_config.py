@@ -242,13 +242,15 @@ def test_parse_size_units(n, unit):
 @pytest.mark.parametrize("value,gbit", [
     (10, 10.0), (2.5, 2.5), ("10", 10.0), ("10gbit", 10.0), ("40Gbps", 40.0), ("500mbit", 0.5),
     ("100Mbps", 0.1), ("1tbit", 1000.0), ("800kbit", 0.0008), ("25G", 25.0), ("10 Gb/s", 10.0),
+    ("100mibit", 0.1048576), ("1kibit", 1.024e-6), ("1000bit", 1e-6), ("1Gibps", 1.073741824),
 ])
 def test_parse_rate(value, gbit):
     assert parse_rate(value) == pytest.approx(gbit)
     assert isinstance(parse_rate(value), float)
 
 
-@pytest.mark.parametrize("value", [0, -1, "0", "0gbit", "fast", "10 furlongs", "-5gbit", True, None, ""])
+@pytest.mark.parametrize("value", [0, -1, "0", "0gbit", "fast", "10 furlongs", "-5gbit", True, None, "",
+                                   "10ibit", "10gi"])
 def test_parse_rate_errors(value):
     with pytest.raises(ConfigError) as ei:
         parse_rate(value, "the.rate")

@@ -85,11 +85,18 @@ def parse_size(text: str, what: str = "size") -> int:
     return int(float(m.group(1)) * mult)
 
 
-_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(bit|bps|b/s)?\s*$", re.IGNORECASE)
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:([kmgt]i?|)(bit|bps|b/s)|([kmgt]?))\s*$", re.IGNORECASE)
+_RATE_POWER = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
 
 
 def parse_rate(value, what: str = "rate") -> float:
-    """A link rate in Gbit/s: a number (Gbit/s) or '10gbit', '40Gbps', '500mbit'."""
+    """A link rate in Gbit/s: a number (Gbit/s) or '10gbit', '40Gbps', '500mbit', '100mibit'.
+
+    The one rate parser of the project (hostfiles, the emulated cluster's tc
+    rates): every unit counts bits per second ('bps' too, as the README says;
+    tc alone would read 'gbps' as bytes, so the cluster hands tc bits). A unit
+    with a prefix and no 'bit' ('25G') or none at all ('10') is Gbit/s; 'kibit',
+    'mibit', ... are binary prefixes, as in tc."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if not (math.isfinite(value) and value > 0):
             raise ConfigError(f"[thunderlink] {what}: {value} must be a positive, finite number of Gbit/s")
@@ -97,8 +104,12 @@ def parse_rate(value, what: str = "rate") -> float:
     m = _RATE.match(str(value))
     if not m or float(m.group(1)) <= 0:
         raise ConfigError(f"[thunderlink] {what}: {value!r} is not a rate (examples: 10, '10gbit', '40Gbps')")
-    unit = m.group(2).lower() or "g"
-    return float(m.group(1)) * {"k": 1e-6, "m": 1e-3, "g": 1.0, "t": 1e3}[unit]
+    number, prefix, unit, bare = m.groups()
+    if unit is None:  # '10', '25G': Gbit/s unless a prefix says otherwise
+        prefix = bare or "g"
+    power = _RATE_POWER[prefix[:1].lower()]
+    bits = float(number) * (1024 ** power if prefix.lower().endswith("i") else 10 ** (3 * power))
+    return bits / 1e9
 
 
 @dataclass(frozen=True)

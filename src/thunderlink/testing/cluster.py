@@ -162,27 +162,13 @@ def state_dir() -> str:
     return cluster_state_dir()
 
 
-_RATE_UNITS = {
-    # tc semantics: *bit = bits per second, *bps = BYTES per second
-    "bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "tbit": 1e12,
-    "kibit": 1024, "mibit": 1024**2, "gibit": 1024**3, "tibit": 1024**4,
-    "bps": 8, "kbps": 8e3, "mbps": 8e6, "gbps": 8e9, "tbps": 8e12,
-    "kibps": 8 * 1024, "mibps": 8 * 1024**2, "gibps": 8 * 1024**3, "tibps": 8 * 1024**4,
-    "": 1,
-}
+def parse_rate(rate: str | int | float) -> int:
+    """A cable rate -> bit/s, read as every hostfile reads it (``config.parse_rate``:
+    ``"10gbit"``, ``"500mbit"``, ``"1gbps"`` = 1 Gbit/s, a bare number = Gbit/s), so the
+    string copied into the hostfile means what tc was told."""
+    from ..config import parse_rate as gbit_per_s
 
-
-def parse_rate(rate: str | int | float) -> float:
-    """A tc rate (``"10gbit"``, ``"500mbit"``, ``"1.25gbps"`` = bytes/s, a bare number = bit/s) -> bit/s."""
-    if isinstance(rate, (int, float)):
-        return float(rate)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(rate))
-    if not m or m.group(2).lower() not in _RATE_UNITS:
-        raise ValueError(f"not a tc rate: {rate!r} (use e.g. '10gbit', '500mbit')")
-    bits = float(m.group(1)) * _RATE_UNITS[m.group(2).lower()]
-    if bits <= 0:
-        raise ValueError(f"rate must be positive: {rate!r}")
-    return bits
+    return round(gbit_per_s(rate, "cluster rate") * 1e9)
 
 
 def tbf_params(rate: str, mtu: int = 1500, latency: str = DEFAULT_LATENCY,
@@ -194,7 +180,8 @@ def tbf_params(rate: str, mtu: int = 1500, latency: str = DEFAULT_LATENCY,
         b = int(-(-b // 4096) * 4096)
         b = min(b, 64 * 1024 * 1024)
         burst = str(b)
-    return {"rate": str(rate), "burst": str(burst), "latency": str(latency)}
+    # tc reads "gbps" as bytes/s; hand it the bits we mean
+    return {"rate": f"{bps}bit", "burst": str(burst), "latency": str(latency)}
 
 
 def _run_cmd(argv: Sequence[str], *, input: str | None = None, check: bool = True,
