@@ -19,7 +19,10 @@ USAGE = "usage: thunderlink <tool> [args]\n\ntools:\n" + "\n".join(
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
+    if not argv:  # a missing tool is a usage error, as with any command that needs one
+        sys.stderr.write(USAGE)
+        return 2
+    if argv[0] in ("-h", "--help", "help"):
         sys.stdout.write(USAGE)
         return 0
     if argv[0] in ("-V", "--version"):

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from .report import series_name
 
-__all__ = ["plot"]
+__all__ = ["plot", "size_label"]
+
+
+def size_label(nbytes: float, _pos=None) -> str:
+    """Axis label of a byte count: 256 -> '256 B', 2**18 -> '256 KiB', 2**26 -> '64 MiB'."""
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    i = 0
+    while abs(nbytes) >= 1024 and i < len(units) - 1:
+        nbytes /= 1024
+        i += 1
+    return f"{nbytes:g} {units[i]}"
 
 
 def plot(results, s, path: str) -> None:
@@ -12,6 +22,7 @@ def plot(results, s, path: str) -> None:
         import matplotlib
 
         matplotlib.use("Agg")
+        import matplotlib.ticker
         import matplotlib.pyplot as plt
     except ImportError:
         raise SystemExit("thunderlink bench: --plot needs matplotlib: pip install 'thunderlink[plot]'") from None
@@ -34,7 +45,8 @@ def plot(results, s, path: str) -> None:
     n = results[0].ranks if results else 0
     for ax, title, unit in ((bw, "bus bandwidth", "GB/s"), (lat, "latency (p50)", "us")):
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("size (bytes)")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(size_label))
+        ax.set_xlabel("size")
         ax.set_ylabel(unit)
         ax.set_title(f"{s.op} {s.dtype}, {n} ranks: {title}")
         ax.grid(True, which="both", alpha=0.3)
