@@ -50,8 +50,8 @@ from functools import cached_property
 from ..config import parse_rate
 from ..errors import ConfigError
 
-__all__ = ["Address", "RankSpec", "Link", "Hostfile", "load", "parse", "link_plan", "linked", "local_hostfile",
-           "DEFAULT_PORT"]
+__all__ = ["Address", "RankSpec", "Link", "Hostfile", "load", "parse", "parse_addresses", "is_device_matrix",
+           "link_plan", "linked", "local_hostfile", "DEFAULT_PORT"]
 
 DEFAULT_PORT = 32323
 
@@ -272,14 +272,39 @@ def load(path: str, var: str | None = None) -> Hostfile:
     return parse(read_json(path, var), path)
 
 
-def parse(obj, path: str | None = None) -> Hostfile:
-    from .jaccl import is_device_matrix
+def is_device_matrix(obj) -> bool:
+    """A square list of lists of null / device name / list of names, with no
+    "ip:port" strings (which would make it an MLX ring hostfile)."""
+    if not isinstance(obj, list) or not obj or not all(isinstance(row, list) for row in obj):
+        return False
+    if any(len(row) != len(obj) for row in obj):
+        return False
 
+    def name(x):
+        return isinstance(x, str) and ":" not in x
+
+    for row in obj:
+        for e in row:
+            if e is None or name(e) or (isinstance(e, list) and all(name(x) for x in e)):
+                continue
+            return False
+    return any(e is not None for row in obj for e in row)
+
+
+def parse(obj, path: str | None = None) -> Hostfile:
+    """A hostfile from its JSON: thunderlink's format or MLX's ring format.
+    A JACCL device matrix is refused here: it is read with its coordinator
+    (``jaccl.hostfile_from_matrix``) when a rank connects."""
     if is_device_matrix(obj):
         raise ConfigError(
             f"[thunderlink] {_where(path)} is a JACCL device matrix: it names devices, not addresses, so it "
             f"is read together with the coordinator (MLX_JACCL_COORDINATOR) when a rank connects"
         )
+    return parse_addresses(obj, path)
+
+
+def parse_addresses(obj, path: str | None = None) -> Hostfile:
+    """``parse`` for JSON already known not to be a JACCL device matrix."""
     if isinstance(obj, list):
         hf = _parse_mlx_ring(obj, path)
     elif isinstance(obj, dict):

@@ -19,30 +19,12 @@ import time
 
 from ..errors import ConfigError
 from . import hostfile as hostfile_mod
+from .hostfile import is_device_matrix
 from .interfaces import list_interfaces
 
 __all__ = ["is_device_matrix", "hostfile_from_matrix"]
 
 _MAX_RECORD = 1 << 20
-
-
-def is_device_matrix(obj) -> bool:
-    """A square list of lists of null / device name / list of names, with no
-    "ip:port" strings (which would make it an MLX ring hostfile)."""
-    if not isinstance(obj, list) or not obj or not all(isinstance(row, list) for row in obj):
-        return False
-    if any(len(row) != len(obj) for row in obj):
-        return False
-
-    def name(x):
-        return isinstance(x, str) and ":" not in x
-
-    for row in obj:
-        for e in row:
-            if e is None or name(e) or (isinstance(e, list) and all(name(x) for x in e)):
-                continue
-            return False
-    return any(e is not None for row in obj for e in row)
 
 
 def _names(entry) -> list[str]:
@@ -174,7 +156,8 @@ def _exchange(matrix: list, rank: int, coordinator: str, mine: dict, timeout: fl
 def hostfile_from_matrix(matrix: list, rank: int, coordinator: str | None, *, timeout: float = 60.0,
                          path: str | None = None) -> hostfile_mod.Hostfile:
     """The hostfile of a JACCL device matrix: this rank's addresses from its
-    interfaces, everyone's through the coordinator."""
+    interfaces, everyone's through the coordinator. (``connect`` calls it once
+    ``hostfile.is_device_matrix`` has said what the file is.)"""
     if not is_device_matrix(matrix):
         raise ConfigError(f"[thunderlink] {path or 'device file'} is not a JACCL device matrix")
     if not 0 <= rank < len(matrix):
@@ -184,6 +167,6 @@ def hostfile_from_matrix(matrix: list, rank: int, coordinator: str | None, *, ti
             "[thunderlink] a JACCL device file needs the coordinator, rank 0's ip:port: set "
             "MLX_JACCL_COORDINATOR (mlx.launch --backend jaccl sets it)")
     records = _exchange(matrix, rank, coordinator, _my_record(matrix, rank), timeout)
-    hf = hostfile_mod.parse({"version": 1, "ranks": records}, path)
+    hf = hostfile_mod.parse_addresses({"version": 1, "ranks": records}, path)
     hf.format = "jaccl"
     return hf

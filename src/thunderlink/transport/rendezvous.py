@@ -52,12 +52,12 @@ def connect(
             f"(it implements {', '.join(IMPLEMENTED_TRANSPORTS)}); unset THUNDERLINK_TRANSPORT or set it to auto"
         )
     obj = hostfile_mod.read_json(path, var)
-    if jaccl.is_device_matrix(obj):
+    if hostfile_mod.is_device_matrix(obj):  # the one place the format is told apart
         timeout = (options.connect_timeout if options and options.connect_timeout else None) or \
             cfg.options.get("connect_timeout") or Options.defaults()["connect_timeout"]
         hf = jaccl.hostfile_from_matrix(obj, rank, cfg.coordinator, timeout=timeout, path=path)
     else:
-        hf = hostfile_mod.parse(obj, path)
+        hf = hostfile_mod.parse_addresses(obj, path)
     via = f" ({rank_var})" if rank_var else ""
     if not 0 <= rank < hf.size:
         raise ConfigError(
