@@ -358,38 +358,15 @@ static long shm_send(tl_chan_t *ch, const struct iovec *iov, int n) {
   return (long)moved;
 }
 
-static long shm_recv(tl_chan_t *ch, const struct iovec *iov, int n, int peek) {
+/* Bytes waiting in the receive ring (its tail in *tail): -EPIPE when none
+ * and the peer is gone, -EPROTO when the peer's head is nonsense. */
+static long readable(tl_chan_t *ch, uint64_t *tail) {
   shm_chan_t *sc = ch->t;
-  ring_t *r = sc->rx;
-  uint64_t tail = atomic_load_explicit(&r->tail, memory_order_relaxed);
-  uint64_t head = atomic_load_explicit(&r->head, memory_order_acquire);
-  if (head - tail > sc->mask + 1) return -EPROTO; /* the peer wrote nonsense */
-  size_t avail = (size_t)(head - tail), moved = 0;
-  if (!avail) return peer_gone(ch) ? -EPIPE : 0;
-  for (int i = 0; i < n && moved < avail; i++) {
-    size_t m = tl__min(iov[i].iov_len, avail - moved);
-    copy_out(r, sc->mask, tail + moved, iov[i].iov_base, m);
-    moved += m;
-  }
-  if (peek || !moved) return (long)moved;
-  atomic_store_explicit(&r->tail, tail + moved, memory_order_release);
-  atomic_thread_fence(memory_order_seq_cst);
-  if (atomic_load_explicit(&r->tx_sleep, memory_order_relaxed) &&
-      atomic_exchange(&r->tx_sleep, 0))
-    tl__ctl_wake(ch->link);
-  return (long)moved;
-}
-
-static long shm_view(tl_chan_t *ch, const char **p) {
-  shm_chan_t *sc = ch->t;
-  ring_t *r = sc->rx;
-  uint64_t tail = atomic_load_explicit(&r->tail, memory_order_relaxed);
-  uint64_t head = atomic_load_explicit(&r->head, memory_order_acquire);
-  if (head == tail) return peer_gone(ch) ? -EPIPE : 0;
-  if (head - tail > sc->mask + 1) return -EPROTO;
-  size_t at = (size_t)(tail & sc->mask);
-  *p = r->data + at;
-  return (long)tl__min((size_t)(head - tail), (size_t)(sc->mask + 1) - at);
+  *tail = atomic_load_explicit(&sc->rx->tail, memory_order_relaxed);
+  uint64_t head = atomic_load_explicit(&sc->rx->head, memory_order_acquire);
+  if (head - *tail > sc->mask + 1) return -EPROTO;
+  if (head == *tail) return peer_gone(ch) ? -EPIPE : 0;
+  return (long)(head - *tail);
 }
 
 static void shm_consume(tl_chan_t *ch, size_t n) {
@@ -401,6 +378,31 @@ static void shm_consume(tl_chan_t *ch, size_t n) {
   if (atomic_load_explicit(&r->tx_sleep, memory_order_relaxed) &&
       atomic_exchange(&r->tx_sleep, 0))
     tl__ctl_wake(ch->link);
+}
+
+static long shm_recv(tl_chan_t *ch, const struct iovec *iov, int n, int peek) {
+  shm_chan_t *sc = ch->t;
+  uint64_t tail;
+  long avail = readable(ch, &tail);
+  if (avail <= 0) return avail;
+  size_t moved = 0;
+  for (int i = 0; i < n && moved < (size_t)avail; i++) {
+    size_t m = tl__min(iov[i].iov_len, (size_t)avail - moved);
+    copy_out(sc->rx, sc->mask, tail + moved, iov[i].iov_base, m);
+    moved += m;
+  }
+  if (!peek && moved) shm_consume(ch, moved);
+  return (long)moved;
+}
+
+static long shm_view(tl_chan_t *ch, const char **p) {
+  shm_chan_t *sc = ch->t;
+  uint64_t tail;
+  long avail = readable(ch, &tail);
+  if (avail <= 0) return avail;
+  size_t at = (size_t)(tail & sc->mask);
+  *p = sc->rx->data + at;
+  return (long)tl__min((size_t)avail, (size_t)(sc->mask + 1) - at);
 }
 
 static int shm_arm(tl_chan_t *ch, int want_in, int want_out, struct pollfd *pfd) {
