@@ -26,8 +26,11 @@
  * but cannot be waited on together with the TCP links of the same job, nor
  * exists on macOS; the control connection serves both systems alike.)
  *
- * The peer's counters are not trusted: a ring that claims more bytes than
- * it holds is a protocol error, and every index is masked into the ring.
+ * The peer is not trusted further than the handshake proved it: the opener
+ * opens only a name of the kind this transport makes, maps it only if it
+ * is a memfd of the announced size holding a segment header (never a file
+ * on a disk that the name could lead to), and a ring that claims more bytes
+ * than it holds is a protocol error; every index is masked into the ring.
  *
  * Large messages are copied twice (into the ring and out of it). A single
  * copy with cross-memory attach (process_vm_readv) was measured against it
@@ -165,6 +168,22 @@ static int create_segment(tl_comm_t *c, shm_link_t *s) {
   return 0;
 }
 
+/* Does the offer name a segment of the kind create_segment makes (Linux:
+ * /proc/PID/fd/N; macOS: /tlPID.N), rather than some other file a peer would
+ * like this process to open and write? */
+static int segment_name(const char *name) {
+  unsigned a, b;
+  int end = -1;
+#if defined(__linux__)
+  if (strncmp(name, "/proc/", 6) || name[6] < '0' || name[6] > '9') return 0;
+  sscanf(name, "/proc/%u/fd/%u%n", &a, &b, &end);
+#elif defined(__APPLE__)
+  if (strncmp(name, "/tl", 3) || name[3] < '0' || name[3] > '9') return 0;
+  sscanf(name, "/tl%u.%x%n", &a, &b, &end);
+#endif
+  return end > 0 && (size_t)end == strlen(name);
+}
+
 static int open_segment(shm_link_t *s, const offer_t *o) {
   if (o->bytes < 4096 + 2 * TL_SHM_STREAMS * ring_stride(o->ring_bytes) ||
       o->ring_bytes == 0 || (o->ring_bytes & (o->ring_bytes - 1)) ||
@@ -173,6 +192,7 @@ static int open_segment(shm_link_t *s, const offer_t *o) {
   char name[sizeof o->name + 1];
   memcpy(name, o->name, sizeof o->name);
   name[sizeof o->name] = 0;
+  if (!segment_name(name)) return EPROTO;
 #if defined(__linux__)
   int fd = open(name, O_RDWR | O_CLOEXEC);
 #elif defined(__APPLE__)
@@ -182,14 +202,20 @@ static int open_segment(shm_link_t *s, const offer_t *o) {
   errno = ENOTSUP;
 #endif
   if (fd < 0) return errno;
+  int e = 0;
   struct stat st;
-  if (fstat(fd, &st) < 0 || (uint64_t)st.st_size != o->bytes) {
-    int e = errno ? errno : EPROTO;
+  if (fstat(fd, &st) < 0) e = errno;
+  else if (!S_ISREG(st.st_mode) || (uint64_t)st.st_size != o->bytes) e = EPROTO;
+#if defined(F_GET_SEALS)
+  /* Only memfds (and shmem files) answer this: not a file on a disk. */
+  else if (fcntl(fd, F_GET_SEALS) < 0) e = EPROTO;
+#endif
+  if (e) {
     close(fd);
     return e;
   }
   void *p = mmap(NULL, (size_t)o->bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-  int e = errno;
+  e = errno;
   close(fd);
   if (p == MAP_FAILED) return e;
   seg_hdr_t *h = (seg_hdr_t *)p;
