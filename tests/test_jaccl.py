@@ -42,6 +42,57 @@ def test_interface_without_ipv4_is_named():
         jaccl.hostfile_from_matrix([[None, "rdma_nosuch0"], ["rdma_nosuch0", None]], 0, "127.0.0.1:1")
 
 
+def test_ports_are_the_kernels_choice_and_held_until_released():
+    """Each rank announces a port the kernel chose and keeps it bound while the
+    records travel, so no other process can take it before the core listens."""
+    import socket
+    import threading
+
+    matrix = [[None, "rdma_lo"], ["rdma_lo", None]]
+    coordinator = f"127.0.0.1:{free_ports(1)[0]}"
+    held, hfs, errors = [[], []], [None, None], []
+
+    def rank(r):
+        try:
+            hfs[r] = jaccl.hostfile_from_matrix(matrix, r, coordinator, timeout=20, hold=held[r])
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=rank, args=(r,), daemon=True) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    try:
+        assert not errors and all(hfs), errors
+        for r in (0, 1):
+            announced = [a.port for a in hfs[0].ranks[r].addresses]
+            assert announced == [s.getsockname()[1] for s in held[r]]
+            for port in announced:  # still ours: a plain bind to it fails
+                with socket.socket() as other, pytest.raises(OSError):
+                    other.bind(("127.0.0.1", port))
+    finally:
+        ports = [s.getsockname()[1] for h in held for s in h]
+        for h in held:
+            jaccl.release(h)
+    assert held == [[], []]
+    for port in ports:  # released: the core can listen there (as it does, with SO_REUSEADDR)
+        with socket.socket() as core:
+            core.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            core.bind(("127.0.0.1", port))
+            core.listen()
+
+
+def test_ports_close_on_return_without_hold(monkeypatch):
+    opened = []
+    real = jaccl._reserve_port
+    monkeypatch.setattr(jaccl, "_reserve_port", lambda ip: opened.append(real(ip)) or opened[-1])
+    other = {"host": "b", "addresses": [{"ip": "127.0.0.2", "port": 9, "peer": 0}]}
+    monkeypatch.setattr(jaccl, "_exchange", lambda m, r, c, mine, t: [mine, other])
+    jaccl.hostfile_from_matrix([[None, "rdma_lo"], ["rdma_lo", None]], 0, "127.0.0.1:1")
+    assert opened and all(s.fileno() == -1 for s in opened)
+
+
 def _run(c, tmp_path, matrix, coordinator, func, *args):
     path = tmp_path / "devices.json"
     path.write_text(json.dumps(matrix))

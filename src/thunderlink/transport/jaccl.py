@@ -22,7 +22,7 @@ from . import hostfile as hostfile_mod
 from .hostfile import is_device_matrix
 from .interfaces import list_interfaces
 
-__all__ = ["is_device_matrix", "hostfile_from_matrix"]
+__all__ = ["is_device_matrix", "hostfile_from_matrix", "release"]
 
 _MAX_RECORD = 1 << 20
 
@@ -46,9 +46,24 @@ def _ipv4_of(iface: str) -> tuple[str, int] | None:
     return None
 
 
-def _my_record(matrix: list, rank: int) -> dict:
+def _reserve_port(ip: str) -> socket.socket:
+    """A socket bound to a port of the kernel's choosing on ``ip``. Holding it
+    keeps the port ours while the records travel; the caller closes it just
+    before the core binds the same port (SO_REUSEADDR on both sides)."""
+    s = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((ip, 0))
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+def _my_record(matrix: list, rank: int, held: list[socket.socket]) -> dict:
     """This rank's cables: one address per interface, facing the peer(s) the
-    matrix gives it, on a port free now."""
+    matrix gives it, on a port the kernel chose; the sockets holding those
+    ports are appended to ``held``."""
     faces: dict[str, list[int]] = {}
     for peer, entry in enumerate(matrix[rank]):
         if peer == rank:
@@ -65,9 +80,8 @@ def _my_record(matrix: list, rank: int) -> dict:
                 f"mlx.distributed_config does: `sudo ifconfig {iface} inet 192.168.x.y netmask 255.255.255.252`)"
             )
         ip, prefix = found
-        with socket.socket() as s:
-            s.bind((ip, 0))
-            port = s.getsockname()[1]
+        held.append(_reserve_port(ip))
+        port = held[-1].getsockname()[1]
         # An interface facing several peers (a bridge, a switch) is open to any rank.
         peer = peers[0] if len(peers) == 1 else None
         addresses.append({"ip": ip, "port": port, "peer": peer, "iface": iface, "prefix": prefix})
@@ -154,10 +168,15 @@ def _exchange(matrix: list, rank: int, coordinator: str, mine: dict, timeout: fl
 
 
 def hostfile_from_matrix(matrix: list, rank: int, coordinator: str | None, *, timeout: float = 60.0,
-                         path: str | None = None) -> hostfile_mod.Hostfile:
+                         path: str | None = None, hold: list | None = None) -> hostfile_mod.Hostfile:
     """The hostfile of a JACCL device matrix: this rank's addresses from its
     interfaces, everyone's through the coordinator. (``connect`` calls it once
-    ``hostfile.is_device_matrix`` has said what the file is.)"""
+    ``hostfile.is_device_matrix`` has said what the file is.)
+
+    This rank's ports are the kernel's choice, and stay bound while the
+    records travel so no other process can take them. With ``hold`` (a list)
+    the sockets holding them are appended there, for the caller to close just
+    before the core listens on those ports; without it they close on return."""
     if not is_device_matrix(matrix):
         raise ConfigError(f"[thunderlink] {path or 'device file'} is not a JACCL device matrix")
     if not 0 <= rank < len(matrix):
@@ -166,7 +185,22 @@ def hostfile_from_matrix(matrix: list, rank: int, coordinator: str | None, *, ti
         raise ConfigError(
             "[thunderlink] a JACCL device file needs the coordinator, rank 0's ip:port: set "
             "MLX_JACCL_COORDINATOR (mlx.launch --backend jaccl sets it)")
-    records = _exchange(matrix, rank, coordinator, _my_record(matrix, rank), timeout)
-    hf = hostfile_mod.parse_addresses({"version": 1, "ranks": records}, path)
-    hf.format = "jaccl"
+    held: list[socket.socket] = []
+    try:
+        records = _exchange(matrix, rank, coordinator, _my_record(matrix, rank, held), timeout)
+        hf = hostfile_mod.parse_addresses({"version": 1, "ranks": records}, path)
+        hf.format = "jaccl"
+    except BaseException:
+        release(held)
+        raise
+    if hold is None:
+        release(held)
+    else:
+        hold.extend(held)
     return hf
+
+
+def release(sockets: list) -> None:
+    """Close the sockets that held this rank's ports (``hostfile_from_matrix(hold=)``)."""
+    while sockets:
+        sockets.pop().close()

@@ -52,10 +52,19 @@ def connect(
             f"(it implements {', '.join(IMPLEMENTED_TRANSPORTS)}); unset THUNDERLINK_TRANSPORT or set it to auto"
         )
     obj = hostfile_mod.read_json(path, var)
+    held: list = []  # sockets holding the ports a JACCL rank announced, until the core binds them
+    try:
+        return _connect(cfg, obj, path, rank, rank_var, kind, options, held)
+    finally:
+        jaccl.release(held)
+
+
+def _connect(cfg: Config, obj, path: str, rank: int, rank_var: str | None, kind: str,
+             options: Options | None, held: list) -> Comm:
     if hostfile_mod.is_device_matrix(obj):  # the one place the format is told apart
         timeout = (options.connect_timeout if options and options.connect_timeout else None) or \
             cfg.options.get("connect_timeout") or Options.defaults()["connect_timeout"]
-        hf = jaccl.hostfile_from_matrix(obj, rank, cfg.coordinator, timeout=timeout, path=path)
+        hf = jaccl.hostfile_from_matrix(obj, rank, cfg.coordinator, timeout=timeout, path=path, hold=held)
     else:
         hf = hostfile_mod.parse_addresses(obj, path)
     via = f" ({rank_var})" if rank_var else ""
@@ -76,4 +85,5 @@ def connect(
     if opts.job_id is None:
         opts.job_id = cfg.job_id if cfg.job_id is not None else hf.job_id()
     opts.transport = kind
+    jaccl.release(held)  # the core binds these ports now
     return Comm.create(rank, hf.size, hf.endpoints(cfg.ifname, rank), opts, ring=hf.ring)
