@@ -23,8 +23,8 @@ What the remote shell does (POSIX sh, whatever the login shell is):
    assignments, every value quoted with :func:`shlex.quote`;
 3. picks the interpreter: ``python`` if given (``--python``), else the
    launcher's ``sys.executable`` path if it is executable there, else ``python3``;
-4. execs a small Python *rank wrapper* (:data:`REMOTE_WRAPPER`, passed with
-   ``-c``) that writes the hostfile to ``/tmp/thunderlink-<job>-r<rank>.json``
+4. execs the *rank wrapper* (``python -m thunderlink.launch.remote``, so
+   thunderlink must be installed for that interpreter) that writes the hostfile to ``/tmp/thunderlink-<job>-r<rank>.json``
    (O_EXCL, mode 0600), runs the program in its own session (process group),
    and removes the hostfile when the program is done.
 
@@ -76,10 +76,12 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
 from ..errors import ConfigError
+from ..testing.netns import command_in, namespace_of
 from ..transport import hostfile as hostfile_mod
 from ..transport.hostfile import Hostfile, RankSpec
 from .job import GRACE_SECONDS, Job, JobResult, exit_status
 from .local import private_tempdir, rank_env
+from .remote import GRACE as REMOTE_GRACE
 
 __all__ = [
     "launch_hostfile",
@@ -87,7 +89,7 @@ __all__ = [
     "HostfileJobResult",
     "LaunchPlan",
     "SshJob",
-    "REMOTE_WRAPPER",
+    "REMOTE_MODULE",
     "REMOTE_GRACE",
     "DEFAULT_CONNECT_TIMEOUT",
     "add_cli_arguments",
@@ -97,7 +99,6 @@ __all__ = [
 ]
 
 DEFAULT_CONNECT_TIMEOUT = 10.0  # seconds, ssh's ConnectTimeout
-REMOTE_GRACE = 2.0  # seconds between SIGTERM and SIGKILL in the remote wrapper
 LABEL = "thunderlink launch"
 
 # Placement variables that the launcher sets itself, or that describe another
@@ -109,98 +110,10 @@ _PLACEMENT = frozenset({
 _PROPAGATED_PREFIXES = ("THUNDERLINK_", "MLX_")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
-# The remote rank wrapper: ``python -c REMOTE_WRAPPER HOSTFILE_PATH HOSTFILE_TEXT
-# MODE MARKER ARGV...`` (MODE "python": run ARGV with this interpreter; "exec":
-# ARGV as is). Kept to Python 3.6 syntax: remote hosts may have an old python3.
-REMOTE_WRAPPER = r'''
-import sys
-sys.path[:] = [p for p in sys.path if p not in ("", ".")]
-import os, select, signal, subprocess, time
-GRACE = %(grace)r
-def killpg(pgid, sig):
-    try:
-        os.killpg(pgid, sig)
-        return True
-    except OSError:
-        return False
-def main():
-    path, text, mode, marker = sys.argv[1:5]
-    argv = sys.argv[5:]
-    if mode == "python":
-        argv = [sys.executable] + argv
-    stop = []
-    def on_signal(signum, frame):
-        stop.append(signum)
-    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(s, on_signal)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-    try:
-        fd = os.open(path, flags, 0o600)
-    except OSError as e:
-        sys.stderr.write("thunderlink launch: cannot write the hostfile %%s on this host: %%s\n" %% (path, e.strerror))
-        return 71
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        if stop:
-            return 128 + stop[0]
-        try:
-            sys.stderr.write(marker + "\n")
-            sys.stderr.flush()
-        except OSError:  # the session is gone already
-            return 141
-        try:
-            child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True)
-        except OSError as e:
-            sys.stderr.write("thunderlink launch: cannot run %%s: %%s\n" %% (argv[0], e.strerror))
-            return 127
-        ppid = os.getppid()
-        watch = True
-        ending = False
-        while child.poll() is None:
-            if stop or os.getppid() != ppid:
-                ending = True
-                break
-            if not watch:
-                time.sleep(0.1)
-                continue
-            try:
-                ready = select.select([0], [], [], 0.1)[0]
-            except (OSError, ValueError):
-                watch = False
-                continue
-            if ready:
-                try:
-                    data = os.read(0, 65536)
-                except OSError:
-                    data = b""
-                if not data:  # the launcher closed our stdin, or the session ended
-                    ending = True
-                    break
-                if b"i" in data:  # the launcher was interrupted (Ctrl-C): pass it on
-                    killpg(child.pid, signal.SIGINT)
-        if ending:
-            killpg(child.pid, signal.SIGTERM)
-            end = time.time() + GRACE
-            while child.poll() is None and time.time() < end:
-                time.sleep(0.02)
-            killpg(child.pid, signal.SIGKILL)
-        rc = child.wait()
-        # What is left of the program's process group would keep the ssh
-        # channel open: stop it too.
-        if killpg(child.pid, signal.SIGTERM):
-            end = time.time() + 0.5
-            while time.time() < end and killpg(child.pid, 0):
-                time.sleep(0.02)
-            killpg(child.pid, signal.SIGKILL)
-        return 128 - rc if rc < 0 else rc
-    finally:
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
-sys.exit(main())
-''' % {"grace": REMOTE_GRACE}
+# The remote rank wrapper is the module thunderlink.launch.remote, run by the
+# remote interpreter as ``python -m thunderlink.launch.remote HOSTFILE_PATH
+# HOSTFILE_TEXT MODE MARKER ARGV...``.
+REMOTE_MODULE = "thunderlink.launch.remote"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -289,7 +202,7 @@ def remote_command(
     assigns.append(f"THUNDERLINK_HOSTFILE={shlex.quote(hostfile_path)}")
     parts.append("export " + " ".join(assigns))
     args = [hostfile_path, hostfile_text, "python" if is_script else "exec", marker, *argv]
-    parts.append('exec "$TL_PY" -c ' + shlex.quote(REMOTE_WRAPPER) + " " + " ".join(shlex.quote(a) for a in args))
+    parts.append(f'exec "$TL_PY" -m {REMOTE_MODULE} ' + " ".join(shlex.quote(a) for a in args))
     return "exec /bin/sh -c " + shlex.quote("; ".join(parts))
 
 
@@ -361,7 +274,7 @@ def plan_hostfile(
         base = rank_env(env, r, n, local_hostfile, job_id)
         dests.append(dest)
         # An emulated host's namespace, unless the entry names an ssh destination.
-        netns = spec.extra.get("netns") if not (force_ssh or spec.ssh) else None
+        netns = namespace_of(spec) if not (force_ssh or spec.ssh) else None
         if not force_ssh and (netns or is_local_destination(dest)):
             # On this machine: directly, or inside the network namespace of an
             # emulated host (thunderlink cluster), which needs no ssh.
@@ -370,7 +283,7 @@ def plan_hostfile(
             local_env.update(THUNDERLINK_HOSTFILE=local_hostfile, THUNDERLINK_RANK=str(r),
                              THUNDERLINK_WORLD_SIZE=str(n), THUNDERLINK_JOB_ID=str(job_id))
             cmd = ([python or default_python] + argv) if is_script else list(argv)
-            commands.append((["ip", "netns", "exec", str(netns)] + cmd) if netns else cmd)
+            commands.append(command_in(netns, cmd) if netns else cmd)
             envs.append(local_env)
             remote.append(False)
             paths.append(None)

@@ -795,7 +795,9 @@ class Cluster:
     def netns_argv(self, host: int | str, argv: Sequence[str]) -> list[str]:
         """``ip netns exec NS argv...`` for a host index (or a namespace name)."""
         ns = host if isinstance(host, str) else self.hosts[host].netns
-        return ["ip", "netns", "exec", ns, *[str(a) for a in argv]]
+        from .netns import command_in
+
+        return command_in(ns, argv)
 
     def run(self, host: int, argv: Sequence[str], env: dict | None = None,
             **popen_kwargs) -> subprocess.Popen:
