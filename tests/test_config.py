@@ -445,7 +445,9 @@ def test_refused_values_name_the_variable(hostfile1, name, value):
 
 
 def names_read_by_config() -> set[str]:
-    """Every THUNDERLINK_*/MLX_* string literal in config.py outside ENV."""
+    """Every THUNDERLINK_*/MLX_* string literal in config.py outside ENV, and
+    the variables of the core's options, which config.py reads from the
+    core's table (config.OPTIONS)."""
     src = open(config.__file__, encoding="utf-8").read()
     tree = ast.parse(src)
     env_node = next(n for n in tree.body if isinstance(n, ast.Assign)
@@ -457,7 +459,7 @@ def names_read_by_config() -> set[str]:
             continue
         if isinstance(node, ast.Constant) and isinstance(node.value, str):
             names |= set(re.findall(r"\b(?:THUNDERLINK|MLX)_[A-Z0-9_]+\b", node.value))
-    return names
+    return names | {spec.env for spec in config.OPTIONS}
 
 
 def test_env_documents_every_variable_read():

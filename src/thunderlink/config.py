@@ -1,7 +1,10 @@
 """The one reader of environment variables.
 
 Everything else receives a :class:`Config`. ``ENV`` documents every variable
-with its default; the README's table is written from it.
+with its default; the README's table is written from it. The core's options
+(``OPTIONS``) are declared once, in the core's table (csrc/core/options.h):
+their variables, defaults, ranges and help come from there, and
+:func:`readme_rows` writes their rows of the README's table.
 """
 
 from __future__ import annotations
@@ -12,10 +15,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Mapping
 
+from .bindings.options import SPECS as OPTIONS
+from .bindings.options import Spec
 from .errors import ConfigError
 
-__all__ = ["Config", "from_env", "ENV", "HOSTFILE_VARS", "RANK_VARS", "parse_size", "parse_rate",
-           "cluster_state_dir"]
+__all__ = ["Config", "from_env", "ENV", "OPTIONS", "HOSTFILE_VARS", "RANK_VARS", "parse_size", "parse_rate",
+           "cluster_state_dir", "readme_rows"]
 
 # Where a hostfile and a rank are looked for, first set first.
 HOSTFILE_VARS = ("THUNDERLINK_HOSTFILE", "MLX_HOSTFILE", "MLX_IBV_DEVICES", "JACCL_IBV_DEVICES")
@@ -27,11 +32,6 @@ ENV = {
         "unset",
         "thunderlink: unmodified MLX programs calling mx.distributed.init() get a "
         "thunderlink group (set by thunderlink launch)",
-    ),
-    "THUNDERLINK_TRANSPORT": (
-        "auto",
-        "auto | tcp | shm: auto uses shared memory between ranks of one host and TCP between hosts; shm "
-        "requires every rank on one host (same on every rank); rdma is not implemented yet",
     ),
     "THUNDERLINK_HOSTFILE": (
         "unset",
@@ -48,29 +48,12 @@ ENV = {
     "THUNDERLINK_WORLD_SIZE": ("unset", "if set, must equal the number of ranks in the hostfile"),
     "THUNDERLINK_IFNAME": ("unset", "bind this rank's sockets to this interface when the hostfile names none"),
     "THUNDERLINK_JOB_ID": ("hash of the hostfile", "job id checked in every handshake (set by thunderlink launch)"),
-    "THUNDERLINK_TIMEOUT": ("600", "seconds a collective may wait before failing"),
-    "THUNDERLINK_CONNECT_TIMEOUT": ("60", "seconds to connect to every peer at start-up"),
-    "THUNDERLINK_CONNS": ("2", "TCP connections per cable between two ranks, striped (same on every rank)"),
-    "THUNDERLINK_CHUNK_BYTES": ("512K", "largest pipelined chunk of the ring (same on every rank)"),
-    "THUNDERLINK_PIPELINE_DEPTH": ("2", "chunks in flight per ring direction"),
-    "THUNDERLINK_ALGO": ("auto", "auto | ring | oneshot: all_reduce algorithm (same on every rank)"),
-    "THUNDERLINK_ALGO_THRESHOLD": (
-        "512K",
-        "auto: one round of messages while each rank sends at most this (all_reduce: bytes x (ranks-1)); "
-        "the ring above (same on every rank)",
-    ),
-    "THUNDERLINK_STRIPE_MIN_BYTES": ("256K", "messages below this travel on one connection (same on every rank)"),
-    "THUNDERLINK_SPIN_US": ("50", "microseconds to poll before sleeping, for small operations"),
-    "THUNDERLINK_SOCKBUF_BYTES": (
-        "4M",
-        "SO_SNDBUF/SO_RCVBUF of every connection where the kernel grants that much (else, and with 0, "
-        "the kernel's autotuning)",
-    ),
-    "THUNDERLINK_DEBUG": ("warn", "log level of the core on stderr: none | warn | info | trace"),
     "THUNDERLINK_CLUSTER_STATE_DIR": (
         "/run/thunderlink/clusters",
         "where `thunderlink cluster` records the emulated clusters it made",
     ),
+    # The core's options: THUNDERLINK_TRANSPORT, THUNDERLINK_CONNS, ...
+    **{spec.env: (spec.shown_default, spec.doc) for spec in OPTIONS},
 }
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
@@ -161,11 +144,7 @@ def _int(env: Mapping[str, str], name: str, lo: int | None = None, hi: int | Non
     return v
 
 
-# The core keeps times in int32 milliseconds.
-_MIN_SECONDS, _MAX_SECONDS = 0.001, 2_000_000.0
-
-
-def _seconds(env: Mapping[str, str], name: str) -> float | None:
+def _seconds(env: Mapping[str, str], name: str, lo: float, hi: float) -> float | None:
     raw = env.get(name)
     if raw is None or raw == "":
         return None
@@ -173,10 +152,8 @@ def _seconds(env: Mapping[str, str], name: str) -> float | None:
         v = float(raw)
     except ValueError:
         raise ConfigError(f"[thunderlink] {name}={raw!r} is not a number of seconds") from None
-    if not (math.isfinite(v) and _MIN_SECONDS <= v <= _MAX_SECONDS):
-        raise ConfigError(
-            f"[thunderlink] {name}={raw} must be a number of seconds between {_MIN_SECONDS} and {_MAX_SECONDS:g}"
-        )
+    if not (math.isfinite(v) and lo <= v <= hi):
+        raise ConfigError(f"[thunderlink] {name}={raw} must be a number of seconds between {lo:g} and {hi:g}")
     return v
 
 
@@ -200,41 +177,44 @@ def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str 
     return v
 
 
+def _log_level(env: Mapping[str, str], spec: Spec) -> str | None:
+    """THUNDERLINK_DEBUG also takes 0, 1 and 2, as older versions did."""
+    raw = env.get(spec.env)
+    if not raw:
+        return None
+    level = {"0": "warn", "1": "info", "2": "trace"}.get(raw.strip(), raw.strip().lower())
+    if level not in spec.choices:
+        raise ConfigError(f"[thunderlink] {spec.env}={raw!r}: expected none, warn, info or trace")
+    return level
+
+
+def _option(env: Mapping[str, str], spec: Spec):
+    """One of the core's options from its variable, in Options' units; None when unset.
+    Ranges are the core's (tl_options_check)."""
+    if spec.name == "log_level":
+        return _log_level(env, spec)
+    if spec.kind == "seconds":
+        return _seconds(env, spec.env, spec.lo / 1000, spec.hi / 1000)
+    if spec.kind == "bytes":
+        return _size(env, spec.env, spec.lo, spec.hi)
+    if spec.kind == "choice":
+        return _choice(env, spec.env, spec.choices)
+    return _int(env, spec.env, spec.lo, spec.hi)
+
+
+def readme_rows() -> list[str]:
+    """The README's rows (variable, default, meaning) for the core's options,
+    in the table's order. tests/test_options.py checks the README has them."""
+    return [f"| `{spec.env}` | `{spec.shown_default}` | {spec.doc} |" for spec in OPTIONS]
+
+
 def from_env(env: Mapping[str, str] | None = None) -> Config:
     """Read the configuration from ``env`` (default: os.environ)."""
     env = os.environ if env is None else env
-    options: dict = {}
-    for key, name in (("timeout", "THUNDERLINK_TIMEOUT"), ("connect_timeout", "THUNDERLINK_CONNECT_TIMEOUT")):
-        v = _seconds(env, name)
-        if v is not None:
-            options[key] = v
-    # Ranges as the core checks them (tl_options_check).
-    for key, name, lo, hi in (
-        ("conns_per_peer", "THUNDERLINK_CONNS", 1, 64),
-        ("pipeline_depth", "THUNDERLINK_PIPELINE_DEPTH", 1, 64),
-        ("spin_us", "THUNDERLINK_SPIN_US", 0, 1_000_000),
-    ):
-        v = _int(env, name, lo, hi)
-        if v is not None:
-            options[key] = v
-    for key, name, lo, hi in (
-        ("chunk_bytes", "THUNDERLINK_CHUNK_BYTES", 4096, 1 << 30),
-        ("algo_threshold", "THUNDERLINK_ALGO_THRESHOLD", 0, 1 << 62),
-        ("stripe_min_bytes", "THUNDERLINK_STRIPE_MIN_BYTES", 0, 1 << 62),
-        ("sockbuf_bytes", "THUNDERLINK_SOCKBUF_BYTES", 0, (1 << 31) - 1),
-    ):
-        v = _size(env, name, lo, hi)
-        if v is not None:
-            options[key] = v
-    algo = _choice(env, "THUNDERLINK_ALGO", ("auto", "ring", "oneshot"))
-    if algo:
-        options["algo"] = algo
-    debug = env.get("THUNDERLINK_DEBUG")
-    if debug:
-        level = {"0": "warn", "1": "info", "2": "trace"}.get(debug.strip(), debug.strip().lower())
-        if level not in ("none", "warn", "info", "trace"):
-            raise ConfigError(f"[thunderlink] THUNDERLINK_DEBUG={debug!r}: expected none, warn, info or trace")
-        options["log_level"] = level
+    options = {spec.name: v for spec in OPTIONS if (v := _option(env, spec)) is not None}
+    # connect() decides the transport (and refuses the ones not built yet):
+    # it travels in Config.transport, not with the other options.
+    transport = options.pop("transport", "auto")
 
     hostfile, hostfile_var = None, None
     for name in HOSTFILE_VARS:
@@ -258,7 +238,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
     backend = env.get("MLX_DISTRIBUTED_BACKEND") or None
     return Config(
         backend=backend.strip().lower() if backend else None,
-        transport=_choice(env, "THUNDERLINK_TRANSPORT", ("auto", "tcp", "shm", "rdma")) or "auto",
+        transport=transport,
         hostfile=hostfile,
         hostfile_var=hostfile_var,
         rank=rank,

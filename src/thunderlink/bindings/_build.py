@@ -18,6 +18,7 @@ CSRC = os.path.join("src", "thunderlink", "csrc")
 # Listed, not globbed, so a stray file never ends up in the build.
 SOURCES = [
     "core/comm.c",
+    "core/options.c",
     "core/log.c",
     "core/msg.c",
     "core/topo.c",

@@ -58,6 +58,11 @@
 #define TL_TRANSPORT_RDMA ...
 #define TL_NUM_TRANSPORTS ...
 
+#define TL_OPT_INT ...
+#define TL_OPT_BYTES ...
+#define TL_OPT_MS ...
+#define TL_OPT_CHOICE ...
+
 #define TL_LOG_NONE ...
 #define TL_LOG_WARN ...
 #define TL_LOG_INFO ...
@@ -98,6 +103,21 @@ const char *tl_comm_last_error(tl_comm_t *comm);
 
 void tl_options_default(tl_options_t *opts);
 int tl_options_check(const tl_options_t *opts, char *why, size_t cap);
+
+typedef struct tl_option_info {
+  const char *field;
+  const char *name;
+  const char *env;
+  int32_t kind;
+  const char *unit;
+  int64_t def, min, max;
+  int32_t shared;
+  const char *choices;
+  const char *help;
+} tl_option_info_t;
+
+int tl_option_count(void);
+int tl_option_info(int i, tl_option_info_t *out);
 int tl_comm_create(tl_comm_t **out, int rank, int size, const tl_options_t *opts);
 int tl_comm_add_endpoint(tl_comm_t *comm, int owner, int facing, const char *host,
                          int port, const char *ifname, double weight);

@@ -8,13 +8,14 @@ copied. The GIL is released while the core runs.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import numpy as np
 
-from ..errors import ClosedError, ConfigError, InvalidArgumentError, check
+from ..errors import ClosedError, InvalidArgumentError, check
 from ._core import ffi, lib
+from .options import Options
 
 __all__ = ["Comm", "Endpoint", "Options", "Topology", "dtype_code", "DTYPES", "REDUCTIONS", "TRANSPORTS"]
 
@@ -39,18 +40,9 @@ DTYPES = {
 
 REDUCTIONS = {"sum": lib.TL_SUM, "prod": lib.TL_PROD, "max": lib.TL_MAX, "min": lib.TL_MIN}
 
-ALGORITHMS = {"auto": lib.TL_ALGO_AUTO, "ring": lib.TL_ALGO_RING, "oneshot": lib.TL_ALGO_ONESHOT}
-
 # THUNDERLINK_TRANSPORT's values; the ids also index per-transport counters.
 TRANSPORTS = {"auto": lib.TL_TRANSPORT_AUTO, "tcp": lib.TL_TRANSPORT_TCP, "shm": lib.TL_TRANSPORT_SHM}
 _TRANSPORT_NAMES = {lib.TL_TRANSPORT_TCP: "tcp", lib.TL_TRANSPORT_SHM: "shm", lib.TL_TRANSPORT_RDMA: "rdma"}
-
-LOG_LEVELS = {
-    "none": lib.TL_LOG_NONE,
-    "warn": lib.TL_LOG_WARN,
-    "info": lib.TL_LOG_INFO,
-    "trace": lib.TL_LOG_TRACE,
-}
 
 
 # Looked up by dtype object: dtype.name builds a new string on every call
@@ -84,89 +76,6 @@ class Endpoint:
     facing: int = -1
     ifname: str = ""
     weight: float = 1.0
-
-
-@dataclass
-class Options:
-    """Knobs of a communicator; None keeps the core's default.
-
-    Times are in seconds. ``algo`` is "auto", "ring" or "oneshot";
-    ``log_level`` "none", "warn", "info" or "trace"; ``transport`` "auto",
-    "tcp" or "shm". Fields marked (*) in tl.h must be equal on every rank
-    (the handshake checks it)."""
-
-    job_id: int | None = None
-    connect_timeout: float | None = None
-    timeout: float | None = None
-    conns_per_peer: int | None = None
-    pipeline_depth: int | None = None
-    chunk_bytes: int | None = None
-    algo_threshold: int | None = None
-    algo: str | None = None
-    spin_us: int | None = None
-    stripe_min_bytes: int | None = None
-    sockbuf_bytes: int | None = None
-    log_level: str | None = None
-    transport: str | None = None
-
-    def to_c(self):
-        o = ffi.new("tl_options_t *")
-        lib.tl_options_default(o)
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if v is None:
-                continue
-            if f.name == "connect_timeout":
-                o.connect_timeout_ms = _ms(v, f.name)
-            elif f.name == "timeout":
-                o.timeout_ms = _ms(v, f.name)
-            elif f.name == "algo":
-                o.algo = _choice(ALGORITHMS, v, "algo")
-            elif f.name == "log_level":
-                o.log_level = _choice(LOG_LEVELS, v, "log_level")
-            elif f.name == "transport":
-                o.transport = _choice(TRANSPORTS, v, "transport")
-            elif f.name == "job_id":
-                o.job_id = int(v) & 0xFFFFFFFFFFFFFFFF
-            else:
-                try:
-                    setattr(o, f.name, int(v))
-                except OverflowError:
-                    raise ConfigError(f"[thunderlink] option {f.name}={v} is out of range") from None
-        why = ffi.new("char[256]")
-        if lib.tl_options_check(o, why, 256):
-            raise ConfigError(f"[thunderlink] invalid options: {ffi.string(why).decode()}")
-        return o
-
-    @staticmethod
-    def defaults() -> dict:
-        """The core's defaults, in this class's units."""
-        o = ffi.new("tl_options_t *")
-        lib.tl_options_default(o)
-        inv = {v: k for k, v in ALGORITHMS.items()}
-        lv = {v: k for k, v in LOG_LEVELS.items()}
-        return {
-            "connect_timeout": o.connect_timeout_ms / 1000,
-            "timeout": o.timeout_ms / 1000,
-            "conns_per_peer": o.conns_per_peer,
-            "pipeline_depth": o.pipeline_depth,
-            "chunk_bytes": o.chunk_bytes,
-            "algo_threshold": o.algo_threshold,
-            "algo": inv[o.algo],
-            "spin_us": o.spin_us,
-            "stripe_min_bytes": o.stripe_min_bytes,
-            "sockbuf_bytes": o.sockbuf_bytes,
-            "log_level": lv[o.log_level],
-            "transport": {v: k for k, v in TRANSPORTS.items()}[o.transport],
-        }
-
-
-def _ms(seconds: float, name: str) -> int:
-    s = float(seconds)
-    ms = int(round(s * 1000)) if s == s and abs(s) < 1e12 else -1
-    if ms <= 0 or ms > 2**31 - 1:
-        raise InvalidArgumentError(f"[thunderlink] {name} must be between 0.001 and 2e6 seconds, not {seconds}")
-    return ms
 
 
 def _choice(table: dict, value: str, name: str) -> int:

@@ -107,6 +107,13 @@ extern "C" {
 #define TL_TRANSPORT_RDMA 3
 #define TL_NUM_TRANSPORTS 4
 
+/* ---- option kinds (tl_option_info_t.kind) ----------------------------- */
+
+#define TL_OPT_INT 0    /* a plain integer                                 */
+#define TL_OPT_BYTES 1  /* a size in bytes                                 */
+#define TL_OPT_MS 2     /* milliseconds (given in seconds by people)       */
+#define TL_OPT_CHOICE 3 /* an index into tl_option_info_t.choices          */
+
 /* ---- log levels --------------------------------------------------------- */
 
 #define TL_LOG_NONE 0
@@ -118,25 +125,26 @@ typedef struct tl_comm tl_comm_t;
 
 /*
  * Knobs of one communicator. Fill with tl_options_default() and override.
- * Every rank of a job must use the same values for the fields marked (*):
- * they decide how messages are cut and striped on the wire.
+ * Every knob but job_id is declared once, in core/options.h: its default,
+ * range, environment variable and whether every rank must use the same
+ * value (the handshake refuses a rank that differs in those).
  */
 typedef struct tl_options {
   uint64_t job_id;            /* both ends of every connection must agree  */
   int32_t connect_timeout_ms; /* deadline of tl_comm_connect               */
   int32_t timeout_ms;         /* deadline of every collective call         */
-  int32_t conns_per_peer;     /* (*) TCP connections per cable to a peer   */
-  int32_t pipeline_depth;     /* (*) chunks in flight per ring direction   */
-  int64_t chunk_bytes;        /* (*) largest pipelined chunk               */
-  int64_t algo_threshold;     /* (*) one round of messages while each rank
+  int32_t conns_per_peer;     /* TCP connections per cable to a peer   */
+  int32_t pipeline_depth;     /* chunks in flight per ring direction   */
+  int64_t chunk_bytes;        /* largest pipelined chunk               */
+  int64_t algo_threshold;     /* one round of messages while each rank
                                  sends at most this (all_reduce: bytes x (n-1)) */
-  int32_t algo;               /* (*) TL_ALGO_*                              */
+  int32_t algo;               /* TL_ALGO_*                              */
   int32_t spin_us;            /* busy-poll this long before sleeping        */
-  int64_t stripe_min_bytes;   /* (*) messages below go on one connection    */
+  int64_t stripe_min_bytes;   /* messages below go on one connection    */
   int32_t sockbuf_bytes;      /* SO_SNDBUF/SO_RCVBUF where the kernel grants
                                  it in full, else autotuning; 0 = autotuning */
   int32_t log_level;          /* TL_LOG_*                                   */
-  int32_t transport;          /* (*) TL_TRANSPORT_AUTO, _TCP or _SHM        */
+  int32_t transport;          /* TL_TRANSPORT_AUTO, _TCP or _SHM        */
 } tl_options_t;
 
 /* Process-wide counters, also kept per communicator. */
@@ -166,6 +174,24 @@ void tl_options_default(tl_options_t *opts);
 
 /* TL_OK, or TL_ERR_CONFIG with the reason written to why (cap bytes). */
 int tl_options_check(const tl_options_t *opts, char *why, size_t cap);
+
+/* One row of the options table (core/options.h); strings are static. */
+typedef struct tl_option_info {
+  const char *field;   /* member of tl_options_t: "timeout_ms"          */
+  const char *name;    /* Python's keyword: "timeout"                    */
+  const char *env;     /* "THUNDERLINK_TIMEOUT"                          */
+  int32_t kind;        /* TL_OPT_*                                       */
+  const char *unit;    /* of the stored value: "ms", "B", "us" or ""     */
+  int64_t def, min, max; /* default and inclusive range, stored units    */
+  int32_t shared;      /* every rank must agree (in the handshake digest) */
+  const char *choices; /* TL_OPT_CHOICE: "auto,ring,oneshot"; else ""    */
+  const char *help;    /* one line, Markdown                             */
+} tl_option_info_t;
+
+/* Number of rows in the options table. */
+int tl_option_count(void);
+/* Row i (0 <= i < tl_option_count()), or TL_ERR_INVALID. */
+int tl_option_info(int i, tl_option_info_t *out);
 
 /* Allocate a communicator for `rank` of `size` (size >= 1). Nothing is
  * connected yet: declare every rank's endpoints, then call tl_comm_connect.

@@ -247,15 +247,6 @@ static int new_socket(int family) {
 }
 
 
-/* Digest of the options every rank must share (tl.h marks them). */
-static uint64_t options_digest(const tl_options_t *o) {
-  int64_t v[] = {o->conns_per_peer, o->chunk_bytes, o->algo_threshold, o->algo,
-                 o->stripe_min_bytes, o->pipeline_depth, o->transport};
-  uint64_t h = 1469598103934665603ull;
-  for (size_t i = 0; i < sizeof v / sizeof v[0]; i++) h = fnv(h, &v[i], sizeof v[i]);
-  return h;
-}
-
 /* ---- listen --------------------------------------------------------------------- */
 
 int tl__boot_listen(tl_comm_t *c) {
@@ -441,7 +432,7 @@ static void fill_hello(tl_comm_t *c, pending_t *p) {
   h->magic = HELLO_MAGIC;
   h->version = TL_PROTOCOL_VERSION;
   h->job_id = c->comm_id;
-  h->options_digest = options_digest(&c->opts);
+  h->options_digest = tl__options_digest(&c->opts);
   h->src_rank = (uint32_t)c->rank;
   h->dst_rank = (uint32_t)p->peer;
   h->conn_index = (uint32_t)p->index;
@@ -472,7 +463,7 @@ static const char *refusal(int status) {
   case ACK_WRONG_VERSION: return "it runs another thunderlink protocol version (install the same thunderlink version on every host)";
   case ACK_WRONG_RANK: return "the ranks do not match (two processes started with the same rank, or hostfiles differ between hosts)";
   case ACK_WRONG_SIZE: return "the world sizes differ (hostfiles differ between hosts)";
-  case ACK_WRONG_OPTIONS: return "tuning options differ (set THUNDERLINK_TRANSPORT, THUNDERLINK_CONNS, THUNDERLINK_CHUNK_BYTES, THUNDERLINK_PIPELINE_DEPTH, THUNDERLINK_ALGO* and THUNDERLINK_STRIPE_MIN_BYTES the same on every rank)";
+  case ACK_WRONG_OPTIONS: return tl__options_differ;
   case ACK_DUPLICATE: return "it already has that connection (two processes started with the same rank?)";
   default: return "unknown reason";
   }
@@ -514,7 +505,7 @@ static int check_hello(tl_comm_t *c, const hello_t *h, int *fatal) {
       tl__link_plan(c->eps, c->neps, c->rank, (int)h->src_rank, tg, &nt) != c->rank)
     return ACK_WRONG_RANK;
   tl_link_t *l = &c->links[h->src_rank];
-  if (h->options_digest != options_digest(&c->opts) || h->nconns != (uint32_t)l->nboot ||
+  if (h->options_digest != tl__options_digest(&c->opts) || h->nconns != (uint32_t)l->nboot ||
       h->conn_index >= h->nconns)
     return ACK_WRONG_OPTIONS;
   if (l->boot_fds[h->conn_index] >= 0) return ACK_DUPLICATE;

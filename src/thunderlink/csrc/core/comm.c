@@ -19,63 +19,6 @@ static struct {
   _Atomic uint64_t last_out;
 } g_stats;
 
-static int check_options(const tl_options_t *o, char *why, size_t cap);
-
-void tl_options_default(tl_options_t *o) {
-  memset(o, 0, sizeof *o);
-  o->job_id = 0;
-  o->connect_timeout_ms = 60 * 1000;
-  o->timeout_ms = 600 * 1000;
-  o->conns_per_peer = 2;
-  o->pipeline_depth = 2;
-  o->chunk_bytes = 512 << 10;
-  o->algo_threshold = 512 << 10;
-  o->algo = TL_ALGO_AUTO;
-  o->spin_us = 50;
-  o->stripe_min_bytes = 256 << 10;
-  o->sockbuf_bytes = 4 << 20;
-  o->log_level = TL_LOG_WARN;
-  o->transport = TL_TRANSPORT_AUTO;
-}
-
-int tl_options_check(const tl_options_t *o, char *why, size_t cap) {
-  char scratch[8];
-  if (!why || cap == 0) {
-    why = scratch;
-    cap = sizeof scratch;
-  }
-  why[0] = 0;
-  if (!o) return snprintf(why, cap, "no options"), TL_ERR_INVALID;
-  return check_options(o, why, cap) ? TL_ERR_CONFIG : TL_OK;
-}
-
-static int check_options(const tl_options_t *o, char *why, size_t cap) {
-  if (o->connect_timeout_ms <= 0 || o->timeout_ms <= 0)
-    return snprintf(why, cap, "timeouts must be positive (connect %d ms, "
-                    "collective %d ms)", o->connect_timeout_ms, o->timeout_ms), 1;
-  if (o->conns_per_peer < 1 || o->conns_per_peer > TL_MAX_CONNS)
-    return snprintf(why, cap, "connections per peer must be 1..%d, not %d",
-                    TL_MAX_CONNS, o->conns_per_peer), 1;
-  if (o->pipeline_depth < 1 || o->pipeline_depth > 64)
-    return snprintf(why, cap, "pipeline depth must be 1..64, not %d",
-                    o->pipeline_depth), 1;
-  if (o->chunk_bytes < 4096 || (size_t)o->chunk_bytes > TL_MAX_FRAME)
-    return snprintf(why, cap, "chunk size must be 4 KiB..1 GiB, not %lld B",
-                    (long long)o->chunk_bytes), 1;
-  if (o->algo_threshold < 0 || o->stripe_min_bytes < 0 || o->sockbuf_bytes < 0)
-    return snprintf(why, cap, "thresholds and socket buffer sizes must not be "
-                    "negative"), 1;
-  if (o->spin_us < 0 || o->spin_us > 1000000)
-    return snprintf(why, cap, "spin time must be 0..1000000 us, not %d", o->spin_us), 1;
-  if (o->algo < TL_ALGO_AUTO || o->algo > TL_ALGO_ONESHOT)
-    return snprintf(why, cap, "unknown algorithm %d", o->algo), 1;
-  if (o->transport != TL_TRANSPORT_AUTO && o->transport != TL_TRANSPORT_TCP &&
-      o->transport != TL_TRANSPORT_SHM)
-    return snprintf(why, cap, "transport %d is not available in this build (auto, tcp "
-                    "and shm are)", o->transport), 1;
-  return 0;
-}
-
 int tl_comm_create(tl_comm_t **out, int rank, int size,
                    const tl_options_t *opts) {
   if (!out) return TL_ERR_INVALID;
@@ -83,8 +26,7 @@ int tl_comm_create(tl_comm_t **out, int rank, int size,
   if (size < 1 || rank < 0 || rank >= size) return TL_ERR_INVALID;
   tl_options_t o;
   if (opts) o = *opts; else tl_options_default(&o);
-  char why[256];
-  if (check_options(&o, why, sizeof why)) return TL_ERR_CONFIG;
+  if (tl_options_check(&o, NULL, 0)) return TL_ERR_CONFIG;
 
   tl_comm_t *c = calloc(1, sizeof *c);
   if (!c) return TL_ERR_NOMEM;

@@ -271,6 +271,13 @@ struct tl_comm {
   tl_stats_t stats;
 };
 
+/* ---- options (options.c, from the table in options.h) ---------------------- */
+
+/* Digest of the options every rank must share, sent in every handshake. */
+uint64_t tl__options_digest(const tl_options_t *o);
+/* Why a peer refuses a handshake whose digest differs: names them. */
+extern const char tl__options_differ[];
+
 /* ---- topology (topo.c): pure functions of the endpoint table ---------------- */
 
 /* Who listens for the link between a and b: the lower rank if it has an

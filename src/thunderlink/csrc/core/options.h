@@ -1,0 +1,82 @@
+/*
+ * The options table: every knob of tl_options_t, declared once.
+ *
+ * An X-macro file, without include guard: define TL_OPTION, include this
+ * file, undefine it. core/options.c derives from it the defaults
+ * (tl_options_default), the range checks (tl_options_check), the handshake
+ * digest (tl__options_digest) and the description Python reads
+ * (tl_option_info), from which thunderlink.config reads the environment and
+ * bindings.Options, --help texts and the README's rows are made.
+ *
+ *   TL_OPTION(field, name, env, kind, unit, default, min, max, shared,
+ *             choices, help)
+ *
+ * field    member of tl_options_t (tl.h), an integer type that holds max
+ * name     Python's keyword (bindings.Options)
+ * env      the environment variable that sets it
+ * kind     TL_OPT_INT, TL_OPT_BYTES (sizes: 64K, 1M), TL_OPT_MS (stored in
+ *          milliseconds, given in seconds) or TL_OPT_CHOICE (an index into
+ *          choices)
+ * unit     of the stored value, for --help ("" for plain counts)
+ * min, max the range, inclusive; also the range from_env accepts
+ * shared   1 (literally: it is pasted into a macro name; else 0) when
+ *          every rank must use the same value: it goes into the
+ *          handshake's digest, and a rank that differs is refused. The
+ *          digest covers shared options in this file's order, so keep them
+ *          in order (new ones at the end) or bump TL_PROTOCOL_VERSION.
+ * choices  TL_OPT_CHOICE: the names of values 0, 1, ... separated by
+ *          commas; names past max are understood but not available in this
+ *          build. NULL otherwise.
+ * help     one line for the README and --help, Markdown; "(same on every
+ *          rank)" is added to shared options unless the text says so.
+ *
+ * Adding an option: a line here and its field in tl_options_t (tl.h, and
+ * the copy in bindings/_cdef.h, which tests/test_cdef.py checks).
+ * job_id is not a knob but the job's identity: it stays outside the table.
+ */
+
+TL_OPTION(connect_timeout_ms, "connect_timeout", "THUNDERLINK_CONNECT_TIMEOUT", TL_OPT_MS, "ms",
+          60 * 1000, 1, 2000000000, 0, NULL,
+          "seconds to connect to every peer at start-up")
+TL_OPTION(timeout_ms, "timeout", "THUNDERLINK_TIMEOUT", TL_OPT_MS, "ms",
+          600 * 1000, 1, 2000000000, 0, NULL,
+          "seconds a collective may wait before it fails")
+TL_OPTION(conns_per_peer, "conns_per_peer", "THUNDERLINK_CONNS", TL_OPT_INT, "",
+          2, 1, TL_MAX_CONNS, 1, NULL,
+          "TCP connections per cable between two ranks (per address dialled), striped; with 2 or "
+          "more, the ring runs in both directions at once")
+TL_OPTION(chunk_bytes, "chunk_bytes", "THUNDERLINK_CHUNK_BYTES", TL_OPT_BYTES, "B",
+          512 << 10, 4096, TL_MAX_FRAME, 1, NULL,
+          "largest pipelined chunk of the ring")
+TL_OPTION(algo_threshold, "algo_threshold", "THUNDERLINK_ALGO_THRESHOLD", TL_OPT_BYTES, "B",
+          512 << 10, 0, (int64_t)1 << 62, 1, NULL,
+          "with `auto`, one round of messages while each rank sends at most this much (for "
+          "all_reduce, its buffer times ranks \u2212 1); the ring above")
+TL_OPTION(algo, "algo", "THUNDERLINK_ALGO", TL_OPT_CHOICE, "",
+          TL_ALGO_AUTO, TL_ALGO_AUTO, TL_ALGO_ONESHOT, 1, "auto,ring,oneshot",
+          "`auto`, `ring` or `oneshot`: the all_reduce algorithm")
+TL_OPTION(spin_us, "spin_us", "THUNDERLINK_SPIN_US", TL_OPT_INT, "us",
+          50, 0, 1000000, 0, NULL,
+          "microseconds to poll before sleeping, for small operations; over shared memory every "
+          "wait polls 4 times as long past the last byte that moved (`0`: never poll)")
+TL_OPTION(stripe_min_bytes, "stripe_min_bytes", "THUNDERLINK_STRIPE_MIN_BYTES", TL_OPT_BYTES, "B",
+          256 << 10, 0, (int64_t)1 << 62, 1, NULL,
+          "messages below this travel on one connection")
+TL_OPTION(pipeline_depth, "pipeline_depth", "THUNDERLINK_PIPELINE_DEPTH", TL_OPT_INT, "",
+          2, 1, 64, 1, NULL,
+          "chunks in flight per ring direction")
+TL_OPTION(sockbuf_bytes, "sockbuf_bytes", "THUNDERLINK_SOCKBUF_BYTES", TL_OPT_BYTES, "B",
+          4 << 20, 0, INT32_MAX, 0, NULL,
+          "`SO_SNDBUF`/`SO_RCVBUF` of every connection, where the kernel grants that much (Linux "
+          "caps it at `net.core.rmem_max`/`wmem_max`); otherwise, and with `0`, the kernel's "
+          "autotuning")
+TL_OPTION(log_level, "log_level", "THUNDERLINK_DEBUG", TL_OPT_CHOICE, "",
+          TL_LOG_WARN, TL_LOG_NONE, TL_LOG_TRACE, 0, "none,warn,info,trace",
+          "the core's log level on stderr: `none`, `warn`, `info` (also one line per link: its "
+          "transport and channels) or `trace`")
+TL_OPTION(transport, "transport", "THUNDERLINK_TRANSPORT", TL_OPT_CHOICE, "",
+          TL_TRANSPORT_AUTO, TL_TRANSPORT_AUTO, TL_TRANSPORT_SHM, 1, "auto,tcp,shm,rdma",
+          "`auto`: shared memory between ranks of one host, TCP between hosts; `tcp`: TCP "
+          "everywhere; `shm`: shared memory everywhere, an error if two linked ranks are on "
+          "different hosts. `rdma` is refused with an error (not implemented yet). Same on every "
+          "rank")
