@@ -25,6 +25,7 @@ SOURCES = [
     "core/bootstrap.c",
     "core/progress.c",
     "coll/api.c",
+    "coll/select.c",
     "coll/schedule.c",
     "coll/ring.c",
     "coll/small.c",

@@ -114,6 +114,14 @@ extern "C" {
 #define TL_OPT_MS 2     /* milliseconds (given in seconds by people)       */
 #define TL_OPT_CHOICE 3 /* an index into tl_option_info_t.choices          */
 
+/* ---- algorithms (tl_plan_t.how) ------------------------------------------ */
+
+#define TL_HOW_LOCAL 0     /* one rank: copy, no communication              */
+#define TL_HOW_ONE_ROUND 1 /* every rank sends to every other rank at once   */
+#define TL_HOW_RING 2      /* the pipelined ring (ring.c)                   */
+#define TL_HOW_CHAIN 3     /* broadcast: chunks flow down the ring          */
+#define TL_HOW_FRAMES 4    /* send/recv: the message, in frames              */
+
 /* ---- log levels --------------------------------------------------------- */
 
 #define TL_LOG_NONE 0
@@ -343,6 +351,27 @@ void tl_ring_step(int n, int pos, int t, int *send, int *recv);
  * `group` chunk columns, is (t, j); tl_ring_unit_index is the inverse. */
 void tl_ring_unit(int nchunks, int group, int steps, int64_t u, int *t, int *j);
 int64_t tl_ring_unit_index(int nchunks, int group, int steps, int t, int j);
+
+/*
+ * The algorithm choice, as a pure function (used by the collectives, exposed
+ * for tests and, later, tuning profiles). For operation `op` (TL_OP_*) of
+ * `bytes` on this rank, as the operation counts them (all_reduce, broadcast,
+ * send: the buffer; all_gather: the input; reduce_scatter: the whole input;
+ * barrier and split: 0), of elements of `dtype`, among `nranks` ranks,
+ * where every pair of ranks shares a link (`mesh`) or not, over `transport`
+ * (TL_TRANSPORT_*, TL_TRANSPORT_AUTO when the links mix transports).
+ */
+typedef struct tl_plan {
+  int32_t how;         /* TL_HOW_*                                        */
+  int32_t lanes;       /* ring: instances, one per direction, each on its
+                          own connections                                 */
+  int32_t depth;       /* ring, chain: chunks in flight per instance      */
+  int64_t chunk_bytes; /* ring, chain: largest chunk (tl_ring_nchunks)    */
+  int64_t spin_ns;     /* poll this long before sleeping; 0: sleep at once */
+} tl_plan_t;
+
+int tl_select(const tl_options_t *opts, int op, uint64_t bytes, int dtype,
+              int nranks, int mesh, int transport, tl_plan_t *out);
 
 /* ---- function table for the MLX shim ----------------------------------- */
 

@@ -1,6 +1,7 @@
 /*
  * Entry points of the reducing and gathering collectives: argument checks,
- * the communicator lock, and the choice of algorithm by size.
+ * the communicator lock, and the algorithm the operation's plan names
+ * (select.c).
  */
 #include <string.h>
 
@@ -30,21 +31,6 @@ static int partial_overlap(const void *a, size_t an, const void *b, size_t bn) {
   return x < y + bn && y < x + an;
 }
 
-/*
- * The ring or one round of messages? `traffic` is what one round makes each
- * rank send: for all_reduce its whole buffer to every other rank, (n-1) x
- * bytes, against 2(n-1)/n x bytes for the ring; all_gather and the direct
- * reduce_scatter send what the ring sends, in one step instead of n-1. One
- * round wins while latency dominates: up to algo_threshold bytes of traffic
- * (on loopback between 2 ranks the one-shot all_reduce stays ahead of the
- * ring up to 512 KiB-1 MiB).
- */
-static int use_ring(tl_comm_t *c, size_t traffic, uint64_t count) {
-  if (c->opts.algo == TL_ALGO_RING || !c->mesh) return 1;
-  if (c->opts.algo == TL_ALGO_ONESHOT) return 0;
-  return traffic > (size_t)c->opts.algo_threshold && count >= (uint64_t)c->size;
-}
-
 #define BEGIN(op, dtype, redop, total, name)                                     \
   pthread_mutex_lock(&c->lock);                                                  \
   tl_stats_t before_ = c->stats;                                                 \
@@ -71,9 +57,9 @@ int tl_all_reduce(tl_comm_t *c, const void *in, void *out, uint64_t count,
     return tl__error(c, TL_ERR_INVALID, "%s: input and output overlap without "
                      "being the same buffer", name);
   BEGIN(TL_OP_ALL_REDUCE, dtype, op, bytes, name)
-  if (c->size == 1) {
+  if (c->cur.plan.how == TL_HOW_LOCAL) {
     if (in != out && bytes) memcpy(out, in, bytes);
-  } else if (use_ring(c, bytes * (size_t)(c->size - 1), count)) {
+  } else if (c->cur.plan.how == TL_HOW_RING) {
     rc = tl__ring_run(c, TL_RING_ALL_REDUCE, in, out, count, dtype, op);
   } else {
     rc = tl__oneshot_all_reduce(c, in, out, count, dtype, op);
@@ -93,9 +79,9 @@ int tl_all_gather(tl_comm_t *c, const void *in, void *out, uint64_t count,
     return tl__error(c, TL_ERR_INVALID, "all_gather: the input overlaps the output "
                      "other than as this rank's block");
   BEGIN(TL_OP_ALL_GATHER, dtype, 0xff, bytes, "all_gather")
-  if (c->size == 1) {
+  if (c->cur.plan.how == TL_HOW_LOCAL) {
     if (in != out && bytes) memcpy(out, in, bytes);
-  } else if (use_ring(c, total, count * (uint64_t)c->size)) {
+  } else if (c->cur.plan.how == TL_HOW_RING) {
     rc = tl__ring_run(c, TL_RING_ALL_GATHER, in, out, count, dtype, 0xff);
   } else {
     rc = tl__oneshot_all_gather(c, in, out, bytes);
@@ -114,9 +100,9 @@ int tl_reduce_scatter(tl_comm_t *c, const void *in, void *out, uint64_t count,
     return tl__error(c, TL_ERR_INVALID, "reduce_scatter: the output must not overlap "
                      "the input");
   BEGIN(TL_OP_REDUCE_SCATTER, dtype, op, total, "reduce_scatter")
-  if (c->size == 1) {
+  if (c->cur.plan.how == TL_HOW_LOCAL) {
     if (in != out && bytes) memcpy(out, in, bytes);
-  } else if (use_ring(c, total, count * (uint64_t)c->size)) {
+  } else if (c->cur.plan.how == TL_HOW_RING) {
     rc = tl__ring_run(c, TL_RING_REDUCE_SCATTER, in, out, count, dtype, op);
   } else {
     rc = tl__direct_reduce_scatter(c, in, out, count, dtype, op);
@@ -125,6 +111,6 @@ int tl_reduce_scatter(tl_comm_t *c, const void *in, void *out, uint64_t count,
 }
 
 int tl__gather_bytes(tl_comm_t *c, const void *in, void *out, size_t bytes) {
-  if (c->mesh) return tl__oneshot_all_gather(c, in, out, bytes);
+  if (c->cur.plan.how == TL_HOW_ONE_ROUND) return tl__oneshot_all_gather(c, in, out, bytes);
   return tl__ring_run(c, TL_RING_ALL_GATHER, in, out, bytes, TL_UINT8, 0xff);
 }

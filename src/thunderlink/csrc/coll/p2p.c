@@ -82,10 +82,11 @@ int tl_recv(tl_comm_t *c, void *buf, uint64_t count, int dtype, int peer) {
 }
 
 /*
- * Broadcast. Small buffers go from the root to every rank directly. Large
- * ones flow down the ring from the root in chunks, each rank forwarding a
- * chunk as soon as it has it, so every link carries the data once and the
- * time is about that of one transfer, whatever the number of ranks.
+ * Broadcast, as the plan says (select.c): small buffers go from the root to
+ * every rank directly (flat); large ones flow down the ring from the root in
+ * chunks (chain), each rank forwarding a chunk as soon as it has it, so
+ * every link carries the data once and the time is about that of one
+ * transfer, whatever the number of ranks.
  */
 static int bcast_chain(tl_comm_t *c, char *buf, size_t bytes, int root) {
   int n = c->size;
@@ -96,8 +97,8 @@ static int bcast_chain(tl_comm_t *c, char *buf, size_t bytes, int root) {
   int prev = c->ring[(c->ring_pos + n - 1) % n];
   int next = c->ring[(c->ring_pos + 1) % n];
   int forwards = d < n - 1;
-  int K = tl_ring_nchunks(bytes, 1, c->opts.chunk_bytes, c->opts.pipeline_depth);
-  int depth = c->opts.pipeline_depth;
+  int depth = c->cur.plan.depth;
+  int K = tl_ring_nchunks(bytes, 1, c->cur.plan.chunk_bytes, depth);
   tl_req_t *rr = calloc((size_t)K * 2, sizeof *rr);
   if (!rr) return tl__fail(c, TL_ERR_NOMEM, "out of memory");
   tl_req_t *sr = rr + K;
@@ -166,9 +167,8 @@ int tl_broadcast(tl_comm_t *c, void *buf, uint64_t count, int dtype, int root) {
   c->cur.root = root;
   if (!rc && c->size > 1) {
     c->stats.last_in = c->stats.last_out = (uintptr_t)buf;
-    int flat = c->mesh && bytes <= TL_MAX_FRAME &&
-               (bytes <= (size_t)c->opts.algo_threshold || c->size == 2);
-    rc = flat ? bcast_flat(c, buf, bytes, root) : bcast_chain(c, buf, bytes, root);
+    rc = c->cur.plan.how == TL_HOW_ONE_ROUND ? bcast_flat(c, buf, bytes, root)
+                                              : bcast_chain(c, buf, bytes, root);
   }
   tl__op_end(c);
   tl__stats_publish(c, &before);

@@ -270,7 +270,7 @@ static int setup(ring_t *R, inst_t *I, int id, char **mem, size_t *need) {
     tl_chunk_range(bl, R->ninst, id, &so, &sl);
     if (sl > longest) longest = sl;
   }
-  I->K = tl_ring_nchunks(longest, R->es, c->opts.chunk_bytes, R->depth);
+  I->K = tl_ring_nchunks(longest, R->es, c->cur.plan.chunk_bytes, R->depth);
   I->G = I->K < R->depth ? I->K : R->depth;
   I->nunits = (int64_t)I->T * I->K;
   I->slot_bytes = (size_t)((longest + (uint64_t)I->K - 1) / (uint64_t)I->K) * R->es;
@@ -310,10 +310,11 @@ int tl__ring_run(tl_comm_t *c, int kind, const void *in, void *out,
   R.redop = redop;
   R.es = tl_dtype_size(dtype);
   R.n = c->size;
-  R.depth = c->opts.pipeline_depth;
+  R.depth = c->cur.plan.depth;
   R.inplace = in == out;
-  /* Two instances (one per direction) need two disjoint lanes. */
-  R.ninst = c->opts.conns_per_peer >= 2 ? 2 : 1;
+  /* One instance per lane: two (one per direction) need two disjoint lanes,
+   * which the plan gives only with two or more connections. */
+  R.ninst = c->cur.plan.lanes;
 
   if (kind == TL_RING_ALL_GATHER) {
     char *mine = R.out + (size_t)c->rank * count * R.es;

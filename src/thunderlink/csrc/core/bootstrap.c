@@ -347,8 +347,7 @@ void tl__boot_close(tl_comm_t *c) {
  * conns_per_peer >= 2: the ring's two directions, lanes {0, 2, ...} and
  * {1, 3, ...}), so that every lane has a connection on every cable. */
 int tl__boot_cable(const tl_comm_t *c, int k, int ncables) {
-  int lanes = c->opts.conns_per_peer >= 2 ? 2 : 1;
-  return (k / lanes) % ncables;
+  return (k / tl__ring_lanes(&c->opts)) % ncables;
 }
 
 int tl__boot_conns(const tl_comm_t *c, int peer) {

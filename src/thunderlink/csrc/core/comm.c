@@ -258,11 +258,14 @@ static int connect_links(tl_comm_t *c) {
   }
   if (!rc) rc = check_links(c);
   if (rc) return rc;
-  for (int p = 0; p < c->size; p++) {
+  c->transport = TL_TRANSPORT_AUTO;
+  for (int p = 0, first = 1; p < c->size; p++) {
     tl_link_t *l = &c->links[p];
-    if (l->nchans)
-      tl__log(c, TL_LOG_INFO, "link to rank %d: %s, %d channel%s (%s)", p, l->ops->name,
-              l->nchans, l->nchans == 1 ? "" : "s", l->remote);
+    if (!l->nchans) continue;
+    tl__log(c, TL_LOG_INFO, "link to rank %d: %s, %d channel%s (%s)", p, l->ops->name,
+            l->nchans, l->nchans == 1 ? "" : "s", l->remote);
+    c->transport = first || c->transport == l->ops->id ? l->ops->id : TL_TRANSPORT_AUTO;
+    first = 0;
   }
   return TL_OK;
 }

@@ -222,6 +222,7 @@ typedef struct tl_opctx {
   uint64_t total;     /* bytes on this rank */
   int root;           /* broadcast root, else -1 */
   const char *name;   /* "all_sum", "send", ... */
+  tl_plan_t plan;     /* how it runs (tl_select) */
 } tl_opctx_t;
 
 struct tl_comm {
@@ -246,6 +247,7 @@ struct tl_comm {
   int eps_cap;
 
   int mesh;           /* every pair of ranks shares a link */
+  int transport;      /* of every link, or TL_TRANSPORT_AUTO when they mix */
   int ring_set;       /* the ring order was given (tl_comm_set_ring) */
   int32_t *ring;      /* ring order of ranks */
   int ring_pos;       /* this rank's position in it */
@@ -422,9 +424,14 @@ int tl__direct_reduce_scatter(tl_comm_t *c, const void *in, void *out,
  * round where every pair shares a link, else round the ring. */
 int tl__gather_bytes(tl_comm_t *c, const void *in, void *out, size_t bytes);
 
-/* The pipelined ring (ring.c). */
+/* The pipelined ring (ring.c), as the current operation's plan says
+ * (c->cur.plan: lanes, depth, chunk size). */
 enum { TL_RING_ALL_REDUCE, TL_RING_REDUCE_SCATTER, TL_RING_ALL_GATHER };
 int tl__ring_run(tl_comm_t *c, int kind, const void *in, void *out,
                  uint64_t count, int dtype, int redop);
+
+/* The algorithm choice (select.c; tl_select in tl.h). Ring instances, each
+ * on its own lane: the bootstrap spreads connections over cables by it. */
+int tl__ring_lanes(const tl_options_t *o);
 
 #endif /* THUNDERLINK_INTERNAL_H */

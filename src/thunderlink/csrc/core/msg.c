@@ -8,11 +8,6 @@
 
 #include "internal.h"
 
-/* Operations at or below this size spin briefly before sleeping in poll:
- * their replies come back within microseconds, and a sleep/wake-up costs
- * more than the wait. Larger ones sleep at once so no core burns. */
-#define TL_SPIN_MAX_BYTES ((uint64_t)256 << 10)
-
 int tl__op_begin(tl_comm_t *c, int op, int dtype, int redop, uint64_t total,
                  const char *name) {
   if (c->status) return c->status;
@@ -37,9 +32,12 @@ int tl__op_begin(tl_comm_t *c, int op, int dtype, int redop, uint64_t total,
   c->cur.total = total;
   c->cur.name = name;
   c->cur.root = -1;
+  if (tl_select(&c->opts, op, total, dtype, c->size, c->mesh, c->transport, &c->cur.plan))
+    return tl__error(c, TL_ERR_INVALID, "internal error: %s: no algorithm for op %d, dtype %d",
+                     name, op, dtype);
   c->cur.seq = op == TL_OP_SEND ? 0 : ++c->coll_seq;
   c->deadline_ns = tl__now_ns() + (int64_t)c->opts.timeout_ms * 1000000;
-  c->spin_ns = total <= TL_SPIN_MAX_BYTES ? (int64_t)c->opts.spin_us * 1000 : 0;
+  c->spin_ns = c->cur.plan.spin_ns;
   if (op >= 0 && op < TL_NUM_OPS) c->stats.calls[op]++;
   return TL_OK;
 }
