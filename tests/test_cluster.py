@@ -162,7 +162,7 @@ def test_plan_variants():
 @pytest.mark.parametrize("rate", ["10gbit", "1gbps", "500mbit", "100Mbps", "100mibit", "2.5gbit", "25G", "40"])
 def test_cluster_rate_round_trips_through_the_hostfile(rate):
     """The rate string the cluster copies into its hostfile reads, there, as the bits tc was told."""
-    from thunderlink.transport import hostfile
+    from thunderlink.hosts import hostfile
 
     c = cl.Cluster(2, topology="ring", rate=rate, name="plan5")
     bits = cl.parse_rate(rate)

@@ -22,8 +22,8 @@ from conftest import PKG_ROOT as SRC, unique_name  # the thunderlink under test'
 
 from thunderlink.doctor import ranks as rk
 from thunderlink.testing import cluster as cl
-from thunderlink.transport import interfaces as ifs
-from thunderlink.transport.hostfile import parse
+from thunderlink.hosts import interfaces as ifs
+from thunderlink.hosts.hostfile import parse
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_TIMEOUT_S = 45

@@ -1,4 +1,4 @@
-"""Hostfiles (thunderlink.transport.hostfile): both formats, defaults, every
+"""Hostfiles (thunderlink.hosts.hostfile): both formats, defaults, every
 error path, the MLX ring's cable directions, ring derivation, job ids,
 endpoints and the JSON round trip. The topology itself (links, ring search):
 test_topology.py."""
@@ -15,8 +15,8 @@ import pytest
 
 import thunderlink
 from thunderlink.bindings import Endpoint
-from thunderlink.transport import hostfile as H
-from thunderlink.transport.hostfile import Address, ConfigError, linked, load, parse
+from thunderlink.hosts import hostfile as H
+from thunderlink.hosts.hostfile import Address, ConfigError, linked, load, parse
 
 from conftest import PKG_ROOT as SRC  # where the thunderlink being tested lives
 
@@ -379,7 +379,7 @@ def test_rendezvous_record_nested_too_deep_is_a_value_error():
     not a RecursionError that ends rank 0."""
     import time
 
-    from thunderlink.transport import jaccl
+    from thunderlink.hosts import jaccl
 
     a, b = socket.socketpair()
     with a, b:

@@ -16,8 +16,8 @@ from thunderlink.errors import ConfigError
 from thunderlink.launch import Job
 from thunderlink.launch.local import free_ports
 from thunderlink.testing import cluster as cl
-from thunderlink.transport import jaccl
-from thunderlink.transport.hostfile import parse
+from thunderlink.hosts import jaccl
+from thunderlink.hosts.hostfile import parse
 
 OK, WHY = cl.available()
 

@@ -19,7 +19,7 @@ import pytest
 from conftest import PKG_ROOT as SRC  # the thunderlink under test's folder
 
 from thunderlink.launch import Job, JobResult, exit_status, launch_local, rank_env
-from thunderlink.transport.hostfile import parse
+from thunderlink.hosts.hostfile import parse
 
 pytestmark = pytest.mark.multiproc
 

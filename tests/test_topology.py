@@ -13,7 +13,7 @@ import time
 import pytest
 
 from thunderlink.errors import ConfigError
-from thunderlink.transport.hostfile import Address, Link, link_plan, linked, mlx_ring_hostfile, parse
+from thunderlink.hosts.hostfile import Address, Link, link_plan, linked, mlx_ring_hostfile, parse
 
 
 def cabled(n: int, cables, port: int = 5000) -> dict:

@@ -15,8 +15,8 @@ __version__ = "0.1.0"
 
 def connect(*args, **kwargs):
     """Join the job described by the environment; returns a connected
-    :class:`thunderlink.bindings.Comm`. See thunderlink.transport.rendezvous.connect."""
-    from .transport.rendezvous import connect as _connect
+    :class:`thunderlink.bindings.Comm`. See thunderlink.hosts.rendezvous.connect."""
+    from .hosts.rendezvous import connect as _connect
 
     return _connect(*args, **kwargs)
 

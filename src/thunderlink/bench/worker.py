@@ -266,7 +266,7 @@ def make_backends(comm, s: Settings) -> list:
             import tempfile
 
             from ..config import from_env
-            from ..transport.hostfile import load, mlx_ring_hostfile
+            from ..hosts.hostfile import load, mlx_ring_hostfile
 
             cfg = from_env()
             ring_file = mlx_ring_hostfile(load(cfg.hostfile), MLX_RING_PORT_OFFSET)

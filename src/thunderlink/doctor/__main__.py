@@ -67,8 +67,8 @@ def _config_fix(msg: str, path: str) -> str:
 
 def _hostfile_report(args, host: Host) -> Report | int:
     from ..config import from_env
-    from ..transport import hostfile as hostfile_mod
-    from ..transport import interfaces as ifs
+    from ..hosts import hostfile as hostfile_mod
+    from ..hosts import interfaces as ifs
     from . import ranks as rk
     from . import topology as tp
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ipaddress
 import sys
 
-from ..transport.interfaces import THUNDERBOLT_BRIDGE_ADVICE, Interface, list_interfaces
+from ..hosts.interfaces import THUNDERBOLT_BRIDGE_ADVICE, Interface, list_interfaces
 from .commands import Host
 from .report import Check, Report, ok, problem, warn
 

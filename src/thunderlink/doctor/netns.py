@@ -10,7 +10,7 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from ..transport.hostfile import Hostfile
+from ..hosts.hostfile import Hostfile
 from .report import Check, problem, warn
 
 __all__ = ["run_all", "doctor_argv"]

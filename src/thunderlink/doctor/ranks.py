@@ -16,8 +16,8 @@ import socket
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from ..transport import interfaces as ifs
-from ..transport.hostfile import Address, Hostfile, linked
+from ..hosts import interfaces as ifs
+from ..hosts.hostfile import Address, Hostfile, linked
 from .commands import Host
 from .report import Check, ok, problem, warn
 

@@ -4,7 +4,7 @@ many cables (Hostfile.link, from csrc/core/topo.c)."""
 
 from __future__ import annotations
 
-from ..transport.hostfile import Hostfile
+from ..hosts.hostfile import Hostfile
 
 __all__ = ["shared_memory_pairs", "describe"]
 

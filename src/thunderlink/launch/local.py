@@ -11,7 +11,7 @@ import subprocess
 import tempfile
 from typing import Callable, Iterator, Sequence
 
-from ..transport.hostfile import local_hostfile, write
+from ..hosts.hostfile import local_hostfile, write
 from .job import Job, JobResult
 
 __all__ = ["free_ports", "rank_env", "launch_local", "private_tempdir"]

@@ -77,8 +77,8 @@ from typing import Callable, Mapping, Sequence
 
 from ..errors import ConfigError
 from ..testing.netns import command_in, namespace_of
-from ..transport import hostfile as hostfile_mod
-from ..transport.hostfile import Hostfile, RankSpec
+from ..hosts import hostfile as hostfile_mod
+from ..hosts.hostfile import Hostfile, RankSpec
 from .job import GRACE_SECONDS, Job, JobResult, exit_status
 from .local import private_tempdir, rank_env
 from .remote import GRACE as REMOTE_GRACE

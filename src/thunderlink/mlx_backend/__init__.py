@@ -69,7 +69,7 @@ def init(strict: bool = False, *, transport: str | None = None, hostfile: str | 
     The group is made once per process; later calls return it."""
     global _world, _warned_alone
     from ..config import from_env
-    from ..transport.rendezvous import connect
+    from ..hosts.rendezvous import connect
 
     with _lock:
         if _world is not None:

@@ -1,1 +1,0 @@
-"""Python side of the transports: hostfiles, rendezvous, interfaces."""
