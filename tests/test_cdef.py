@@ -133,3 +133,15 @@ def test_a_planted_mismatch_is_found(tmp_path):
         path.write_text(planted)
         problems = compare(TL_H, str(path))
         assert any(needle in p for p in problems), (needle, problems)
+
+
+def test_the_build_depends_on_every_header():
+    """setuptools rebuilds the core when a file in SOURCES or HEADERS is
+    newer than it; a header left out (the options table) would leave a
+    stale core after an edit."""
+    csrc = os.path.dirname(TL_H)
+    on_disk = {os.path.relpath(os.path.join(d, f), csrc) for d, _, fs in os.walk(csrc) for f in fs
+               if f.endswith(".h")}
+    with open(os.path.join(ROOT, "src", "thunderlink", "bindings", "_build.py"), encoding="utf-8") as f:
+        listed = set(re.findall(r'"([\w/]+\.h)"', f.read().split("HEADERS = [", 1)[1].split("]", 1)[0]))
+    assert listed == on_disk

@@ -35,6 +35,14 @@ SOURCES = [
     "reduce/reduce.c",
 ]
 
+# Headers: setuptools rebuilds the extension when one of these is newer
+# than it, as it does for SOURCES (an edit to the options table, say).
+HEADERS = [
+    "tl.h",
+    "core/internal.h",
+    "core/options.h",
+]
+
 
 def _compile_args():
     debug = os.environ.get("THUNDERLINK_BUILD_DEBUG", "")
@@ -70,6 +78,7 @@ ffibuilder.set_source(
     '#include "tl.h"',
     # Relative to setup.py: setuptools rejects absolute source paths.
     sources=[os.path.join(CSRC, s) for s in SOURCES],
+    depends=[os.path.join(CSRC, h) for h in HEADERS],
     include_dirs=[CSRC],
     extra_compile_args=_compile_args(),
     extra_link_args=_link_args(),
