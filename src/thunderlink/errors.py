@@ -88,25 +88,40 @@ class _OutOfMemory(ThunderlinkError, MemoryError):
     """The core could not allocate memory."""
 
 
-def _table():
-    from .bindings import lib
+# The core's status names (TL_ERR_<NAME> in tl.h) and the class each raises.
+_BY_NAME = {
+    "INVALID": InvalidArgumentError,
+    "CONFIG": ConfigError,
+    "SYSTEM": SystemCallError,
+    "TIMEOUT": CollectiveTimeoutError,
+    "PEER": PeerLostError,
+    "PROTOCOL": ProtocolError,
+    "MISMATCH": MismatchError,
+    "UNSUPPORTED": UnsupportedError,
+    "NOMEM": _OutOfMemory,
+    "CLOSED": ClosedError,
+    "INTERRUPTED": InterruptedCollectiveError,
+}
 
-    return {
-        lib.TL_ERR_INVALID: InvalidArgumentError,
-        lib.TL_ERR_CONFIG: ConfigError,
-        lib.TL_ERR_SYSTEM: SystemCallError,
-        lib.TL_ERR_TIMEOUT: CollectiveTimeoutError,
-        lib.TL_ERR_PEER: PeerLostError,
-        lib.TL_ERR_PROTOCOL: ProtocolError,
-        lib.TL_ERR_MISMATCH: MismatchError,
-        lib.TL_ERR_UNSUPPORTED: UnsupportedError,
-        lib.TL_ERR_NOMEM: _OutOfMemory,
-        lib.TL_ERR_CLOSED: ClosedError,
-        lib.TL_ERR_INTERRUPTED: InterruptedCollectiveError,
+# Filled by register_core(): the bindings hand the core over once they have
+# loaded it, so this module never imports them (one direction: bindings -> errors).
+_ffi = None
+_lib = None
+_classes: dict[int, type[ThunderlinkError]] = {}
+
+
+def register_core(ffi, lib) -> None:
+    """Called by :mod:`thunderlink.bindings` right after the core is loaded:
+    keep ``ffi``/``lib`` for :func:`check` and map each ``TL_ERR_*`` status
+    to its exception class (a status without a class raises the base)."""
+    global _ffi, _lib, _classes
+    _classes = {
+        getattr(lib, name): _BY_NAME.get(name[len("TL_ERR_"):], ThunderlinkError)
+        for name in dir(lib)
+        if name.startswith("TL_ERR_")
     }
+    _ffi, _lib = ffi, lib
 
-
-_classes: dict | None = None
 
 # C0 and C1 controls (terminal escapes), DEL, and the bidirectional overrides.
 _UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
@@ -125,11 +140,9 @@ def check(rc: int, handle=None) -> int:
     with the communicator's message (or the code's generic text)."""
     if rc >= 0:
         return rc
-    global _classes
-    from .bindings import ffi, lib
-
-    if _classes is None:
-        _classes = _table()
+    ffi, lib = _ffi, _lib
+    if lib is None:  # a status can only come from the core, which registers itself
+        raise ThunderlinkError(f"[thunderlink] status {rc} (core not loaded)", rc)
     message = ""
     if handle is not None and handle != ffi.NULL:
         message = printable(ffi.string(lib.tl_comm_last_error(handle)).decode("utf-8", "replace"))
