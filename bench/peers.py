@@ -26,7 +26,8 @@ the way `thunderlink bench` measures thunderlink, so the two can be put side by 
         allocates every output), as users call it (--with-thunderlink then
         runs thunderlink with --transport shm --via mlx).
 
-Method (as in src/thunderlink/bench/worker.py): per size, `--warmup` untimed
+Method: thunderlink bench's own loop and table (thunderlink.bench.worker.run
+and .report), with the peer as the backend measured: per size, `--warmup` untimed
 iterations; then, unless --iters is given, one timed iteration (slowest rank)
 picks the count for about 0.2 s, clamped to 10..2000; a barrier; then every
 iteration is timed on every rank with perf_counter. After the loop the
@@ -46,10 +47,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import platform
-import resource
 import shutil
 import signal
 import socket
@@ -76,7 +74,7 @@ MPIRUN_MCA = {
 }
 MPIRUN_MCA["mlx-mpi"] = MPIRUN_MCA["ompi-shm"]
 
-# ---- sizes and data: thunderlink bench's own, so that both measure the same ----
+# ---- sizes: thunderlink bench's own, so that both measure the same ------------------
 
 
 def parse_sizes(text: str) -> tuple[int, ...]:
@@ -86,28 +84,25 @@ def parse_sizes(text: str) -> tuple[int, ...]:
     return bench_sizes(text)
 
 
-def make_data(count: int, rank: int) -> np.ndarray:
-    from thunderlink.bench.ops import make_data as bench_data
-
-    return bench_data(count, "float32", rank)
+# ---- the peers: each is both the job's communicator and the backend measured --------
+# (the interfaces of thunderlink.bench.worker.run, whose loop and table measure them)
 
 
-def expected_sum(count: int, n: int) -> np.ndarray:
-    from thunderlink.bench.ops import expected_sum as bench_expected
+class _Peer:
+    def links(self) -> dict:
+        return {}  # no thunderlink links to report
 
-    return bench_expected(count, "float32", n)
+    def supports(self, op: str) -> bool:
+        return op == "all_sum"
+
+    def run(self, prepared) -> None:
+        prepared["run"]()
+
+    def result(self, prepared) -> np.ndarray:
+        return np.asarray(prepared["result"])
 
 
-def count_wrong(got: np.ndarray, want: np.ndarray) -> int:
-    from thunderlink.bench.ops import OPS
-
-    return OPS["all_sum"].wrong(got.reshape(-1), want.reshape(-1))
-
-
-# ---- the peers, as seen by the measuring loop -----------------------------------------
-
-
-class GlooComm:
+class GlooComm(_Peer):
     """torch.distributed with backend gloo; the timed call is dist.all_reduce (in place)."""
 
     name = "gloo"
@@ -139,8 +134,8 @@ class GlooComm:
     def all_sum(self, a: np.ndarray) -> np.ndarray:
         return self._reduce(a, self.dist.ReduceOp.SUM)
 
-    def prepare(self, x: np.ndarray, inplace: bool):
-        t = self.torch.from_numpy(x)  # shares x's memory
+    def prepare(self, op: str, x: np.ndarray, out: np.ndarray, dtype: str):
+        t = self.torch.from_numpy(x)  # shares x's memory (out is x: in place only)
         all_reduce = self.dist.all_reduce
         return {"run": lambda: all_reduce(t), "result": x}
 
@@ -148,7 +143,7 @@ class GlooComm:
         self.dist.destroy_process_group()
 
 
-class MPIComm:
+class MPIComm(_Peer):
     """mpi4py on numpy buffers; the timed call is comm.Allreduce."""
 
     name = "ompi"
@@ -179,14 +174,13 @@ class MPIComm:
         self.comm.Allreduce(a, out, op=self.MPI.SUM)
         return out
 
-    def prepare(self, x: np.ndarray, inplace: bool):
+    def prepare(self, op: str, x: np.ndarray, out: np.ndarray, dtype: str):
         MPI, allreduce = self.MPI, self.comm.Allreduce
         sx = [x, x.size, MPI.FLOAT]
-        if inplace:
+        if out is x:  # in place
             return {"run": lambda: allreduce(MPI.IN_PLACE, sx, op=MPI.SUM), "result": x}
-        y = np.empty_like(x)
-        sy = [y, y.size, MPI.FLOAT]
-        return {"run": lambda: allreduce(sx, sy, op=MPI.SUM), "result": y}
+        sy = [out, out.size, MPI.FLOAT]
+        return {"run": lambda: allreduce(sx, sy, op=MPI.SUM), "result": out}
 
     def close(self) -> None:
         pass
@@ -209,7 +203,7 @@ class MLXMPIComm(MPIComm):
         super().__init__()
         self.describe = f"MLX {mx.__version__} mpi backend on {self.describe.split(' via ')[0]}"
 
-    def prepare(self, x: np.ndarray, inplace: bool):
+    def prepare(self, op: str, x: np.ndarray, out: np.ndarray, dtype: str):
         mx, g = self.mx, self.group
         a = mx.array(x)
         mx.eval(a)
@@ -227,100 +221,11 @@ class MLXMPIComm(MPIComm):
         return {"run": run, "result": Result()}
 
 
-# ---- measuring (the method of src/thunderlink/bench/worker.py) ------------------------
-
-
-def _cpu_seconds() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
-def measure(comm, size: int, inplace: bool, warmup: int, iters: int, budget: float = 0.2) -> dict:
-    n, rank = comm.size, comm.rank
-    count = size // 4
-    nbytes = count * 4
-    run = comm.prepare(make_data(count, rank), inplace)["run"]
-    for _ in range(warmup):
-        run()
-    if not iters:
-        t = time.perf_counter()
-        run()
-        est = comm.all_max(np.array([time.perf_counter() - t]))[0]
-        iters = int(min(2000, max(10, budget / max(est, 1e-7))))
-    comm.barrier()
-    times = np.empty(iters)
-    perf = time.perf_counter
-    cpu0, wall0 = _cpu_seconds(), perf()
-    for i in range(iters):
-        t = perf()
-        run()
-        times[i] = perf() - t
-    wall, cpu = perf() - wall0, _cpu_seconds() - cpu0
-    slowest = comm.all_max(times)  # per iteration, the slowest rank
-    totals = comm.all_sum(np.array([cpu, wall]))
-    mean, p50, p99 = float(slowest.mean()), float(np.percentile(slowest, 50)), float(np.percentile(slowest, 99))
-    # #wrong: fresh buffers, one more all-reduce, exact comparison
-    prepared = comm.prepare(make_data(count, rank), inplace)
-    prepared["run"]()
-    wrong = count_wrong(np.asarray(prepared["result"]), expected_sum(count, n))
-    wrong = int(comm.all_sum(np.array([wrong], dtype=np.int64))[0])
-    algbw = nbytes / mean / 1e9 if mean > 0 else 0.0
-    return {
-        "backend": comm.name, "op": "all_sum", "size": nbytes, "count": count, "dtype": "float32",
-        "inplace": inplace, "iters": iters, "time_us": mean * 1e6, "p50_us": p50 * 1e6, "p99_us": p99 * 1e6,
-        "algbw": algbw, "busbw": algbw * 2 * (n - 1) / n, "wrong": wrong, "ranks": n,
-        "cpu": float(totals[0] / totals[1]) if totals[1] > 0 else None, "supported": True,
-    }
-
-
-# ---- the table (the layout of `thunderlink bench`) ------------------------------------
-
-_COLS = f"{'time':>9} {'p50':>9} {'p99':>9} {'algbw':>6} {'busbw':>6} {'#wrong':>6} {'cpu':>4}"
-_UNITS = f"{'(us)':>9} {'(us)':>9} {'(us)':>9} {'(GB/s)':>6} {'(GB/s)':>6} {'':>6} {'':>4}"
-_WIDTH = len(_COLS) + 2
-
-
-def _series(name: str, inplace: bool) -> str:
-    return f"{name} {'in-place' if inplace else 'out-of-place'}"
-
-
-def header(out, comm, args, variants) -> None:
-    out.write(f"# peers bench: all_sum, {comm.size} ranks, float32, on {socket.gethostname()} "
-              f"({platform.system()} {platform.machine()}), {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    out.write(f"# peer: {comm.describe}\n")
-    out.write(f"# warmup {args.warmup}, iterations {args.iters or 'auto'}, check on; "
-              f"time = mean over iterations of the slowest rank, p50/p99 likewise; busbw as in nccl-tests;\n"
-              f"# cpu = CPU time of all ranks / (wall time x ranks) over the timed loop\n")
-    out.write("#" + " " * 34 + "".join(f"{_series(comm.name, v):^{_WIDTH}}" for v in variants) + "\n")
-    out.write(f"# {'size':>12} {'count':>12} {'type':>8}" + ("  " + _COLS) * len(variants) + "\n")
-    out.write(f"# {'(B)':>12} {'(elements)':>12} {'':>8}" + ("  " + _UNITS) * len(variants) + "\n")
-    out.flush()
-
-
-def row(out, ms) -> None:
-    line = f"  {ms[0]['size']:>12} {ms[0]['count']:>12} {'float32':>8}"
-    for m in ms:
-        cpu = "" if m["cpu"] is None or math.isnan(m["cpu"]) else f"{m['cpu']:.2f}"
-        line += (f"  {m['time_us']:>9.1f} {m['p50_us']:>9.1f} {m['p99_us']:>9.1f} {m['algbw']:>6.2f} "
-                 f"{m['busbw']:>6.2f} {m['wrong']:>6} {cpu:>4}")
-    out.write(line + "\n")
-    out.flush()
-
-
-def footer(out, comm, results, variants) -> None:
-    for v in variants:
-        mine = [m for m in results if m["inplace"] == v]
-        if mine:
-            avg = sum(m["busbw"] for m in mine) / len(mine)
-            out.write(f"# {_series(comm.name, v)}: #wrong {sum(m['wrong'] for m in mine)}; "
-                      f"avg bus bandwidth {avg:.3f} GB/s\n")
-    out.write(f"# {'OK' if not any(m['wrong'] for m in results) else 'WRONG RESULTS'}\n")
-    out.flush()
-
-
 def run_rank(args) -> int:
-    """One rank of the job: sweep the sizes; rank 0 prints and writes the JSON."""
-    sizes = parse_sizes(args.sizes)
+    """One rank of the job: thunderlink bench's loop and table over the sizes, with the
+    peer as its backend; rank 0 prints and writes the JSON."""
+    from thunderlink.bench.worker import Settings, run
+
     if args.peer == "gloo":
         comm = GlooComm(args.rank, args.ranks, args.port, timeout=min(args.timeout, 300))
     elif args.peer == "mlx-mpi":
@@ -329,24 +234,11 @@ def run_rank(args) -> int:
     else:
         comm = MPIComm()
         comm.name = args.peer  # ompi or ompi-shm: which BTL mpirun gave it
-    wanted = {"both": (False, True), "out": (False,), "in": (True,)}[args.inplace]
-    variants = tuple(v for v in comm.variants if v in wanted) or comm.variants
-    rank0 = comm.rank == 0
-    results = []
-    if rank0:
-        header(sys.stdout, comm, args, variants)
-    for size in sizes:
-        ms = [measure(comm, size, v, args.warmup, args.iters) for v in variants]
-        results += ms
-        if rank0:
-            row(sys.stdout, ms)
-    if rank0:
-        footer(sys.stdout, comm, results, variants)
-        if args.json_path:
-            with open(args.json_path, "w", encoding="utf-8") as f:
-                json.dump(results, f, indent=1)
+    s = Settings(op="all_sum", sizes=parse_sizes(args.sizes), dtype="float32", warmup=args.warmup,
+                 iters=args.iters, check=True, inplace=args.inplace, json_path=args.json_path)
+    results = run(comm, s, backends=[comm], title="peers bench", notes=[f"peer: {comm.describe}"])
     comm.close()
-    return 1 if any(m["wrong"] for m in results) else 0
+    return 1 if any(m.wrong for m in results) else 0
 
 
 # ---- side by side: thunderlink's JSON and the peers' --------------------------------

@@ -33,9 +33,14 @@ def _ratio_names(series) -> list[str]:
     return [_short(b.name, v) for b, v in series if b.name != "mlx-ring"]
 
 
-def header(out, s, n: int, series, links: dict | None = None) -> None:
-    out.write(f"# thunderlink bench: {s.op}, {n} ranks, {s.dtype}, on {socket.gethostname()} "
+def header(out, s, n: int, series, links: dict | None = None, title: str = "thunderlink bench",
+           notes=()) -> None:
+    """The table's head. ``title`` names the program (bench/peers.py: "peers bench"),
+    ``notes`` are lines printed under the first (a peer's description)."""
+    out.write(f"# {title}: {s.op}, {n} ranks, {s.dtype}, on {socket.gethostname()} "
               f"({platform.system()} {platform.machine()}), {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    for note in notes:
+        out.write(f"# {note}\n")
     if links:
         kinds: dict[str, list[int]] = {}
         for peer, (kind, _) in sorted(links.items()):

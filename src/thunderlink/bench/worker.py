@@ -280,17 +280,26 @@ def make_backends(comm, s: Settings) -> list:
     return backends
 
 
-def run(comm, s: Settings, backends=None, out=sys.stdout) -> list[Measurement]:
-    """Sweep the sizes; rank 0 writes the table to ``out``."""
+def run(comm, s: Settings, backends=None, out=sys.stdout, *, title: str = "thunderlink bench",
+        notes=()) -> list[Measurement]:
+    """Sweep the sizes; rank 0 writes the table to ``out`` (``title`` and
+    ``notes`` head it: see report.header).
+
+    ``comm`` is anything with ``rank``, ``size``, ``barrier()``, ``all_max``,
+    ``all_sum`` (numpy arrays) and ``links()``; each backend has ``name``,
+    ``variants`` (False: out of place, True: in place), ``supports(op)``,
+    ``prepare(op, x, out, dtype)``, ``run(prepared)`` and ``result(prepared)``.
+    bench/peers.py measures Gloo and Open MPI through this same loop."""
     from . import report
 
     backends = backends or make_backends(comm, s)
     wanted = {"both": (False, True), "out": (False,), "in": (True,)}[s.inplace]
-    series = [(b, v) for b in backends for v in b.variants if v in wanted] or [(backends[0], False)]
+    series = ([(b, v) for b in backends for v in b.variants if v in wanted]
+              or [(backends[0], backends[0].variants[0])])
     rank0 = comm.rank == 0
     results: list[Measurement] = []
     if rank0:
-        report.header(out, s, comm.size, series, comm.links())
+        report.header(out, s, comm.size, series, comm.links(), title=title, notes=notes)
     for size in s.sizes:
         row = [measure(comm, b, s, size, v) for b, v in series]
         results += row
