@@ -188,6 +188,158 @@ def test_strangers_are_refused_without_disturbing_the_job(tmp_path):
     assert "another job" in err0
 
 
+def _hello(job=1234, version=None):
+    """A hello of this protocol version from rank 1 to rank 0 of a 2-rank job."""
+    version = int(lib.TL_PROTOCOL_VERSION) if version is None else version
+    return struct.pack("<IHHQQIIIIII Q32s", 0x4B4E4C54, version, 0, job, 0, 1, 0, 0, 2, 2, 0, 0, b"")
+
+
+def _dial(port, deadline_s=10):
+    """A connection to a rank's port, once it listens (the caller closes it)."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        try:
+            return socket.create_connection(("127.0.0.1", port), timeout=2)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+@pytest.mark.timeout(60)
+def test_a_flood_of_silent_connections_does_not_lock_out_the_job(tmp_path):
+    """While rank 1 is late, 200 connections that never say anything are
+    opened to rank 0's port and kept open (more than rank 0 keeps pending):
+    rank 0 drops the oldest silent ones to make room, and when rank 1 comes
+    it connects and the job runs a collective, well within the connect
+    deadline (shorter than it would take the silent ones to time out
+    before)."""
+    import resource
+
+    ports = free_ports(2)
+    hf = _hostfile(tmp_path, 2, ports)
+    env = dict(os.environ, THUNDERLINK_HOSTFILE=hf, THUNDERLINK_JOB_ID="1234", CT="8")
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    count = min(200, soft - len(os.listdir("/proc/self/fd")) - 32) if os.path.isdir("/proc/self/fd") \
+        else min(200, soft // 2)
+    assert count > 80, f"the limit on open files ({soft}) leaves too few for the flood"
+    socks = []
+
+    def flood():
+        socks.append(_dial(ports[0]))
+        for _ in range(count - 1):
+            socks.append(socket.create_connection(("127.0.0.1", ports[0]), timeout=5))
+        # Rank 1 starts now, while rank 0's pending slots are full of them.
+
+    try:
+        t = time.monotonic()
+        (out0, err0), rank1 = _two_ranks(dict(env, THUNDERLINK_RANK="0"), dict(env, THUNDERLINK_RANK="1"), flood)
+        elapsed = time.monotonic() - t
+    finally:
+        for s in socks:
+            s.close()
+    assert len(socks) == count
+    assert result_of(rank1.stdout + rank1.stderr, "rank 1")["raised"] is None, rank1.stdout + rank1.stderr
+    assert result_of(out0 + err0, "rank 0")["raised"] is None, out0 + err0
+    assert "flood of silent connections" in err0, err0
+    assert elapsed < 8, elapsed
+
+
+@pytest.mark.timeout(60)
+def test_garbage_and_truncated_hellos_are_dropped_and_logged(tmp_path):
+    """Bytes that are not a hello, hellos cut short (then closed, reset, or
+    left hanging) reach rank 0 while rank 1 is late: each is dropped with a
+    log line that says why (the hanging ones within 2 s), and the job runs."""
+    ports = free_ports(2)
+    hf = _hostfile(tmp_path, 2, ports)
+    env = dict(os.environ, THUNDERLINK_HOSTFILE=hf, THUNDERLINK_JOB_ID="1234")
+    hello = _hello()
+    hanging = []
+
+    def knock():
+        garbage = b"\x00" + os.urandom(87)  # never the magic
+        assert _stranger(ports[0], garbage) == b""
+        assert _stranger(ports[0], hello[:40]) == b""  # truncated, then closed
+        s = _dial(ports[0])  # truncated, then reset
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.sendall(hello[:20])
+        time.sleep(0.2)
+        s.close()
+        for part in (hello[:50], b"TL"):  # truncated, and too short to tell: left hanging
+            s = _dial(ports[0])
+            hanging.append(s)
+            s.sendall(part)
+        time.sleep(2.6)  # rank 1 is late: the hanging ones are dropped meanwhile
+        for s in hanging:
+            s.settimeout(1)
+            try:
+                assert s.recv(64) == b"", "rank 0 answered an incomplete hello"
+            except ConnectionError:
+                pass
+            except socket.timeout:
+                pytest.fail("rank 0 still holds a connection whose hello stopped short 2.6 s ago")
+
+    try:
+        (out0, err0), rank1 = _two_ranks(dict(env, THUNDERLINK_RANK="0"), dict(env, THUNDERLINK_RANK="1"), knock)
+    finally:
+        for s in hanging:
+            s.close()
+    assert result_of(rank1.stdout + rank1.stderr, "rank 1")["raised"] is None, rank1.stdout + rank1.stderr
+    assert result_of(out0 + err0, "rank 0")["raised"] is None, out0 + err0
+    assert "not a thunderlink peer" in err0, err0
+    assert err0.count("truncated hello (40 of 88 bytes") == 1, err0
+    assert err0.count("truncated hello (20 of 88 bytes") == 1, err0
+    assert err0.count("did not complete the handshake within 2 s") == 2, err0
+
+
+@pytest.mark.timeout(60)
+def test_a_dialler_dropped_mid_handshake_dials_again(tmp_path):
+    """Rank 1's connection is reset, then closed, after its hello and before
+    any answer (as a listener making room, or something briefly on the
+    port, would do): rank 1 dials again until its connect deadline and the
+    job runs once the real rank 0 is there."""
+    ports = free_ports(2)
+    hf = _hostfile(tmp_path, 2, ports)
+    env = dict(os.environ, THUNDERLINK_HOSTFILE=hf, THUNDERLINK_JOB_ID="1234", CT="20")
+    cmd = [sys.executable, RANKPROGS, "connect_only", "[null]"]
+    rank1 = rank0 = None
+    try:
+        with socket.socket() as fake:
+            fake.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            fake.bind(("127.0.0.1", ports[0]))
+            fake.listen()
+            fake.settimeout(15)
+            rank1 = subprocess.Popen(cmd, env=dict(env, THUNDERLINK_RANK="1"), stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+            for reset in (True, False):
+                try:
+                    conn, _ = fake.accept()
+                except socket.timeout:
+                    rank1.kill()
+                    out1, err1 = rank1.communicate()
+                    pytest.fail(f"rank 1 did not dial (again) in time:\n{out1}{err1}")
+                with conn:
+                    conn.settimeout(10)
+                    got = b""
+                    while len(got) < 88:
+                        part = conn.recv(88 - len(got))
+                        assert part, "rank 1 closed before its whole hello"
+                        got += part
+                    assert got[:4] == struct.pack("<I", 0x4B4E4C54)
+                    if reset:
+                        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        # The port is free again: the real rank 0.
+        rank0 = subprocess.run(cmd, env=dict(env, THUNDERLINK_RANK="0"), capture_output=True, text=True,
+                               timeout=30)
+        out1, err1 = rank1.communicate(timeout=30)
+    finally:
+        if rank1 is not None and rank1.poll() is None:
+            rank1.kill()
+            rank1.communicate()
+    assert result_of(out1 + err1, "rank 1")["raised"] is None, out1 + err1
+    assert result_of(rank0.stdout + rank0.stderr, "rank 0")["raised"] is None, rank0.stdout + rank0.stderr
+
+
 @pytest.mark.parametrize("name,value", [("THUNDERLINK_CHUNK_BYTES", "2M"), ("THUNDERLINK_PIPELINE_DEPTH", "4"),
                                         ("THUNDERLINK_TRANSPORT", "tcp")])
 def test_different_tuning_on_two_ranks_is_refused(tmp_path, name, value):

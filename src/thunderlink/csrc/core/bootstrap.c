@@ -46,8 +46,14 @@
 
 #define HELLO_MAGIC 0x4b4e4c54u /* "TLNK" */
 #define ACK_MAGIC 0x4b414c54u   /* "TLAK" */
-/* An accepted connection that has not said hello by then is dropped. */
-#define STRANGER_TIMEOUT_NS (10ll * 1000000000)
+/* An accepted connection that has not said hello by then is dropped: a real
+ * rank sends its hello as soon as its connection is up, and one that lost
+ * its connection this way dials again (see P_RECV_ACK). Kept short so that
+ * silent connections cannot hold the pending slots for long. */
+#define STRANGER_TIMEOUT_NS (2ll * 1000000000)
+/* Connections accepted per listening socket per turn of the loop, so that a
+ * stream of new connections cannot keep the loop from the others. */
+#define ACCEPT_BURST 64
 
 enum {
   ACK_OK = 0,
@@ -114,6 +120,7 @@ typedef struct pending {
   int64_t started;
   int attempts;
   int last_errno;
+  const char *last_why; /* outgoing: why the last attempt failed, when not an errno */
   uint64_t peer_host; /* incoming: the dialler's host id, from its hello */
   char remote[TL_HOST_LEN + 16];
 } pending_t;
@@ -253,8 +260,6 @@ int tl__boot_listen(tl_comm_t *c) {
   if (!c->boot && !(c->boot = calloc(1, sizeof(boot_t))))
     return tl__error(c, TL_ERR_NOMEM, "out of memory");
   boot_t *t = B(c);
-  t->ls = calloc((size_t)(c->neps ? c->neps : 1), sizeof *t->ls);
-  if (!t->ls) return tl__error(c, TL_ERR_NOMEM, "out of memory");
   t->ls = calloc((size_t)(c->neps ? c->neps : 1), sizeof *t->ls);
   if (!t->ls) return tl__error(c, TL_ERR_NOMEM, "out of memory");
   int own = 0;
@@ -412,6 +417,7 @@ static int start_connect(tl_comm_t *c, pending_t *p) {
   int err = errno;
   close(fd);
   p->last_errno = err;
+  p->last_why = NULL;
   if (retryable(err)) return 1;
   return tl__error(c, TL_ERR_SYSTEM, "connect to rank %d at %s: %s", p->peer,
                    p->remote, strerror(err));
@@ -534,6 +540,7 @@ static int advance(tl_comm_t *c, pending_t *p, int64_t now) {
     getsockopt(p->fd, SOL_SOCKET, SO_ERROR, &err, &el);
     if (err) {
       p->last_errno = err;
+      p->last_why = NULL;
       if (retryable(err)) { schedule_retry(p, now); return 0; }
       return tl__error(c, TL_ERR_SYSTEM, "connect to rank %d at %s: %s", p->peer,
                        p->remote, strerror(err));
@@ -543,7 +550,12 @@ static int advance(tl_comm_t *c, pending_t *p, int64_t now) {
   }
   if (p->state == P_SEND_HELLO) {
     int r = pio(p, sizeof(hello_t), 1);
-    if (r < 0) { p->last_errno = errno; schedule_retry(p, now); return 0; }
+    if (r < 0) {
+      p->last_errno = errno;
+      p->last_why = NULL;
+      schedule_retry(p, now);
+      return 0;
+    }
     if (r == 0) return 0;
     p->done = 0;
     p->state = P_RECV_ACK;
@@ -553,15 +565,25 @@ static int advance(tl_comm_t *c, pending_t *p, int64_t now) {
     int r = pio(p, sizeof(ack_t), 0);
     if (r == 0) return 0;
     ack_t *a = &p->buf.ack;
-    /* A refusal from another protocol version is only ACK_V1_BYTES long. */
-    if (r < 0 && (p->done < ACK_V1_BYTES || a->magic != ACK_MAGIC || a->status == ACK_OK))
-      return tl__error(c, TL_ERR_PEER, "rank %d at %s closed the connection during "
-                       "the handshake (is something other than rank %d listening "
-                       "there?)", p->peer, p->remote, p->peer);
-    if (a->magic != ACK_MAGIC)
+    if (p->done >= sizeof a->magic && a->magic != ACK_MAGIC)
       return tl__error(c, TL_ERR_PROTOCOL, "%s answered the handshake with bytes "
                        "that are not thunderlink's: something other than rank %d "
                        "listens there", p->remote, p->peer);
+    /* Closed or reset before a whole answer (a refusal from another protocol
+     * version is only ACK_V1_BYTES long): the listener may have dropped us
+     * to make room (a flood of silent connections) or given up on a slow
+     * hello, so dial again until the connect deadline; the final error says
+     * what happened. */
+    if (r < 0 && (p->done < ACK_V1_BYTES || a->status == ACK_OK)) {
+      p->last_errno = r == -2 ? errno : 0;
+      p->last_why = "it closed the connection during the handshake (is "
+                    "something other than thunderlink listening there, or is that "
+                    "port flooded with connections?)";
+      tl__log(c, TL_LOG_TRACE, "rank %d at %s closed connection %d during the "
+              "handshake: dialling again", p->peer, p->remote, p->index);
+      schedule_retry(p, now);
+      return 0;
+    }
     if (a->status != ACK_OK)
       return tl__error(c, TL_ERR_CONFIG, "rank %d at %s refused our connection: %s",
                        p->peer, p->remote, refusal(a->status));
@@ -571,11 +593,24 @@ static int advance(tl_comm_t *c, pending_t *p, int64_t now) {
   }
   if (p->state == P_RECV_HELLO) {
     int r = pio(p, sizeof(hello_t), 0);
+    /* Nothing here has proved anything: whatever is wrong is the sender's
+     * problem, dropped and logged, never this job's. Bytes that are not a
+     * hello are dropped as soon as the magic shows it. */
+    if (p->done >= sizeof p->buf.hello.magic && p->buf.hello.magic != HELLO_MAGIC) {
+      tl__log(c, TL_LOG_WARN, "refused a connection from %s: not a thunderlink peer "
+              "(bad magic)", p->remote);
+      pending_close(p);
+      return 0;
+    }
     if (r == 0) return 0;
-    if (r < 0 || p->buf.hello.magic != HELLO_MAGIC) {
-      tl__log(c, TL_LOG_WARN, "refused a connection from %s: %s", p->remote,
-              r < 0 ? "it closed before saying hello" :
-                      "not a thunderlink peer (bad magic)");
+    if (r < 0) {
+      if (p->done == 0)
+        tl__log(c, TL_LOG_WARN, "refused a connection from %s: it closed before saying "
+                "hello", p->remote);
+      else
+        tl__log(c, TL_LOG_WARN, "refused a connection from %s: truncated hello (%zu of "
+                "%zu bytes, then the connection closed)", p->remote, p->done,
+                sizeof(hello_t));
       pending_close(p);
       return 0;
     }
@@ -620,6 +655,28 @@ static int advance(tl_comm_t *c, pending_t *p, int64_t now) {
   }
   return 0;
 }
+/* Make room for a newcomer: drop the incoming connection that has waited
+ * longest without completing its hello (one that has, is one of our ranks
+ * being answered, and stays). Returns its slot, or -1 when none can go. */
+static int evict_oldest(tl_comm_t *c, pending_t *ps, int np, int *evicted) {
+  int old = -1;
+  for (int j = 0; j < np; j++) {
+    pending_t *q = &ps[j];
+    if (q->outgoing || q->fd < 0 || q->state != P_RECV_HELLO) continue;
+    if (old < 0 || q->started < ps[old].started) old = j;
+  }
+  if (old < 0) return -1;
+  if ((*evicted)++ == 0)
+    tl__log(c, TL_LOG_WARN, "more connections are waiting to say hello than this rank "
+            "keeps (a flood of silent connections?): dropping the oldest ones, "
+            "starting with one from %s", ps[old].remote);
+  else
+    tl__log(c, TL_LOG_TRACE, "dropped a silent connection from %s to make room",
+            ps[old].remote);
+  pending_close(&ps[old]);
+  return old;
+}
+
 int tl__boot_connect(tl_comm_t *c) {
   boot_t *t = B(c);
   int rc;
@@ -663,13 +720,15 @@ int tl__boot_connect(tl_comm_t *c) {
   int64_t start = tl__now_ns();
   int64_t deadline = start + (int64_t)c->opts.connect_timeout_ms * 1000000;
   int up = 0, want = nout + nin;
+  int evicted = 0;            /* silent connections dropped to make room */
+  int64_t listen_after = 0;   /* out of descriptors: leave the listeners alone until then */
   rc = TL_OK;
   while (up < want) {
     int64_t now = tl__now_ns();
     if (now >= deadline) break;
     int64_t wake = deadline;
     int n = 0;
-    for (int i = 0; i < t->nls; i++) {
+    for (int i = 0; i < t->nls && now >= listen_after; i++) {
       pf[n].fd = t->ls[i].fd;
       pf[n].events = POLLIN;
       pidx[n++] = -1 - i;
@@ -684,17 +743,20 @@ int tl__boot_connect(tl_comm_t *c) {
       }
       if (q->state == P_WAIT && q->outgoing && q->retry_at > now && q->retry_at < wake)
         wake = q->retry_at;
-      if (!q->outgoing && q->fd >= 0 && now - q->started > STRANGER_TIMEOUT_NS) {
+      if (!q->outgoing && q->fd >= 0 && now - q->started >= STRANGER_TIMEOUT_NS) {
         tl__log(c, TL_LOG_WARN, "dropped a connection from %s that did not complete "
-                "the handshake within 10 s", q->remote);
+                "the handshake within %.0f s", q->remote, STRANGER_TIMEOUT_NS / 1e9);
         pending_close(q);
       }
       if (q->fd < 0) continue;
+      if (!q->outgoing && q->started + STRANGER_TIMEOUT_NS < wake)
+        wake = q->started + STRANGER_TIMEOUT_NS;
       pf[n].fd = q->fd;
       pf[n].events = (q->state == P_CONNECTING || q->state == P_SEND_HELLO ||
                       q->state == P_SEND_ACK) ? POLLOUT : POLLIN;
       pidx[n++] = i;
     }
+    if (t->nls && listen_after > now && listen_after < wake) wake = listen_after;
     int64_t ms = (wake - now + 999999) / 1000000;
     if (ms > 1000) ms = 1000;
     int r = poll(pf, (nfds_t)n, (int)ms);
@@ -713,8 +775,22 @@ int tl__boot_connect(tl_comm_t *c) {
     for (int i = 0; i < n && r > 0; i++) {
       if (!pf[i].revents) continue;
       if (pidx[i] < 0) {
-        int fd;
-        while ((fd = accept(pf[i].fd, NULL, NULL)) >= 0) {
+        for (int burst = 0; burst < ACCEPT_BURST; burst++) {
+          int fd = accept(pf[i].fd, NULL, NULL);
+          if (fd < 0) {
+            if (errno == EINTR) continue;
+            if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+              /* Out of descriptors: a silent connection makes way, or, when
+               * none can, the listeners wait a little (they would otherwise
+               * stay readable and spin this loop). */
+              if (evict_oldest(c, ps, np, &evicted) >= 0) continue;
+              if (listen_after == 0)
+                tl__log(c, TL_LOG_WARN, "cannot accept connections: %s (raise the "
+                        "limit on open files, ulimit -n)", strerror(errno));
+              listen_after = now + 100000000ll;
+            }
+            break; /* EAGAIN, or an aborted connection: nothing more now */
+          }
           fcntl(fd, F_SETFD, FD_CLOEXEC);
           set_nonblocking(fd);
 #ifdef SO_NOSIGPIPE
@@ -725,6 +801,8 @@ int tl__boot_connect(tl_comm_t *c) {
           for (int j = 0; j < np; j++)
             if (!ps[j].outgoing && ps[j].fd < 0) { slot = j; break; }
           if (slot < 0 && np < cap) slot = np++;
+          /* The table is full (bounded: cap entries, whatever arrives). */
+          if (slot < 0) slot = evict_oldest(c, ps, np, &evicted);
           if (slot < 0) { close(fd); continue; }
           pending_t *q = &ps[slot];
           memset(q, 0, sizeof *q);
@@ -733,11 +811,21 @@ int tl__boot_connect(tl_comm_t *c) {
           q->started = now;
           q->ep = q->src_ep = -1;
           describe_peer(fd, q->remote, sizeof q->remote);
+          /* A real rank sends its hello at once: read it now, before more
+           * newcomers can push this one out. */
+          int a = advance(c, q, now);
+          if (a < 0) { rc = a; goto out; }
+          if (a == 1) {
+            up++;
+            q->retry_at = -1;
+            q->state = P_WAIT;
+          }
         }
         continue;
       }
       pending_t *q = &ps[pidx[i]];
-      if (q->fd < 0) continue;
+      /* Gone (or its slot given to a newcomer) since the poll. */
+      if (q->fd < 0 || q->fd != pf[i].fd) continue;
       int a = advance(c, q, now);
       if (a < 0) { rc = a; goto out; }
       if (a == 1) {
@@ -759,7 +847,8 @@ int tl__boot_connect(tl_comm_t *c) {
                      "last error: %s). Is rank %d running, and is %s its address "
                      "on a link this host can reach? (thunderlink doctor checks "
                      "a hostfile)", q->peer, q->remote, secs, q->attempts,
-                     q->last_errno ? strerror(q->last_errno) : "still connecting",
+                     q->last_why ? q->last_why
+                     : q->last_errno ? strerror(q->last_errno) : "still connecting",
                      q->peer, q->remote);
       goto out;
     }
@@ -781,6 +870,9 @@ out:
   free(ps);
   free(pf);
   free(pidx);
+  if (evicted > 1)
+    tl__log(c, TL_LOG_WARN, "dropped %d silent connections during set-up to make room "
+            "for the job's own", evicted);
   if (!rc) {
     /* Listening sockets are no longer needed: every connection is up. */
     for (int i = 0; i < t->nls; i++) close(t->ls[i].fd);
