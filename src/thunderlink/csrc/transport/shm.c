@@ -99,7 +99,6 @@ typedef struct shm_link {
   int creator;
   int fd; /* the creator's, until the opener has mapped the segment */
   char name[112];
-  int failed; /* errno of a failed set-up, on both sides */
 } shm_link_t;
 
 typedef struct shm_chan {
@@ -272,9 +271,18 @@ static int make_channels(tl_comm_t *c, tl_link_t *l) {
   return TL_OK;
 }
 
+/* Read the peer's offer or answer (both start with OFFER_MAGIC). */
+static int recv_msg(tl_comm_t *c, tl_link_t *l, void *buf, size_t len, const char *what) {
+  int rc = tl__boot_xfer(c, l, l->boot_fds[0], buf, len, 0, c->deadline_ns);
+  uint32_t magic;
+  memcpy(&magic, buf, sizeof magic);
+  if (!rc && magic != OFFER_MAGIC)
+    rc = tl__error(c, TL_ERR_PROTOCOL, "rank %d (%s) sent a malformed %s", l->peer,
+                   l->remote, what);
+  return rc;
+}
+
 static int shm_setup(tl_comm_t *c, tl_link_t *l, int phase) {
-  int64_t deadline = c->deadline_ns;
-  int fd = l->boot_fds[0];
   shm_link_t *s = l->t;
   if (phase == 0) {
     if (!(s = l->t = calloc(1, sizeof *s))) return tl__error(c, TL_ERR_NOMEM, "out of memory");
@@ -290,53 +298,39 @@ static int shm_setup(tl_comm_t *c, tl_link_t *l, int phase) {
       o.ring_bytes = s->ring_bytes;
       memcpy(o.name, s->name, sizeof o.name);
     }
-    int rc = tl__boot_xfer(c, l, fd, &o, sizeof o, 1, deadline);
+    int rc = tl__boot_xfer(c, l, l->boot_fds[0], &o, sizeof o, 1, c->deadline_ns);
     if (rc) return rc;
-    if (o.status) {
-      s->failed = o.status;
+    if (o.status)
       return tl__error(c, TL_ERR_UNSUPPORTED, "cannot create a shared-memory segment "
                        "for rank %d: %s", l->peer, strerror(o.status));
-    }
     return TL_OK;
   }
   if (phase == 1 && !s->creator) {
     offer_t o;
-    int rc = tl__boot_xfer(c, l, fd, &o, sizeof o, 0, deadline);
+    int rc = recv_msg(c, l, &o, sizeof o, "shared-memory offer");
     if (rc) return rc;
-    if (o.magic != OFFER_MAGIC)
-      return tl__error(c, TL_ERR_PROTOCOL, "rank %d (%s) sent a malformed shared-memory "
-                       "offer", l->peer, l->remote);
-    if (o.status) {
-      s->failed = o.status;
+    if (o.status)
       return tl__error(c, TL_ERR_UNSUPPORTED, "rank %d could not create a shared-memory "
                        "segment: %s", l->peer, strerror(o.status));
-    }
     answer_t a = {OFFER_MAGIC, open_segment(s, &o)};
-    rc = tl__boot_xfer(c, l, fd, &a, sizeof a, 1, deadline);
+    rc = tl__boot_xfer(c, l, l->boot_fds[0], &a, sizeof a, 1, c->deadline_ns);
     if (rc) return rc;
-    if (a.status) {
-      s->failed = a.status;
+    if (a.status)
       return tl__error(c, TL_ERR_UNSUPPORTED, "cannot map rank %d's shared-memory "
                        "segment: %s%s", l->peer, strerror(a.status),
                        a.status == EACCES || a.status == EPERM
                            ? " (the two processes must run as the same user)" : "");
-    }
     return TL_OK;
   }
   if (phase == 2) {
     if (s->creator) {
       answer_t a;
-      int rc = tl__boot_xfer(c, l, fd, &a, sizeof a, 0, deadline);
+      int rc = recv_msg(c, l, &a, sizeof a, "answer to the shared-memory offer");
       if (rc) return rc;
-      if (a.magic != OFFER_MAGIC)
-        return tl__error(c, TL_ERR_PROTOCOL, "rank %d (%s) sent a malformed answer to "
-                         "the shared-memory offer", l->peer, l->remote);
       drop_name(s); /* the peer has it mapped, or gave up */
-      if (a.status) {
-        s->failed = a.status;
+      if (a.status)
         return tl__error(c, TL_ERR_UNSUPPORTED, "rank %d cannot map this rank's "
                          "shared-memory segment: %s", l->peer, strerror(a.status));
-      }
     }
     return make_channels(c, l);
   }
