@@ -13,6 +13,7 @@ import math
 import os
 import sys
 
+from ..bindings.comm import TRANSPORTS
 from ..config import parse_size
 from ..errors import ConfigError
 from .ops import DTYPES, OPS
@@ -137,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also measure MLX's ring backend over the same hosts, interleaved, with the ratio")
     p.add_argument("--via", choices=("core", "mlx"), action="append", default=[],
                    help="mlx: also measure through mx.distributed (thunderlink's Group), MLX overhead included")
-    p.add_argument("--transport", choices=("auto", "tcp", "shm"), default=None,
+    p.add_argument("--transport", choices=tuple(TRANSPORTS), default=None,
                    help="THUNDERLINK_TRANSPORT for thunderlink's ranks: auto (shared memory between ranks of one "
                         "host, TCP otherwise), tcp or shm (default: the environment's, else auto)")
     p.add_argument("--timeout", type=_seconds, default=None, help="stop the job after this many seconds")

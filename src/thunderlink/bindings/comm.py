@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import ClosedError, InvalidArgumentError, check
 from ._core import ffi, lib
-from .options import Options
+from .options import SPECS, Options
 
 __all__ = ["Comm", "Endpoint", "Options", "Topology", "dtype_code", "DTYPES", "REDUCTIONS", "TRANSPORTS"]
 
@@ -41,8 +41,11 @@ DTYPES = {
 REDUCTIONS = {"sum": lib.TL_SUM, "prod": lib.TL_PROD, "max": lib.TL_MAX, "min": lib.TL_MIN}
 
 # THUNDERLINK_TRANSPORT's values; the ids also index per-transport counters.
-TRANSPORTS = {"auto": lib.TL_TRANSPORT_AUTO, "tcp": lib.TL_TRANSPORT_TCP, "shm": lib.TL_TRANSPORT_SHM}
-_TRANSPORT_NAMES = {lib.TL_TRANSPORT_TCP: "tcp", lib.TL_TRANSPORT_SHM: "shm", lib.TL_TRANSPORT_RDMA: "rdma"}
+# From the options table: the transport option's choices are named in
+# TL_TRANSPORT_* order (0 = auto), and those past its maximum are not built.
+_TRANSPORT_SPEC = next(s for s in SPECS if s.name == "transport")
+TRANSPORTS = {name: code for code, name in enumerate(_TRANSPORT_SPEC.available)}
+_TRANSPORT_NAMES = dict(enumerate(_TRANSPORT_SPEC.choices[1:], start=1))
 
 
 # Looked up by dtype object: dtype.name builds a new string on every call

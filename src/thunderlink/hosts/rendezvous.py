@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..bindings import Comm, Options
+from ..bindings.comm import TRANSPORTS
 from ..config import Config, from_env
 from ..errors import ConfigError, UnsupportedError
 from . import hostfile as hostfile_mod
@@ -10,7 +11,7 @@ from . import jaccl
 
 __all__ = ["connect", "IMPLEMENTED_TRANSPORTS"]
 
-IMPLEMENTED_TRANSPORTS = ("auto", "tcp", "shm")
+IMPLEMENTED_TRANSPORTS = tuple(TRANSPORTS)
 
 
 def connect(
