@@ -259,7 +259,6 @@ struct tl_comm {
   uint32_t split_count;
   tl_opctx_t cur;
   int64_t deadline_ns;
-  int64_t spin_ns;
 
   void *boot;         /* bootstrap state (listening sockets) */
 

@@ -37,7 +37,6 @@ int tl__op_begin(tl_comm_t *c, int op, int dtype, int redop, uint64_t total,
                      name, op, dtype);
   c->cur.seq = op == TL_OP_SEND ? 0 : ++c->coll_seq;
   c->deadline_ns = tl__now_ns() + (int64_t)c->opts.timeout_ms * 1000000;
-  c->spin_ns = c->cur.plan.spin_ns;
   if (op >= 0 && op < TL_NUM_OPS) c->stats.calls[op]++;
   return TL_OK;
 }

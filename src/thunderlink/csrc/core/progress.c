@@ -357,7 +357,7 @@ int tl__progress(tl_comm_t *c) {
    * instead of being spun out. The spin lasts spin_us past the last byte
    * that moved: a peer in the middle of writing a chunk is worth waiting
    * for, one that went quiet is not. */
-  int64_t spin = c->spin_ns;
+  int64_t spin = c->cur.plan.spin_ns;
   for (int i = 0; i < c->nchans && !spin; i++) {
     tl_chan_t *k = c->chans[i];
     if ((k->sq || k->rq) && k->ops->spin_factor)

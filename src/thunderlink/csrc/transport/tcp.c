@@ -126,7 +126,7 @@ static long tcp_recv(tl_chan_t *ch, const struct iovec *iov, int n, int peek) {
   for (;;) {
     ssize_t r = recvmsg(ch->fd, &m, MSG_DONTWAIT | (peek ? MSG_PEEK : 0));
     if (r > 0) {
-      if (!peek && ch->index >= 0 && !ch->link->comm->spin_ns) quickack(ch->fd);
+      if (!peek && ch->index >= 0 && !ch->link->comm->cur.plan.spin_ns) quickack(ch->fd);
       return (long)r;
     }
     if (r == 0) return -EPIPE;
