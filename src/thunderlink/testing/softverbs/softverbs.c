@@ -576,7 +576,7 @@ static void sv_init(void)
     G.max_mr = (int)v;
     err |= env_uint("SOFTVERBS_UC_ONLY", 0, 1, &v);
     G.uc_only = (int)v;
-    err |= env_uint("SOFTVERBS_LOG", 0, 1, &v);
+    err |= env_uint("SOFTVERBS_LOG", 0, 2, &v);
     G.log = (int)v;
     err |= env_uint("SOFTVERBS_SEED", 0, UINT64_MAX, &v);
     G.rng = v ? v : (now_ns() ^ ((uint64_t)getpid() << 32));
@@ -1275,6 +1275,9 @@ static int recv_ready(struct sv_qp *qp);
 
 static void deliver(struct sv_qp *qp, const struct sv_cqe *e, int solicited)
 {
+    if (G.log > 1)
+        sv_log("QP %u: %s CQE wr_id %llu status %d", qp->qp.qp_num, e->is_send ? "send" : "recv",
+               (unsigned long long)e->wc.wr_id, e->wc.status);
     struct sv_cq *cq = e->is_send ? qp->scq : qp->rcq;
     if (cq_push(cq, e, solicited) != 0)
         qp_to_err(qp);
@@ -1357,8 +1360,10 @@ static void out_reset(struct sv_qp *qp)
     qp->out_started = 0;
 }
 
-static void in_reset(struct sv_qp *qp)
+static void in_reset(struct sv_qp *qp, const char *why)
 {
+    if (why && qp->in_fd >= 0)
+        sv_log("QP %u: inbound connection closed: %s", qp->qp.qp_num, why);
     close_fd(&qp->in_fd);
     qp->rx_phase = RX_HELLO;
     qp->in_hello_off = qp->in_hdr_off = 0;
@@ -1385,7 +1390,7 @@ static void qp_to_err(struct sv_qp *qp)
     out_reset(qp);
     if (qp->in_fd >= 0)
         flush_responses(qp); /* a NAK that says why goes out first */
-    in_reset(qp);
+    in_reset(qp, "the QP was reset or went to ERR");
 }
 
 /* The WR at sq_acked failed: it completes with status, the QP goes to ERR. */
@@ -1723,6 +1728,8 @@ static uint64_t progress_tx(struct sv_qp *qp, int *want_pollout)
                 return now_ns();
             /* UC: whatever was on the way is lost; the send completes */
         }
+        if (G.log > 1)
+            sv_log("QP %u: sent seq %llu psn %u len %u", qp->qp.qp_num, (unsigned long long)w->seq, w->psn, w->len);
         qp->sq_tx++;
         if (qp->type == IBV_QPT_UC) {
             while (qp->sq_acked < qp->sq_tx)
@@ -1891,6 +1898,8 @@ static void rx_begin(struct sv_qp *qp)
 static void rx_end(struct sv_qp *qp)
 {
     struct sv_msg *m = &qp->in_hdr;
+    if (G.log > 1)
+        sv_log("QP %u: received seq %llu psn %u len %u", qp->qp.qp_num, (unsigned long long)m->seq, m->psn, m->len);
     qp->rq_expect_psn = (m->psn + npackets(m->len, (int)qp->in_hello.path_mtu)) & SV_PSN_MASK;
     if (qp->rx_need_recv) {
         int op = m->opcode == IBV_WR_RDMA_WRITE_WITH_IMM ? IBV_WC_RECV_RDMA_WITH_IMM : IBV_WC_RECV;
@@ -1963,7 +1972,7 @@ static uint64_t progress_rx(struct sv_qp *qp, int *want_pollin, int *want_pollou
     while (qp->in_fd >= 0) {
         int fr = flush_responses(qp);
         if (fr < 0) {
-            in_reset(qp);
+            in_reset(qp, "the connection broke while writing responses");
             break;
         }
         if (fr == 0 && qp->resp_count >= SV_RESP_RING - 2) {
@@ -1977,7 +1986,7 @@ static uint64_t progress_rx(struct sv_qp *qp, int *want_pollin, int *want_pollou
         case RX_HELLO:
             n = read_in(qp, (char *)&qp->in_hello + qp->in_hello_off, sizeof qp->in_hello - qp->in_hello_off);
             if (n < 0) {
-                in_reset(qp);
+                in_reset(qp, "end of stream in the hello");
                 continue;
             }
             if (n == 0) {
@@ -1988,7 +1997,7 @@ static uint64_t progress_rx(struct sv_qp *qp, int *want_pollin, int *want_pollou
             if (qp->in_hello_off == sizeof qp->in_hello) {
                 if (qp->in_hello.magic != SV_WIRE_MAGIC || qp->in_hello.version != SV_WIRE_VERSION) {
                     sv_log("QP %u: a connection that is not softverbs %d; closed", qp->qp.qp_num, SV_WIRE_VERSION);
-                    in_reset(qp);
+                    in_reset(qp, NULL);
                     continue;
                 }
                 qp->rx_phase = RX_HDR;
@@ -1998,7 +2007,7 @@ static uint64_t progress_rx(struct sv_qp *qp, int *want_pollin, int *want_pollou
         case RX_HDR:
             n = read_in(qp, (char *)&qp->in_hdr + qp->in_hdr_off, sizeof qp->in_hdr - qp->in_hdr_off);
             if (n < 0) {
-                in_reset(qp);
+                in_reset(qp, "end of stream between messages");
                 continue;
             }
             if (n == 0) {
@@ -2013,7 +2022,7 @@ static uint64_t progress_rx(struct sv_qp *qp, int *want_pollin, int *want_pollou
                 if (m->len > SV_MAX_MSG || m->opcode > IBV_WR_SEND_WITH_IMM) {
                     sv_log("QP %u: malformed message (opcode %u, %u bytes); connection closed", qp->qp.qp_num,
                            m->opcode, m->len);
-                    in_reset(qp);
+                    in_reset(qp, NULL);
                     continue;
                 }
                 if (!recv_ready(qp)) {
@@ -2029,7 +2038,7 @@ static uint64_t progress_rx(struct sv_qp *qp, int *want_pollin, int *want_pollou
                     if (!hello_matches(qp)) {
                         sv_log("QP %u: a connection from QP %u, which is not this QP's destination (QP %u); "
                                "closed", qp->qp.qp_num, qp->in_hello.src_qpn, qp->dest_qpn);
-                        in_reset(qp);
+                        in_reset(qp, NULL);
                         continue;
                     }
                     qp->in_hello_ok = 1;
@@ -2050,7 +2059,7 @@ static uint64_t progress_rx(struct sv_qp *qp, int *want_pollin, int *want_pollou
                 /* re-run the checks of a complete header */
                 qp->in_hdr_off = sizeof qp->in_hdr;
                 if (!qp->in_hello_ok && !hello_matches(qp)) {
-                    in_reset(qp);
+                    in_reset(qp, "a connection from a QP that is not this QP's destination");
                     continue;
                 }
                 qp->in_hello_ok = 1;
@@ -2083,7 +2092,7 @@ static uint64_t progress_rx(struct sv_qp *qp, int *want_pollin, int *want_pollou
         case RX_PAYLOAD: {
             int r = rx_place(qp);
             if (r < 0) {
-                in_reset(qp);
+                in_reset(qp, "end of stream inside a message");
                 continue;
             }
             if (r == 0) {
@@ -2102,7 +2111,7 @@ static uint64_t progress_rx(struct sv_qp *qp, int *want_pollin, int *want_pollou
             }
             n = read_in(qp, qp->scratch, want);
             if (n < 0) {
-                in_reset(qp);
+                in_reset(qp, "end of stream while dropping a message");
                 continue;
             }
             if (n == 0) {
@@ -2138,7 +2147,7 @@ static void accept_new(struct sv_qp *qp)
         }
         set_nonblock_cloexec(fd);
         sock_setup(fd);
-        in_reset(qp);
+        in_reset(qp, "the requester reconnected");
         qp->in_fd = fd;
     }
 }
@@ -2175,20 +2184,28 @@ static void *qp_thread(void *arg)
             pf[n].fd = qp->out_fd;
             pf[n++].events = (short)(POLLIN | (tx_out ? POLLOUT : 0));
         }
-        int timeout = 1000;
+        uint64_t wait_ns = 1000000000u; /* nothing to time: look again in 1 s */
         if (next != SV_FOREVER) {
             uint64_t now = now_ns();
-            timeout = next <= now ? 0 : (int)((next - now + 999999) / 1000000);
-            if (timeout > 1000)
-                timeout = 1000;
+            wait_ns = next <= now ? 0 : next - now;
+            if (wait_ns > 1000000000u)
+                wait_ns = 1000000000u;
         }
         pthread_mutex_unlock(&qp->lock);
-        poll(pf, (nfds_t)n, timeout);
+#ifdef __linux__
+        struct timespec ts = {(time_t)(wait_ns / 1000000000u), (long)(wait_ns % 1000000000u)};
+        ppoll(pf, (nfds_t)n, &ts, NULL);
+#else
+        poll(pf, (nfds_t)n, (int)((wait_ns + 999999) / 1000000));
+#endif
         if (pf[0].revents & POLLIN) {
+            /* Drain, then clear: a wake that comes after the clear writes
+             * a new byte; one between the drain and the clear is seen
+             * anyway, as the loop looks at the queues next. */
             char buf[64];
-            atomic_store(&qp->wake_pending, 0);
             while (read(qp->wake_r, buf, sizeof buf) > 0)
                 ;
+            atomic_store(&qp->wake_pending, 0);
         }
         pthread_mutex_lock(&qp->lock);
         if (pf[1].revents & POLLIN)
@@ -2491,7 +2508,7 @@ static int check_attrs(struct sv_qp *qp, const struct ibv_qp_attr *a, int mask)
 static void qp_reset(struct sv_qp *qp)
 {
     out_reset(qp);
-    in_reset(qp);
+    in_reset(qp, "the QP was reset or went to ERR");
     qp->out_failed = 0;
     qp->sq_tx = qp->sq_acked = qp->sq_posted;
     qp->rq_used = qp->rq_posted;
