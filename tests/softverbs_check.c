@@ -804,6 +804,63 @@ static void uc_only(void)
           "teardown");
 }
 
+/* Apple's devices have 10 queue pairs: the eleventh fails with EBUSY
+ * (SOFTVERBS_MAX_QP, default 10), counted per device across contexts. */
+static void qp_limit(void)
+{
+    if (RANK == 1)
+        return;
+    struct ibv_context *c1 = open_first(), *c2 = open_first();
+    struct ibv_device_attr da;
+    CHECK(ibv.query_device(c1, &da) == 0 && da.max_qp == 10, "max_qp %d", da.max_qp);
+    struct ibv_pd *p1 = ibv.alloc_pd(c1), *p2 = ibv.alloc_pd(c2);
+    struct ibv_cq *q1 = ibv.create_cq(c1, 4, NULL, NULL, 0), *q2 = ibv.create_cq(c2, 4, NULL, NULL, 0);
+    struct ibv_qp_init_attr ia;
+    memset(&ia, 0, sizeof ia);
+    ia.cap.max_send_wr = ia.cap.max_recv_wr = 1;
+    ia.qp_type = IBV_QPT_UC;
+    struct ibv_qp *qps[10];
+    for (int i = 0; i < 10; i++) {
+        ia.send_cq = ia.recv_cq = i % 2 ? q2 : q1;
+        qps[i] = ibv.create_qp(i % 2 ? p2 : p1, &ia);
+        CHECK(qps[i], "QP %d: %s", i, strerror(errno));
+    }
+    ia.send_cq = ia.recv_cq = q1;
+    CHECK(!ibv.create_qp(p1, &ia) && errno == EBUSY, "an eleventh QP on the device");
+    CHECK(ibv.destroy_qp(qps[0]) == 0, "destroy");
+    qps[0] = ibv.create_qp(p1, &ia);
+    CHECK(qps[0], "a QP again after one was destroyed");
+    for (int i = 0; i < 10; i++)
+        CHECK(ibv.destroy_qp(qps[i]) == 0, "destroy");
+    CHECK(ibv.destroy_cq(q1) == 0 && ibv.destroy_cq(q2) == 0 && ibv.dealloc_pd(p1) == 0 && ibv.dealloc_pd(p2) == 0 &&
+              ibv.close_device(c1) == 0 && ibv.close_device(c2) == 0,
+          "teardown");
+}
+
+/* SOFTVERBS_UC_NORECV=wait: a UC message that finds no receive waits for
+ * one (as JACCL's examples need of Apple's devices) instead of vanishing. */
+static void uc_wait(void)
+{
+    struct end e;
+    struct opts o = defaults(IBV_QPT_UC);
+    make_end(&e, &o, 1 << 16);
+    connect_end(&e, &o, NULL);
+    if (RANK == 0) {
+        memset(e.buf, 'w', 128);
+        CHECK(post_send(&e, IBV_WR_SEND, 1, 0, 128, 1, 0, NULL, 0, 0) == 0, "post");
+        expect(e.scq, IBV_WC_SUCCESS, "UC send (complete once transmitted)");
+        barrier();
+    } else {
+        usleep(300000);
+        barrier();
+        CHECK(post_recv(&e, 9, 0, 4096) == 0, "post_recv");
+        struct ibv_wc wc = expect(e.rcq, IBV_WC_SUCCESS, "the held message");
+        CHECK(wc.wr_id == 9 && wc.byte_len == 128 && e.buf[127] == 'w', "data");
+    }
+    barrier();
+    destroy_end(&e);
+}
+
 /* Queue limits: max_send_wr counts unsignaled WRs until a later signaled
  * completion is polled; max_recv_wr likewise; a CQ that overflows is an
  * error (poll_cq < 0) and its QP goes to ERR. */
@@ -1084,6 +1141,8 @@ static const struct {
     {"uc_only", uc_only, "SOFTVERBS_UC_ONLY=1"},
     {"uc_only_device", uc_only, "SOFTVERBS_DEVICES=sv_uc=10.77.0.9/uc"},
     {"limits", limits, ""},
+    {"qp_limit", qp_limit, ""},
+    {"uc_wait", uc_wait, "SOFTVERBS_UC_NORECV=wait"},
     {"channel", channel, ""},
     {"jitter", jitter, "SOFTVERBS_JITTER_US=2000"},
     {"dead_peer_rc", NULL, ""},

@@ -17,10 +17,15 @@ Environment read by the library (in each process that loads it):
   SOFTVERBS_JITTER_US  N: delay transmissions and completions by up to N us,
                        reordering completions across queues where verbs allow
   SOFTVERBS_MAX_MR     memory regions per device (default 100, as Apple's)
+  SOFTVERBS_MAX_QP     queue pairs per device (default 10, as Apple's: the
+                       next ibv_create_qp fails with EBUSY; at most 256)
+  SOFTVERBS_UC_NORECV  drop (default, the IB spec) or wait: what a UC SEND or
+                       WRITE_WITH_IMM that finds no posted receive meets
   SOFTVERBS_DIR        directory of the queue pairs' sockets
                        (default /tmp/softverbs-<uid>)
   SOFTVERBS_SEED       seed of the jitter's random numbers
-  SOFTVERBS_LOG        1: say on stderr why a message was dropped or failed
+  SOFTVERBS_LOG        1: say on stderr why a message was dropped or failed;
+                       2: also every message sent, received and completed
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import os
 __all__ = ["path", "ENV_VARS"]
 
 ENV_VARS = ("SOFTVERBS_DEVICES", "SOFTVERBS_UC_ONLY", "SOFTVERBS_JITTER_US", "SOFTVERBS_MAX_MR",
-            "SOFTVERBS_DIR", "SOFTVERBS_SEED", "SOFTVERBS_LOG")
+            "SOFTVERBS_MAX_QP", "SOFTVERBS_UC_NORECV", "SOFTVERBS_DIR", "SOFTVERBS_SEED", "SOFTVERBS_LOG")
 
 
 def path() -> str:
