@@ -804,6 +804,52 @@ static void uc_only(void)
           "teardown");
 }
 
+/* A message that reaches a QP not yet in RTR: RC holds it within the
+ * requester's retry window (delivered once the responder is in RTR, or
+ * RETRY_EXC_ERR when the window is shorter); UC drops it. */
+static void early(void)
+{
+    for (int round = 0; round < 3; round++) {
+        int type = round == 2 ? IBV_QPT_UC : IBV_QPT_RC;
+        struct end e;
+        struct opts o = defaults(type);
+        o.timeout = round == 0 ? 20 : 10; /* 4.3 s or 4.2 ms, x (retry_cnt 3 + 1) */
+        make_end(&e, &o, 1 << 16);
+        CHECK(to_init(&e) == 0, "INIT");
+        struct info me = my_info(&e), peer;
+        xchg(&me, &peer, sizeof me);
+        struct ibv_qp_attr a;
+        if (RANK == 0) {
+            rtr_attr(&a, &peer, &o);
+            CHECK(ibv.modify_qp(e.qp, &a, rtr_mask(type)) == 0, "RTR");
+            rts_attr(&a, &me, &o);
+            CHECK(ibv.modify_qp(e.qp, &a, rts_mask(type)) == 0, "RTS");
+            memset(e.buf, 'e', 64);
+            CHECK(post_send(&e, IBV_WR_SEND, 1, 0, 64, 1, 0, NULL, 0, 0) == 0, "post");
+            double t0 = now_s();
+            expect(e.scq, round == 1 ? IBV_WC_RETRY_EXC_ERR : IBV_WC_SUCCESS, "send to a QP still in INIT");
+            if (round == 0)
+                CHECK(now_s() - t0 > 0.2, "the RC send completed before the responder was in RTR");
+            barrier();
+        } else {
+            usleep(300000);
+            CHECK(post_recv(&e, 3, 0, 64) == 0, "post_recv in INIT");
+            rtr_attr(&a, &peer, &o);
+            CHECK(ibv.modify_qp(e.qp, &a, rtr_mask(type)) == 0, "RTR");
+            if (round == 0) {
+                struct ibv_wc wc = expect(e.rcq, IBV_WC_SUCCESS, "the held message");
+                CHECK(wc.byte_len == 64 && e.buf[0] == 'e', "data");
+            } else {
+                no_completion(e.rcq, 300, round == 1 ? "a message refused after the retry window"
+                                                     : "a UC message that came before RTR");
+            }
+            barrier();
+        }
+        barrier();
+        destroy_end(&e);
+    }
+}
+
 /* Apple's devices have 10 queue pairs: the eleventh fails with EBUSY
  * (SOFTVERBS_MAX_QP, default 10), counted per device across contexts. */
 static void qp_limit(void)
@@ -1142,6 +1188,7 @@ static const struct {
     {"uc_only_device", uc_only, "SOFTVERBS_DEVICES=sv_uc=10.77.0.9/uc"},
     {"limits", limits, ""},
     {"qp_limit", qp_limit, ""},
+    {"early", early, ""},
     {"uc_wait", uc_wait, "SOFTVERBS_UC_NORECV=wait"},
     {"channel", channel, ""},
     {"jitter", jitter, "SOFTVERBS_JITTER_US=2000"},

@@ -1985,6 +1985,30 @@ static int rx_place(struct sv_qp *qp)
     return 1;
 }
 
+/* A complete header, in in_hdr, reaches a QP in RTR or RTS: check where it
+ * comes from and its PSN, and start on it. -1 when the connection closed. */
+static int rx_header(struct sv_qp *qp)
+{
+    struct sv_msg *m = &qp->in_hdr;
+    if (!qp->in_hello_ok) {
+        if (!hello_matches(qp)) {
+            sv_log("QP %u: a connection from QP %u, which is not this QP's destination (QP %u); closed",
+                   qp->qp.qp_num, qp->in_hello.src_qpn, qp->dest_qpn);
+            in_reset(qp, NULL);
+            return -1;
+        }
+        qp->in_hello_ok = 1;
+    }
+    if (m->psn != qp->rq_expect_psn) {
+        char why[96];
+        snprintf(why, sizeof why, "PSN %u where %u was expected", m->psn, qp->rq_expect_psn);
+        rx_reject(qp, SV_NAK_SEQ, why);
+        return 0;
+    }
+    rx_begin(qp);
+    return 0;
+}
+
 /* Moves the receive side; returns when it next needs to run. */
 static uint64_t progress_rx(struct sv_qp *qp, int *want_pollin, int *want_pollout)
 {
@@ -2051,44 +2075,19 @@ static uint64_t progress_rx(struct sv_qp *qp, int *want_pollin, int *want_pollou
                         rx_reject(qp, 0, "the QP is not ready to receive (not in RTR or RTS)");
                         break;
                     }
+                    /* RC: the requester retries until we are in RTR */
                     qp->rx_phase = RX_HELD;
                     qp->rx_since_ns = now_ns();
                     break;
                 }
-                if (!qp->in_hello_ok) {
-                    if (!hello_matches(qp)) {
-                        sv_log("QP %u: a connection from QP %u, which is not this QP's destination (QP %u); "
-                               "closed", qp->qp.qp_num, qp->in_hello.src_qpn, qp->dest_qpn);
-                        in_reset(qp, NULL);
-                        continue;
-                    }
-                    qp->in_hello_ok = 1;
-                }
-                if (m->psn != qp->rq_expect_psn) {
-                    char why[96];
-                    snprintf(why, sizeof why, "PSN %u where %u was expected", m->psn, qp->rq_expect_psn);
-                    rx_reject(qp, SV_NAK_SEQ, why);
-                    break;
-                }
-                rx_begin(qp);
+                if (rx_header(qp) < 0)
+                    continue;
             }
             break;
         case RX_HELD: {
             if (recv_ready(qp)) {
-                qp->in_hdr_off = sizeof qp->in_hdr;
-                qp->rx_phase = RX_HDR;
-                /* re-run the checks of a complete header */
-                qp->in_hdr_off = sizeof qp->in_hdr;
-                if (!qp->in_hello_ok && !hello_matches(qp)) {
-                    in_reset(qp, "a connection from a QP that is not this QP's destination");
+                if (rx_header(qp) < 0)
                     continue;
-                }
-                qp->in_hello_ok = 1;
-                if (qp->in_hdr.psn != qp->rq_expect_psn) {
-                    rx_reject(qp, SV_NAK_SEQ, "PSN out of sequence");
-                    break;
-                }
-                rx_begin(qp);
                 break;
             }
             uint64_t w = retry_window_ns(qp->in_hello.timeout, qp->in_hello.retry_cnt);
