@@ -8,6 +8,17 @@ the real library::
 
     THUNDERLINK_IBV_LIB=$(python -m thunderlink.testing.softverbs --path) python prog.py
 
+Devices and addressing: a device stands for one IPv4 address; its GID 0 is
+fe80::<ipv4> and GID 1 ::ffff:<ipv4> (as Apple's ports publish once they
+have an IPv4 address), port 1, link layer Ethernet, so a GRH is required.
+Queue pairs are reached by (dgid, dest_qp_num) from any process on the
+machine (loopback addresses: from the same network namespace only). Several
+processes may share a device, as on real hardware; to give two processes
+distinct devices, set SOFTVERBS_DEVICES differently in each, e.g.
+SOFTVERBS_DEVICES=tb_a=169.254.0.1 for one and tb_b=169.254.0.2 for the
+other (the addresses need not exist on the host). "name=ipv4/uc" makes one
+device UC only, as Apple's are.
+
 Environment read by the library (in each process that loads it):
 
   SOFTVERBS_DEVICES    name=ipv4[/uc],...  the devices this process sees
