@@ -540,6 +540,10 @@ static void uc_drop(void)
         expect(e.scq, IBV_WC_SUCCESS, "UC write with a bad rkey");
         CHECK(post_send(&e, IBV_WR_RDMA_WRITE_WITH_IMM, 11, 0, 256, 1, 5, &peer, 2048, peer.rkey) == 0, "post");
         expect(e.scq, IBV_WC_SUCCESS, "UC write-with-imm into no receive");
+        /* a plain write behind them: once it has landed, they were dropped */
+        memset(e.buf + 8192, 'M', 16);
+        CHECK(post_send(&e, IBV_WR_RDMA_WRITE, 12, 8192, 16, 1, 0, &peer, 8192, peer.rkey) == 0, "post");
+        expect(e.scq, IBV_WC_SUCCESS, "UC write");
         barrier(); /* rank 1 has seen nothing, and posts a receive */
         barrier();
         memset(e.buf, 'Z', 256);
@@ -547,7 +551,11 @@ static void uc_drop(void)
         expect(e.scq, IBV_WC_SUCCESS, "UC send");
     } else {
         barrier();
-        no_completion(e.rcq, 300, "nothing was delivered");
+        double t0 = now_s();
+        while (((volatile char *)e.buf)[8192 + 15] != 'M' && now_s() - t0 < 20)
+            usleep(1000);
+        CHECK(e.buf[8192 + 15] == 'M', "the write behind the dropped messages did not land");
+        no_completion(e.rcq, 100, "nothing was delivered");
         CHECK(e.buf[1024] == 0 && e.buf[2048] == 0, "a dropped write placed data");
         CHECK(post_recv(&e, 99, 0, 4096) == 0, "post_recv");
         barrier();
@@ -832,7 +840,7 @@ static void early(void)
                 CHECK(now_s() - t0 > 0.2, "the RC send completed before the responder was in RTR");
             barrier();
         } else {
-            usleep(300000);
+            usleep(round == 2 ? 1000000 : 300000); /* UC: time for the message to arrive and go */
             CHECK(post_recv(&e, 3, 0, 64) == 0, "post_recv in INIT");
             rtr_attr(&a, &peer, &o);
             CHECK(ibv.modify_qp(e.qp, &a, rtr_mask(type)) == 0, "RTR");
@@ -932,8 +940,10 @@ static void limits(void)
         for (int i = 0; i < 4; i++)
             CHECK(post_send(&e, IBV_WR_RDMA_WRITE, 10 + (uint64_t)i, 0, 64, 1, 0, &peer, 0, peer.rkey) == 0,
                   "all four slots free after the poll");
-        /* 4 completions into a CQ of 3 */
-        usleep(300000);
+        /* 4 completions into a CQ of 3: the fourth puts the QP in ERR */
+        double t0 = now_s();
+        while (qp_state(&e) != IBV_QPS_ERR && now_s() - t0 < 20)
+            usleep(1000);
         struct ibv_wc w4[4];
         int n = ibv_poll_cq(e.scq, 4, w4);
         CHECK(n < 0 && errno == EOVERFLOW, "an overflowed CQ polls %d", n);
