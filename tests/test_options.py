@@ -52,7 +52,7 @@ def test_names_are_unique_and_well_formed():
 
 
 def test_options_fields_follow_the_table():
-    assert [f.name for f in dataclasses.fields(Options)] == ["job_id"] + [s.name for s in SPECS]
+    assert [f.name for f in dataclasses.fields(Options)] == ["job_id", "token"] + [s.name for s in SPECS]
     assert Options.defaults() == {s.name: s.value(s.default) for s in SPECS}
 
 
@@ -64,7 +64,7 @@ def test_shared_options_are_the_handshakes():
         "conns_per_peer", "chunk_bytes", "algo_threshold", "algo", "stripe_min_bytes", "pipeline_depth",
         "transport",
     ]
-    assert lib.TL_PROTOCOL_VERSION == 2
+    assert lib.TL_PROTOCOL_VERSION == 3
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)

@@ -85,6 +85,8 @@ def _connect(cfg: Config, obj, path: str, rank: int, rank_var: str | None, kind:
                 setattr(opts, name, value)
     if opts.job_id is None:
         opts.job_id = cfg.job_id if cfg.job_id is not None else hf.job_id()
+    if opts.token is None:
+        opts.token = cfg.token
     opts.transport = kind
     jaccl.release(held)  # the core binds these ports now
     return Comm.create(rank, hf.size, hf.endpoints(cfg.ifname, rank), opts, ring=hf.ring)
