@@ -246,7 +246,7 @@ class LaunchPlan:
     hostfile: Hostfile
     job_id: int
     commands: list[list[str]]
-    envs: list[dict | None]
+    envs: list[dict | None] = field(repr=False)  # local ranks' hold the job's token
     destinations: list[str]
     remote: list[bool]
     remote_hostfiles: list[str | None]
@@ -318,8 +318,10 @@ def plan_hostfile(
         cmd = remote_command(argv=argv, is_script=is_script, env=renv, hostfile_path=path, hostfile_text=text,
                              marker=marker, cwd=cwd, python=python, default_python=default_python)
         commands.append(ssh_argv(dest, cmd, ssh=ssh, connect_timeout=connect_timeout, ssh_options=ssh_options))
-        # The ssh client itself runs with the launcher's environment (agent, HOME).
-        envs.append(dict(env) if env is not None else None)
+        # The ssh client itself runs with the launcher's environment (agent,
+        # HOME), less the token (an ssh_config's SendEnv must not send it).
+        envs.append({k: v for k, v in (os.environ if env is None else env).items()
+                     if k not in ("THUNDERLINK_TOKEN", "THUNDERLINK_TOKEN_FILE")})
         remote.append(True)
         paths.append(path)
     return LaunchPlan(hostfile=hf, job_id=job_id, commands=commands, envs=envs, destinations=dests,
