@@ -10,12 +10,11 @@
  * settings is refused with a message that says which. When the job has a
  * token (THUNDERLINK_TOKEN), both ends also prove they hold it (see "the
  * token proof" below) before anything the dialler says can end the job. A
- * link gets
- * conns_per_peer connections per cable (what TCP stripes over), or one when
- * the job runs on shared memory only. Once every link has its connections,
- * comm.c hands them to each link's transport, which exchanges its own
- * connection data over them (shared memory: the segment) and keeps what it
- * needs. A transport never opens a listening socket of its own.
+ * link gets conns_per_peer connections per cable (what TCP stripes over), or
+ * one when the job runs on shared memory only. Once every link has its
+ * connections, comm.c hands them to each link's transport, which exchanges
+ * its own connection data over them (shared memory: the segment) and keeps
+ * what it needs. A transport never opens a listening socket of its own.
  *
  * Everything is non-blocking and driven by poll(2) from the calling thread,
  * under the connect deadline.
