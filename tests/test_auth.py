@@ -221,7 +221,7 @@ def test_a_rank_with_another_token_fails_on_both_sides(tmp_path, case):
 
 
 @pytest.mark.parametrize("token", [None, "job secret"], ids=["no token", "token"])
-def test_a_stranger_with_the_job_id_cannot_join_nor_change_the_result(tmp_path, token):
+def test_a_stranger_with_the_job_id_cannot_join_nor_change_the_result(tmp_path, token, transport):
     """A stranger who knows the job id (here: a thunderlink process started as
     rank 1 with THUNDERLINK_JOB_ID, contributing 1000) dials rank 0 before the
     real rank 1. Without a token it gets in and rank 0's all_sum is 1001: what
@@ -230,20 +230,20 @@ def test_a_stranger_with_the_job_id_cannot_join_nor_change_the_result(tmp_path, 
     one), rank 0 keeps waiting, the real rank 1 gets in and the sum is 3."""
     hf = _hostfile(tmp_path, free_ports(2))
     with _procs() as start:
-        p0 = start(_env(hf, 0, token, THUNDERLINK_TRANSPORT="tcp"))
+        p0 = start(_env(hf, 0, token, THUNDERLINK_TRANSPORT=transport))
         if token is None:
-            stranger = start(_env(hf, 1, None, VALUE=1000, THUNDERLINK_TRANSPORT="tcp"))
+            stranger = start(_env(hf, 1, None, VALUE=1000, THUNDERLINK_TRANSPORT=transport))
             v, text = _result(stranger, "the stranger")
             assert v["raised"] is None and v["sum"] == 1001.0, text
             v0, text0 = _result(p0, "rank 0")
             assert v0["sum"] == 1001.0, text0
             return
         for guess in (None, "guessed", "4242"):
-            stranger = start(_env(hf, 1, guess, VALUE=1000, THUNDERLINK_TRANSPORT="tcp", CT=5))
+            stranger = start(_env(hf, 1, guess, VALUE=1000, THUNDERLINK_TRANSPORT=transport, CT=5))
             v, text = _result(stranger, "the stranger")
             assert v["raised"] == "ConfigError" and "authentication failed" in v["message"], text
         assert p0.poll() is None, "a stranger ended rank 0"
-        p1 = start(_env(hf, 1, token, THUNDERLINK_TRANSPORT="tcp"))
+        p1 = start(_env(hf, 1, token, THUNDERLINK_TRANSPORT=transport))
         v1, text1 = _result(p1, "rank 1")
         v0, text0 = _result(p0, "rank 0")
     assert v1["raised"] is None and v1["sum"] == 3.0, text1
