@@ -53,14 +53,11 @@ def main() -> None:
             extra["token_digest"] = hashlib.sha256(token.encode()).hexdigest()
         value = float(os.environ.get("VALUE", comm.rank + 1))
         out = comm.all_sum(np.array([value], dtype=np.float64))
+        rank = comm.rank
         comm.close()
-        emit({"raised": None, "sum": float(out[0]), "rank": comm_rank(comm), **extra})
+        emit({"raised": None, "sum": float(out[0]), "rank": rank, **extra})
     except thunderlink.ThunderlinkError as e:
         emit({"raised": type(e).__name__, "message": str(e)})
-
-
-def comm_rank(comm) -> int:
-    return int(os.environ.get("THUNDERLINK_RANK", "-1"))
 
 
 if __name__ == "__main__":
