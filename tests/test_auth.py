@@ -577,3 +577,84 @@ def test_the_wrapper_stops_without_a_token_line(tmp_path):
                        input="", capture_output=True, text=True, timeout=30)
     assert p.returncode == 71 and "did not receive the job's token" in p.stderr
     assert not (tmp_path / "ran").exists() and not (tmp_path / "h.json").exists()
+
+
+# --------------------------------------------------------------------------- JACCL's coordinator
+
+
+def _jaccl_ranks(tokens, timeouts, meanwhile=None):
+    """Ranks 0 and 1 of a 2-rank JACCL device matrix (over lo) exchange their
+    records through rank 0's coordinator, in threads; `meanwhile(port)` runs
+    after rank 0 listens and before rank 1 starts. Returns (hostfiles, errors)."""
+    from thunderlink.hosts import jaccl
+
+    matrix = [[None, "rdma_lo"], ["rdma_lo", None]]
+    port = free_ports(1)[0]
+    coordinator = f"127.0.0.1:{port}"
+    out, errors, held = [None, None], [None, None], [[], []]
+
+    def rank(r):
+        try:
+            out[r] = jaccl.hostfile_from_matrix(matrix, r, coordinator, timeout=timeouts[r], hold=held[r],
+                                                token=tokens[r])
+        except Exception as e:  # noqa: BLE001 - returned
+            errors[r] = e
+
+    threads = [threading.Thread(target=rank, args=(r,), daemon=True) for r in (0, 1)]
+    try:
+        threads[0].start()
+        deadline = time.monotonic() + 10
+        while True:  # rank 0 listens
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+        if meanwhile:
+            meanwhile(port)
+        threads[1].start()
+        for t in threads:
+            t.join(timeouts[0] + 10)
+        assert not any(t.is_alive() for t in threads)
+        return out, errors
+    finally:
+        for h in held:
+            for s in h:
+                s.close()
+
+
+def test_jaccl_coordinator_drops_records_that_do_not_prove_the_token():
+    """With a token, records sent to the JACCL coordinator carry an HMAC:
+    a stranger's record for rank 1 (no MAC, or a wrong one, and a fake
+    address) is refused and not kept; the real rank 1 then gets in and both
+    ranks get its real address."""
+    answers = []
+
+    def strangers(port):
+        fake = {"host": "evil", "addresses": [{"ip": "127.0.0.1", "port": 9, "facing": 0, "iface": "lo"}]}
+        for mac in (None, "00" * 32):
+            msg = {"rank": 1, "size": 2, "record": fake}
+            if mac:
+                msg["mac"] = mac
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(json.dumps(msg).encode() + b"\n")
+                s.settimeout(5)
+                answers.append(s.recv(4096))
+
+    (hf0, hf1), errors = _jaccl_ranks(["jt", "jt"], [20, 20], strangers)
+    assert errors == [None, None], errors
+    assert [json.loads(a) for a in answers] == [{"refused": "authentication failed"}] * 2
+    for hf in (hf0, hf1):
+        assert [a.port for a in hf.ranks[1].addresses] != [9]
+    assert [a.port for a in hf0.ranks[1].addresses] == [a.port for a in hf1.ranks[1].addresses]
+
+
+@pytest.mark.parametrize("tokens", [("jt-secret-1", "jt-secret-2"), ("jt-secret-1", None), (None, "jt-secret-2")])
+def test_jaccl_rank_with_another_token_is_told_authentication_failed(tokens):
+    (_, _), errors = _jaccl_ranks(list(tokens), [3, 10])
+    assert isinstance(errors[1], ConfigError) and "authentication failed" in str(errors[1]), errors
+    for e in errors:
+        assert e is None or not any(t and t in str(e) for t in tokens)
+    if tokens[0] is not None:  # rank 0 waited for its deadline, and says why
+        assert isinstance(errors[0], ConfigError) and "authentication failed" in str(errors[0]), errors

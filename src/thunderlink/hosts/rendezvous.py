@@ -65,7 +65,9 @@ def _connect(cfg: Config, obj, path: str, rank: int, rank_var: str | None, kind:
     if hostfile_mod.is_device_matrix(obj):  # the one place the format is told apart
         timeout = (options.connect_timeout if options and options.connect_timeout else None) or \
             cfg.options.get("connect_timeout") or Options.defaults()["connect_timeout"]
-        hf = jaccl.hostfile_from_matrix(obj, rank, cfg.coordinator, timeout=timeout, path=path, hold=held)
+        token = (options.token if options is not None and options.token is not None else None) or cfg.token
+        hf = jaccl.hostfile_from_matrix(obj, rank, cfg.coordinator, timeout=timeout, path=path, hold=held,
+                                        token=token)
     else:
         hf = hostfile_mod.parse_addresses(obj, path)
     via = f" ({rank_var})" if rank_var else ""
