@@ -209,12 +209,12 @@ def test_a_rank_with_another_token_fails_on_both_sides(tmp_path, case):
         v0, text0 = _result(p0, "rank 0")
         t0 = time.monotonic() - t
     assert v1["raised"] == "ConfigError" and "authentication failed" in v1["message"], text1
-    assert t1 < 6, t1  # at once (after starting Python), not at the 8 s deadline
+    assert t1 < t0 - 3, (t1, t0)  # at once, not at a deadline
     assert v0["raised"] == "CollectiveTimeoutError", text0
     assert v0["message"].startswith("[thunderlink] rank 0: authentication failed: rank 1 never connected"), v0
     assert "did not prove this job's token" in v0["message"] and "127.0.0.1:" in v0["message"]
     assert "refused a connection" in text0 and "authentication failed" in text0
-    assert 7.5 < t0 < 16, t0
+    assert 7.5 < t0 < 25, t0
     for msg in (v0["message"], v1["message"], text0, text1):
         assert "token-A" not in msg and "token-B" not in msg
         assert "byte" not in msg and "differ at" not in msg
@@ -230,7 +230,7 @@ def test_a_stranger_with_the_job_id_cannot_join_nor_change_the_result(tmp_path, 
     one), rank 0 keeps waiting, the real rank 1 gets in and the sum is 3."""
     hf = _hostfile(tmp_path, free_ports(2))
     with _procs() as start:
-        p0 = start(_env(hf, 0, token, THUNDERLINK_TRANSPORT=transport))
+        p0 = start(_env(hf, 0, token, THUNDERLINK_TRANSPORT=transport, CT=60))
         if token is None:
             stranger = start(_env(hf, 1, None, VALUE=1000, THUNDERLINK_TRANSPORT=transport))
             v, text = _result(stranger, "the stranger")
@@ -457,7 +457,7 @@ def test_listening_socket_binds_the_hostfile_address(tmp_path, listen_all):
         extra["THUNDERLINK_LISTEN_ALL"] = 1
     with _procs() as start:
         p0 = start(_env(hf, 0, "t", **extra))
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         while not _listening(ports[0]):
             assert time.monotonic() < deadline and p0.poll() is None, "rank 0 never listened"
             time.sleep(0.05)
