@@ -34,7 +34,7 @@ def defaults():
 
 def test_table_covers_every_field_of_tl_options():
     struct_fields = [name for name, _ in ffi.typeof("tl_options_t").fields]
-    assert sorted(s.field for s in SPECS) == sorted(set(struct_fields) - {"job_id"})
+    assert sorted(s.field for s in SPECS) == sorted(set(struct_fields) - {"job_id", "token_key", "token_set"})
 
 
 def test_names_are_unique_and_well_formed():
@@ -52,7 +52,7 @@ def test_names_are_unique_and_well_formed():
 
 
 def test_options_fields_follow_the_table():
-    assert [f.name for f in dataclasses.fields(Options)] == ["job_id"] + [s.name for s in SPECS]
+    assert [f.name for f in dataclasses.fields(Options)] == ["job_id", "token"] + [s.name for s in SPECS]
     assert Options.defaults() == {s.name: s.value(s.default) for s in SPECS}
 
 
@@ -64,7 +64,7 @@ def test_shared_options_are_the_handshakes():
         "conns_per_peer", "chunk_bytes", "algo_threshold", "algo", "stripe_min_bytes", "pipeline_depth",
         "transport",
     ]
-    assert lib.TL_PROTOCOL_VERSION == 2
+    assert lib.TL_PROTOCOL_VERSION == 3
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)

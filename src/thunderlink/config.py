@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -20,7 +21,7 @@ from .bindings.options import Spec
 from .errors import ConfigError
 
 __all__ = ["Config", "from_env", "ENV", "OPTIONS", "HOSTFILE_VARS", "RANK_VARS", "parse_size", "parse_rate",
-           "cluster_state_dir", "readme_rows"]
+           "cluster_state_dir", "readme_rows", "read_token"]
 
 # Where a hostfile and a rank are looked for, first set first.
 HOSTFILE_VARS = ("THUNDERLINK_HOSTFILE", "MLX_HOSTFILE", "MLX_IBV_DEVICES", "JACCL_IBV_DEVICES")
@@ -48,6 +49,16 @@ ENV = {
     "THUNDERLINK_WORLD_SIZE": ("unset", "if set, must equal the number of ranks in the hostfile"),
     "THUNDERLINK_IFNAME": ("unset", "bind this rank's sockets to this interface when the hostfile names none"),
     "THUNDERLINK_JOB_ID": ("hash of the hostfile", "job id checked in every handshake (set by thunderlink launch)"),
+    "THUNDERLINK_TOKEN": (
+        "unset (thunderlink launch makes one)",
+        "the job's secret: any non-empty text, the same on every rank; every connection proves it "
+        "holds it (HMAC challenge-response). Unset: no authentication (see Security)",
+    ),
+    "THUNDERLINK_TOKEN_FILE": (
+        "unset",
+        "a file holding the job's token (its first line), readable by its owner only (mode 0600 or 0400); "
+        "instead of THUNDERLINK_TOKEN",
+    ),
     "THUNDERLINK_CLUSTER_STATE_DIR": (
         "/run/thunderlink/clusters",
         "where `thunderlink cluster` records the emulated clusters it made",
@@ -106,6 +117,8 @@ class Config:
     world_size: int | None = None
     ifname: str | None = None
     job_id: int | None = None
+    # The job's secret (THUNDERLINK_TOKEN): kept out of repr().
+    token: str | None = field(default=None, repr=False)
     coordinator: str | None = None  # a JACCL device matrix's rank 0, ip:port
     # Options for the core, as keyword arguments of bindings.Options.
     options: dict = field(default_factory=dict)
@@ -202,6 +215,40 @@ def _option(env: Mapping[str, str], spec: Spec):
     return _int(env, spec.env, spec.lo, spec.hi)
 
 
+def read_token(env: Mapping[str, str]) -> str | None:
+    """THUNDERLINK_TOKEN, or the first line of THUNDERLINK_TOKEN_FILE (a file
+    of this user's that no one else may read). Errors never show the token."""
+    token = env.get("THUNDERLINK_TOKEN") or None
+    path = env.get("THUNDERLINK_TOKEN_FILE") or None
+    if token is not None and path is not None:
+        raise ConfigError("[thunderlink] both THUNDERLINK_TOKEN and THUNDERLINK_TOKEN_FILE are set: set one")
+    if path is None:
+        return token
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as e:
+        raise ConfigError(f"[thunderlink] THUNDERLINK_TOKEN_FILE={path}: cannot open it: {e.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"[thunderlink] THUNDERLINK_TOKEN_FILE={path} is not a regular file")
+        if st.st_uid != os.getuid():
+            raise ConfigError(f"[thunderlink] THUNDERLINK_TOKEN_FILE={path} belongs to another user: the "
+                              f"token file must be this user's own")
+        if st.st_mode & 0o077:
+            raise ConfigError(
+                f"[thunderlink] THUNDERLINK_TOKEN_FILE={path} can be read or written by other users "
+                f"(mode {stat.S_IMODE(st.st_mode):04o}): a job's token must be secret; run "
+                f"`chmod 600 {path}`")
+        data = f.read(65537)
+    if len(data) > 65536:
+        raise ConfigError(f"[thunderlink] THUNDERLINK_TOKEN_FILE={path} is larger than 64 KiB: is it a token?")
+    first = data.split(b"\n", 1)[0].rstrip(b"\r")
+    if not first.strip():
+        raise ConfigError(f"[thunderlink] THUNDERLINK_TOKEN_FILE={path} holds no token (its first line is empty)")
+    return first.decode("utf-8", "surrogateescape")
+
+
 def readme_rows() -> list[str]:
     """The README's rows (variable, default, meaning) for the core's options,
     in the table's order. tests/test_options.py checks the README has them."""
@@ -246,6 +293,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
         world_size=_int(env, "THUNDERLINK_WORLD_SIZE", 1),
         ifname=env.get("THUNDERLINK_IFNAME") or None,
         job_id=job_id,
+        token=read_token(env),
         coordinator=coordinator,
         options=options,
     )

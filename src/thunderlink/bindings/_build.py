@@ -23,6 +23,7 @@ SOURCES = [
     "core/msg.c",
     "core/topo.c",
     "core/bootstrap.c",
+    "core/auth.c",
     "core/progress.c",
     "coll/api.c",
     "coll/select.c",

@@ -78,6 +78,8 @@ typedef struct tl_comm tl_comm_t;
 
 typedef struct tl_options {
   uint64_t job_id;
+  uint8_t token_key[32];
+  int32_t token_set;
   int32_t connect_timeout_ms;
   int32_t timeout_ms;
   int32_t conns_per_peer;
@@ -90,6 +92,7 @@ typedef struct tl_options {
   int32_t sockbuf_bytes;
   int32_t log_level;
   int32_t transport;
+  int32_t listen_all;
 } tl_options_t;
 
 typedef struct tl_stats {
@@ -175,3 +178,6 @@ int tl_select(const tl_options_t *opts, int op, uint64_t bytes, int dtype,
               int nranks, int mesh, int transport, tl_plan_t *out);
 
 const tl_vtable_t *tl_get_vtable(void);
+
+int tl_sha256(const void *data, size_t n, uint8_t out[32]);
+int tl_hmac_sha256(const void *key, size_t klen, const void *data, size_t n, uint8_t out[32]);

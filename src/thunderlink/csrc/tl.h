@@ -36,7 +36,7 @@ extern "C" {
 #define TL_ABI_VERSION 1
 
 /* Wire protocol version, sent in every handshake. */
-#define TL_PROTOCOL_VERSION 2
+#define TL_PROTOCOL_VERSION 3
 
 /* ---- status codes ------------------------------------------------------ */
 
@@ -139,6 +139,12 @@ typedef struct tl_comm tl_comm_t;
  */
 typedef struct tl_options {
   uint64_t job_id;            /* both ends of every connection must agree  */
+  /* The job token's key (a hash of THUNDERLINK_TOKEN, see
+   * thunderlink.config): with token_set, every connection proves it in the
+   * handshake (HMAC-SHA256 challenge-response, both ways). A secret: never
+   * logged, printed or sent. */
+  uint8_t token_key[32];
+  int32_t token_set;
   int32_t connect_timeout_ms; /* deadline of tl_comm_connect               */
   int32_t timeout_ms;         /* deadline of every collective call         */
   int32_t conns_per_peer;     /* TCP connections per cable to a peer   */
@@ -153,6 +159,7 @@ typedef struct tl_options {
                                  it in full, else autotuning; 0 = autotuning */
   int32_t log_level;          /* TL_LOG_*                                   */
   int32_t transport;          /* TL_TRANSPORT_AUTO, _TCP or _SHM        */
+  int32_t listen_all;         /* listen on every interface, not just the hostfile's addresses */
 } tl_options_t;
 
 /* Process-wide counters, also kept per communicator. */
@@ -394,6 +401,13 @@ typedef struct tl_vtable {
 
 /* The core's table; lives as long as the process. */
 const tl_vtable_t *tl_get_vtable(void);
+
+/* ---- hashes (the handshake's token proof; exported for tests) ------------ */
+
+/* SHA-256 (FIPS 180-4) of n bytes at data into out. */
+int tl_sha256(const void *data, size_t n, uint8_t out[32]);
+/* HMAC-SHA256 (RFC 2104) of n bytes at data under a key of klen bytes. */
+int tl_hmac_sha256(const void *key, size_t klen, const void *data, size_t n, uint8_t out[32]);
 
 #ifdef __cplusplus
 }

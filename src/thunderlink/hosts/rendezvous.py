@@ -65,7 +65,9 @@ def _connect(cfg: Config, obj, path: str, rank: int, rank_var: str | None, kind:
     if hostfile_mod.is_device_matrix(obj):  # the one place the format is told apart
         timeout = (options.connect_timeout if options and options.connect_timeout else None) or \
             cfg.options.get("connect_timeout") or Options.defaults()["connect_timeout"]
-        hf = jaccl.hostfile_from_matrix(obj, rank, cfg.coordinator, timeout=timeout, path=path, hold=held)
+        token = (options.token if options is not None and options.token is not None else None) or cfg.token
+        hf = jaccl.hostfile_from_matrix(obj, rank, cfg.coordinator, timeout=timeout, path=path, hold=held,
+                                        token=token)
     else:
         hf = hostfile_mod.parse_addresses(obj, path)
     via = f" ({rank_var})" if rank_var else ""
@@ -85,6 +87,8 @@ def _connect(cfg: Config, obj, path: str, rank: int, rank_var: str | None, kind:
                 setattr(opts, name, value)
     if opts.job_id is None:
         opts.job_id = cfg.job_id if cfg.job_id is not None else hf.job_id()
+    if opts.token is None:
+        opts.token = cfg.token
     opts.transport = kind
     jaccl.release(held)  # the core binds these ports now
     return Comm.create(rank, hf.size, hf.endpoints(cfg.ifname, rank), opts, ring=hf.ring)

@@ -323,6 +323,7 @@ int tl_comm_release(tl_comm_t *c) {
   free(c->eps);
   free(c->links);
   free(c->ring);
+  tl__wipe(c->opts.token_key, sizeof c->opts.token_key); /* the job's secret */
   free(c);
   return TL_OK;
 }

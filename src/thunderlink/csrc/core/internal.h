@@ -296,6 +296,33 @@ int tl__source_ep(const tl_endpoint_t *eps, int neps, int rank, int peer, int wh
 int tl__find_ring(const tl_endpoint_t *eps, int neps, int n, int32_t *order, char *why,
                   size_t cap);
 
+/* ---- the job token's proof (auth.c) --------------------------------------------- */
+
+typedef struct tl_sha256 {
+  uint32_t h[8];
+  uint64_t len;
+  uint8_t buf[64];
+  size_t nbuf;
+} tl_sha256_t;
+
+typedef struct tl_hmac {
+  tl_sha256_t inner, outer;
+} tl_hmac_t;
+
+void tl__sha256_init(tl_sha256_t *s);
+void tl__sha256_update(tl_sha256_t *s, const void *data, size_t n);
+void tl__sha256_final(tl_sha256_t *s, uint8_t out[32]); /* wipes s */
+void tl__hmac_init(tl_hmac_t *m, const void *key, size_t klen);
+void tl__hmac_update(tl_hmac_t *m, const void *data, size_t n);
+void tl__hmac_final(tl_hmac_t *m, uint8_t out[32]); /* wipes m */
+/* 1 when the n bytes at a and b are equal, in a time that does not depend
+ * on where they differ. */
+int tl__ct_equal(const void *a, const void *b, size_t n);
+/* Zero memory in a way the compiler keeps (keys, pads). */
+void tl__wipe(void *p, size_t n);
+/* n bytes from the kernel's random generator; 0, or -1 with errno. */
+int tl__random(void *buf, size_t n);
+
 /* ---- bootstrap (bootstrap.c) ---------------------------------------------------- */
 
 /* Open this rank's listening sockets (port 0: pick one, written back into

@@ -80,3 +80,8 @@ TL_OPTION(transport, "transport", "THUNDERLINK_TRANSPORT", TL_OPT_CHOICE, "",
           "everywhere; `shm`: shared memory everywhere, an error if two linked ranks are on "
           "different hosts. `rdma` is refused with an error (not implemented yet). Same on every "
           "rank")
+TL_OPTION(listen_all, "listen_all", "THUNDERLINK_LISTEN_ALL", TL_OPT_INT, "",
+          0, 0, 1, 0, NULL,
+          "`1`: listen on every interface of this host (at the hostfile's port), not only on "
+          "this rank's hostfile addresses; for hosts whose hostfile address is not one of their "
+          "own (NAT, a name that resolves elsewhere)")
