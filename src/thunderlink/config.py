@@ -48,6 +48,12 @@ ENV = {
     "THUNDERLINK_WORLD_SIZE": ("unset", "if set, must equal the number of ranks in the hostfile"),
     "THUNDERLINK_IFNAME": ("unset", "bind this rank's sockets to this interface when the hostfile names none"),
     "THUNDERLINK_JOB_ID": ("hash of the hostfile", "job id checked in every handshake (set by thunderlink launch)"),
+    "THUNDERLINK_MALLOC_HEAP": (
+        "1G",
+        "thunderlink.init() tells glibc to keep blocks up to this size in the heap and to return free "
+        "heap to the system only past it (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD), so MLX's fresh arrays "
+        "reuse memory instead of faulting in new pages on every call; 0: leave malloc alone",
+    ),
     "THUNDERLINK_CLUSTER_STATE_DIR": (
         "/run/thunderlink/clusters",
         "where `thunderlink cluster` records the emulated clusters it made",
@@ -107,6 +113,9 @@ class Config:
     ifname: str | None = None
     job_id: int | None = None
     coordinator: str | None = None  # a JACCL device matrix's rank 0, ip:port
+    # THUNDERLINK_MALLOC_HEAP: bytes glibc keeps in the heap (0: leave malloc
+    # alone; None: the user set glibc's own MALLOC_*_THRESHOLD_/GLIBC_TUNABLES).
+    malloc_heap: int | None = 1 << 30
     # Options for the core, as keyword arguments of bindings.Options.
     options: dict = field(default_factory=dict)
 
@@ -236,6 +245,11 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
         except ValueError:
             raise ConfigError(f"[thunderlink] THUNDERLINK_JOB_ID={job!r} is not an integer") from None
     backend = env.get("MLX_DISTRIBUTED_BACKEND") or None
+    malloc_heap = _size(env, "THUNDERLINK_MALLOC_HEAP", 0, (1 << 31) - 1)  # mallopt takes an int
+    if malloc_heap is None:
+        own = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+        malloc_heap = None if (any(env.get(v) for v in own) or "glibc.malloc" in env.get("GLIBC_TUNABLES", "")) \
+            else 1 << 30
     return Config(
         backend=backend.strip().lower() if backend else None,
         transport=transport,
@@ -247,6 +261,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
         ifname=env.get("THUNDERLINK_IFNAME") or None,
         job_id=job_id,
         coordinator=coordinator,
+        malloc_heap=malloc_heap,
         options=options,
     )
 
