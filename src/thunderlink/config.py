@@ -248,8 +248,10 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
     malloc_heap = _size(env, "THUNDERLINK_MALLOC_HEAP", 0, (1 << 31) - 1)  # mallopt takes an int
     if malloc_heap is None:
         own = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
-        malloc_heap = None if (any(env.get(v) for v in own) or "glibc.malloc" in env.get("GLIBC_TUNABLES", "")) \
-            else 1 << 30
+        tunables = env.get("GLIBC_TUNABLES", "")
+        theirs = any(env.get(v) for v in own) or any(f"glibc.malloc.{t}_threshold" in tunables
+                                                     for t in ("mmap", "trim"))
+        malloc_heap = None if theirs else 1 << 30
     return Config(
         backend=backend.strip().lower() if backend else None,
         transport=transport,
