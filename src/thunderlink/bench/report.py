@@ -114,6 +114,14 @@ def footer(out, results, series) -> None:
             avg = sum(m.busbw for m in mine) / len(mine)
             out.write(f"# {series_name(b.name, v, b.variants)}: #wrong {sum(m.wrong for m in mine)}; "
                       f"avg bus bandwidth {avg:.3f} GB/s\n")
+    for ref, _ in _REFS:
+        peer = [m for m in results if m.backend == ref and m.supported and m.p50_us > 0]
+        jumpy = sorted({m.size for m in peer if m.p99_us > 3 * m.p50_us})
+        if jumpy:
+            out.write(f"# {ref}: p99 above 3x p50 at {len(jumpy)} of {len({m.size for m in peer})} sizes: its "
+                      f"calls vary this much, and its p50 varies from run to run by up to as much, alone as "
+                      f"beside thunderlink; read its ratios as the medians of repeated runs (bench/median.py), "
+                      f"and see `python bench/peers.py --peer {ref}` for it alone\n")
     wrong = sum(m.wrong for m in results)
     out.write(f"# {'OK' if wrong == 0 else 'WRONG RESULTS'}\n")
     out.flush()

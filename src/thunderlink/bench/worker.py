@@ -171,9 +171,10 @@ class MLXBackend:
         mx, g, d = self.mx, self.group, self.mx.distributed
         op = prepared["op"]
         if prepared["donate"]:
-            y = prepared["x"] = d.all_sum(prepared.pop("x"), group=g)
-            mx.eval(y)
-            prepared["y"] = y
+            # Nothing but the graph may hold the input while it runs, or MLX
+            # allocates an output instead of donating (no copy in "y").
+            prepared["x"] = d.all_sum(prepared.pop("x"), group=g)
+            mx.eval(prepared["x"])
             return
         x = prepared["x"]
         if op == "all_sum":
@@ -199,7 +200,7 @@ class MLXBackend:
         prepared["y"] = y
 
     def result(self, prepared) -> np.ndarray:
-        y = prepared["y"]
+        y = prepared["x"] if prepared["donate"] else prepared["y"]
         if y is None:
             return None
         if prepared["dtype"] == "bfloat16":
