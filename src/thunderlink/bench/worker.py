@@ -352,8 +352,8 @@ def run(comm, s: Settings, backends=None, out=sys.stdout, *, title: str = "thund
     backends = backends or make_backends(comm, s)
     notes = list(notes) + _notes(backends)
     wanted = {"both": (False, True), "out": (False,), "in": (True,)}[s.inplace]
-    series = ([(b, v) for b in backends for v in b.variants if v in wanted]
-              or [(backends[0], backends[0].variants[0])])
+    # A backend with none of the wanted variants runs its own (Gloo: in place only).
+    series = [(b, v) for b in backends for v in ([v for v in b.variants if v in wanted] or b.variants[:1])]
     rank0 = comm.rank == 0
     results: list[Measurement] = []
     if rank0:
