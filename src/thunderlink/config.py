@@ -59,6 +59,12 @@ ENV = {
         "a file holding the job's token (its first line), readable by its owner only (mode 0600 or 0400); "
         "instead of THUNDERLINK_TOKEN",
     ),
+    "THUNDERLINK_MALLOC_HEAP": (
+        "1G",
+        "thunderlink.init() tells glibc to keep blocks up to this size in the heap and to return free "
+        "heap to the system only past it (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD), so MLX's fresh arrays "
+        "reuse memory instead of faulting in new pages on every call; 0: leave malloc alone",
+    ),
     "THUNDERLINK_CLUSTER_STATE_DIR": (
         "/run/thunderlink/clusters",
         "where `thunderlink cluster` records the emulated clusters it made",
@@ -120,6 +126,9 @@ class Config:
     # The job's secret (THUNDERLINK_TOKEN): kept out of repr().
     token: str | None = field(default=None, repr=False)
     coordinator: str | None = None  # a JACCL device matrix's rank 0, ip:port
+    # THUNDERLINK_MALLOC_HEAP: bytes glibc keeps in the heap (0: leave malloc
+    # alone; None: the user set glibc's own MALLOC_*_THRESHOLD_/GLIBC_TUNABLES).
+    malloc_heap: int | None = 1 << 30
     # Options for the core, as keyword arguments of bindings.Options.
     options: dict = field(default_factory=dict)
 
@@ -283,6 +292,13 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
         except ValueError:
             raise ConfigError(f"[thunderlink] THUNDERLINK_JOB_ID={job!r} is not an integer") from None
     backend = env.get("MLX_DISTRIBUTED_BACKEND") or None
+    malloc_heap = _size(env, "THUNDERLINK_MALLOC_HEAP", 0, (1 << 31) - 1)  # mallopt takes an int
+    if malloc_heap is None:
+        own = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+        tunables = env.get("GLIBC_TUNABLES", "")
+        theirs = any(env.get(v) for v in own) or any(f"glibc.malloc.{t}_threshold" in tunables
+                                                     for t in ("mmap", "trim"))
+        malloc_heap = None if theirs else 1 << 30
     return Config(
         backend=backend.strip().lower() if backend else None,
         transport=transport,
@@ -295,6 +311,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
         job_id=job_id,
         token=read_token(env),
         coordinator=coordinator,
+        malloc_heap=malloc_heap,
         options=options,
     )
 
