@@ -20,7 +20,7 @@ from .bindings.options import Spec
 from .errors import ConfigError
 
 __all__ = ["Config", "from_env", "ENV", "OPTIONS", "HOSTFILE_VARS", "RANK_VARS", "parse_size", "parse_rate",
-           "cluster_state_dir", "readme_rows"]
+           "cluster_state_dir", "readme_rows", "tuning_path"]
 
 # Where a hostfile and a rank are looked for, first set first.
 HOSTFILE_VARS = ("THUNDERLINK_HOSTFILE", "MLX_HOSTFILE", "MLX_IBV_DEVICES", "JACCL_IBV_DEVICES")
@@ -48,6 +48,12 @@ ENV = {
     "THUNDERLINK_WORLD_SIZE": ("unset", "if set, must equal the number of ranks in the hostfile"),
     "THUNDERLINK_IFNAME": ("unset", "bind this rank's sockets to this interface when the hostfile names none"),
     "THUNDERLINK_JOB_ID": ("hash of the hostfile", "job id checked in every handshake (set by thunderlink launch)"),
+    "THUNDERLINK_TUNING_FILE": (
+        "~/.config/thunderlink/tuning.json",
+        "tuning profile applied at init (`thunderlink tune` writes it; explicit variables still win; the same on "
+        "every rank); set it empty to use none. The default is used only if it exists (under `$XDG_CONFIG_HOME` "
+        "if set)",
+    ),
     "THUNDERLINK_CLUSTER_STATE_DIR": (
         "/run/thunderlink/clusters",
         "where `thunderlink cluster` records the emulated clusters it made",
@@ -107,6 +113,7 @@ class Config:
     ifname: str | None = None
     job_id: int | None = None
     coordinator: str | None = None  # a JACCL device matrix's rank 0, ip:port
+    tuning_file: str | None = None  # the tuning profile applied to options, if any
     # Options for the core, as keyword arguments of bindings.Options.
     options: dict = field(default_factory=dict)
 
@@ -236,6 +243,11 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
         except ValueError:
             raise ConfigError(f"[thunderlink] THUNDERLINK_JOB_ID={job!r} is not an integer") from None
     backend = env.get("MLX_DISTRIBUTED_BACKEND") or None
+    tuning_file = tuning_path(env)
+    if tuning_file is not None:
+        from .tune.profile import apply, load
+
+        options = apply(options, load(tuning_file))
     return Config(
         backend=backend.strip().lower() if backend else None,
         transport=transport,
@@ -247,8 +259,21 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
         ifname=env.get("THUNDERLINK_IFNAME") or None,
         job_id=job_id,
         coordinator=coordinator,
+        tuning_file=tuning_file,
         options=options,
     )
+
+
+def tuning_path(env: Mapping[str, str] | None = None) -> str | None:
+    """The tuning profile to apply: THUNDERLINK_TUNING_FILE (empty: none),
+    else the default path when a file is there."""
+    env = os.environ if env is None else env
+    explicit = env.get("THUNDERLINK_TUNING_FILE")
+    if explicit is not None:
+        return os.path.expanduser(explicit.strip()) or None
+    base = env.get("XDG_CONFIG_HOME") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".config")
+    path = os.path.join(base, "thunderlink", "tuning.json")
+    return path if os.path.exists(path) else None
 
 
 def cluster_state_dir(env: Mapping[str, str] | None = None) -> str:
