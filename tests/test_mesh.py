@@ -51,3 +51,43 @@ def test_large_default_chunks(ranks):
     cases = [["sum", "float32", big, ip] for ip in (False, True)] + [["sum", "float16", big + 7, True]]
     check(ranks(4, "reductions", cases, env={"THUNDERLINK_ALGO": "mesh", "THUNDERLINK_TRANSPORT": "tcp"},
                 timeout=150), 4)
+
+
+def test_chosen_on_a_cabled_mesh_and_correct(tmp_path):
+    """Four emulated hosts with a cable between every pair: auto picks the
+    mesh above the one-round sizes (and the ring on a ring of cables), and
+    every collective is right."""
+    import json
+    import secrets
+    import sys
+
+    from conftest import RANKPROGS, Ranks
+    from thunderlink.launch.ssh import launch_hostfile
+    from thunderlink.testing import cluster as cl
+    from test_tune import TUNEPROGS
+
+    ok, why = cl.available(shaping=False)
+    if not ok:
+        pytest.skip(why)
+
+    def run(c, argv):
+        path = tmp_path / f"hosts-{secrets.token_hex(3)}.json"
+        path.write_text(json.dumps(c.hostfile()))
+        env = {"THUNDERLINK_CONNECT_TIMEOUT": "20", "THUNDERLINK_TIMEOUT": "60", "THUNDERLINK_TUNING_FILE": ""}
+        import os
+        res = launch_hostfile(str(path), ["--", sys.executable, *argv], env={**os.environ, **env}, timeout=120,
+                              capture=True, on_line=lambda *a: None)
+        return Ranks(res)
+
+    cases = [["all_sum", 4 << 20], ["all_gather", 4 << 20], ["sum_scatter", 4 << 20], ["all_sum", 1024]]
+    for topology, want in (("mesh", "mesh"), ("ring", "ring")):
+        with cl.Cluster(4, topology=topology, name=f"tm{secrets.token_hex(2)}") as c:
+            r = run(c, [TUNEPROGS, "plans", json.dumps([cases])])
+            assert r.status == 0, r.all_text()
+            for v in r.results():
+                assert v["ok"]
+                assert [p["algo"] for p in v["plans"]] == [want] * 3 + ["oneshot" if want == "mesh" else "ring"]
+            if topology == "mesh":
+                red = [["sum", d, k, ip] for d in ("float32", "bfloat16", "int64") for k in (5, 999983)
+                       for ip in (False, True)]
+                check(run(c, [RANKPROGS, "reductions", json.dumps([red])]), 4)
