@@ -9,6 +9,8 @@ TOOLS = {
     "launch": ("thunderlink.launch.__main__", "start the ranks of a job"),
     "bench": ("thunderlink.bench.__main__", "measure collectives (nccl-tests style)"),
     "doctor": ("thunderlink.doctor.__main__", "check interfaces and a hostfile, with fixes"),
+    "probe": ("thunderlink.tune.probe", "measure every cable: bandwidth, latency, MTU, slow cables"),
+    "tune": ("thunderlink.tune.tuner", "sweep the knobs on the live cluster and write a tuning profile"),
     "cluster": ("thunderlink.testing.cluster", "emulate a Thunderbolt cluster with network namespaces"),
 }
 
