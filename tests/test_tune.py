@@ -162,3 +162,36 @@ def test_ranks_with_different_profiles_are_refused(ranks, tmp_path):
     values = r.results()
     assert all(v.get("raised") for v in values), r.all_text()
     assert "THUNDERLINK_TUNING_FILE" in r.all_text()
+
+
+@pytest.mark.multiproc
+def test_tune_writes_a_profile_that_is_applied(ranks, tmp_path):
+    """A short sweep on 3 local ranks: the profile parses, round-trips, and
+    every rank that reads it runs what its rows say."""
+    import os
+    import subprocess
+
+    out = tmp_path / "tuned.json"
+    env = dict(os.environ, THUNDERLINK_TUNING_FILE="", THUNDERLINK_TRANSPORT="tcp", THUNDERLINK_CONNECT_TIMEOUT="20",
+               THUNDERLINK_TIMEOUT="30")
+    cp = subprocess.run([sys.executable, "-m", "thunderlink.cli", "tune", "-n", "3", "--sizes", "16K,1M",
+                         "--conns", "1,2", "--chunks", "128K", "--depths", "2,3", "--iters", "1", "-o", str(out),
+                         "--timeout", "100"], env=env, capture_output=True, text=True, timeout=110)
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+    assert "tuned/best" in cp.stdout and f"wrote {out}" in cp.stdout
+    prof = pf.load(str(out))
+    assert pf.parse(json.loads(json.dumps(prof.to_json()))).to_json() == prof.to_json()
+    assert prof.options["conns_per_peer"] in (1, 2)
+    assert [(r.op, r.ranks, r.transport, r.min_bytes) for r in prof.rows] == [
+        ("all_sum", 3, "tcp", 0), ("all_sum", 3, "tcp", prof.rows[0].max_bytes)]
+    assert prof.rows[-1].max_bytes is None
+    assert len(prof.measured["bands"]) == 2
+    r = run_plans(ranks, 3, [["all_sum", 16 << 10], ["all_sum", 1 << 20]],
+                  {"THUNDERLINK_TUNING_FILE": str(out), "THUNDERLINK_TRANSPORT": "tcp"})
+    assert r.status == 0, r.all_text()
+    for v in r.results():
+        assert v["ok"] and v["channels"] == [prof.options["conns_per_peer"]]
+        for got, row in zip(v["plans"], prof.rows):
+            assert got["algo"] == row.algo
+            if row.chunk_bytes:
+                assert (got["chunk_bytes"], got["depth"]) == (row.chunk_bytes, row.pipeline_depth)

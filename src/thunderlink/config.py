@@ -20,7 +20,8 @@ from .bindings.options import Spec
 from .errors import ConfigError
 
 __all__ = ["Config", "from_env", "ENV", "OPTIONS", "HOSTFILE_VARS", "RANK_VARS", "parse_size", "parse_rate",
-           "cluster_state_dir", "readme_rows", "tuning_path"]
+           "cluster_state_dir", "readme_rows", "tuning_path",
+           "default_tuning_file"]
 
 # Where a hostfile and a rank are looked for, first set first.
 HOSTFILE_VARS = ("THUNDERLINK_HOSTFILE", "MLX_HOSTFILE", "MLX_IBV_DEVICES", "JACCL_IBV_DEVICES")
@@ -114,6 +115,8 @@ class Config:
     job_id: int | None = None
     coordinator: str | None = None  # a JACCL device matrix's rank 0, ip:port
     tuning_file: str | None = None  # the tuning profile applied to options, if any
+    # The profile's measured cable rates: (rank, ip) -> Gbit/s, replacing the hostfile's.
+    cable_rates: dict = field(default_factory=dict)
     # Options for the core, as keyword arguments of bindings.Options.
     options: dict = field(default_factory=dict)
 
@@ -244,10 +247,13 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
             raise ConfigError(f"[thunderlink] THUNDERLINK_JOB_ID={job!r} is not an integer") from None
     backend = env.get("MLX_DISTRIBUTED_BACKEND") or None
     tuning_file = tuning_path(env)
+    cable_rates = {}
     if tuning_file is not None:
         from .tune.profile import apply, load
 
-        options = apply(options, load(tuning_file))
+        prof = load(tuning_file)
+        options = apply(options, prof)
+        cable_rates = {(c["rank"], c["ip"]): c["gbps"] for c in prof.cables}
     return Config(
         backend=backend.strip().lower() if backend else None,
         transport=transport,
@@ -260,6 +266,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
         job_id=job_id,
         coordinator=coordinator,
         tuning_file=tuning_file,
+        cable_rates=cable_rates,
         options=options,
     )
 
@@ -271,9 +278,17 @@ def tuning_path(env: Mapping[str, str] | None = None) -> str | None:
     explicit = env.get("THUNDERLINK_TUNING_FILE")
     if explicit is not None:
         return os.path.expanduser(explicit.strip()) or None
-    base = env.get("XDG_CONFIG_HOME") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".config")
-    path = os.path.join(base, "thunderlink", "tuning.json")
+    path = default_tuning_file(env)
     return path if os.path.exists(path) else None
+
+
+def default_tuning_file(env: Mapping[str, str] | None = None) -> str:
+    """Where `thunderlink tune` writes and init looks when
+    THUNDERLINK_TUNING_FILE is unset: $XDG_CONFIG_HOME/thunderlink/tuning.json,
+    else ~/.config/thunderlink/tuning.json."""
+    env = os.environ if env is None else env
+    base = env.get("XDG_CONFIG_HOME") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".config")
+    return os.path.join(base, "thunderlink", "tuning.json")
 
 
 def cluster_state_dir(env: Mapping[str, str] | None = None) -> str:

@@ -42,6 +42,7 @@ def main(argv=None) -> int:
         print("RESULT " + json.dumps(out), flush=True)
     for c in comms.values():
         c.close()
+    s.close()
     return 0
 
 

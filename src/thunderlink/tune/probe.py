@@ -350,7 +350,10 @@ def main(argv: list[str] | None = None) -> int:
         if s.rank == 0:
             print(f"# probe {i}/{n}: {what}", file=sys.stderr, flush=True)
 
-    report = probe(s, nbytes, args.repeat, conns, args.latency_iters, progress)
+    try:
+        report = probe(s, nbytes, args.repeat, conns, args.latency_iters, progress)
+    finally:
+        s.close()
     if report is None:
         return 0
     print(render(report), flush=True)

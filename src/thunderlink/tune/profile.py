@@ -115,11 +115,17 @@ class Profile:
     options: dict = field(default_factory=dict)  # Options keyword -> value (Options' units)
     rows: list[Row] = field(default_factory=list)
     measured: dict = field(default_factory=dict)
+    # Measured cable rates, replacing the hostfile's for striping:
+    # [{"rank": r, "ip": address of r, "gbps": rate}]
+    cables: list[dict] = field(default_factory=list)
     path: str | None = None
 
     def to_json(self) -> dict:
-        return {"thunderlink_tuning": VERSION, "options": dict(self.options),
-                "rows": [r.to_json() for r in self.rows], "measured": self.measured}
+        out = {"thunderlink_tuning": VERSION, "options": dict(self.options),
+               "rows": [r.to_json() for r in self.rows], "measured": self.measured}
+        if self.cables:
+            out["cables"] = list(self.cables)
+        return out
 
     def dump(self, path: str) -> None:
         """Write atomically (a rank reading it meanwhile sees the old or the new file)."""
@@ -185,7 +191,7 @@ def parse(data, where: str = "tuning profile") -> Profile:
             + ("not a tuning profile (no \"thunderlink_tuning\" key)" if version is None else
                f"tuning profile version {version!r}, this thunderlink reads version {VERSION}")
             + "; run `thunderlink tune` again, or set THUNDERLINK_TUNING_FILE= (empty) to use none")
-    unknown = set(data) - {"thunderlink_tuning", "options", "rows", "measured"}
+    unknown = set(data) - {"thunderlink_tuning", "options", "rows", "measured", "cables"}
     if unknown:
         raise ConfigError(f"[thunderlink] {where}: unknown key(s) {', '.join(sorted(unknown))}")
     prof = Profile(measured=data.get("measured") or {})
@@ -215,6 +221,17 @@ def parse(data, where: str = "tuning profile") -> Profile:
         if len(rows) > lib.TL_MAX_TUNE_ROWS:
             raise ConfigError(f"{len(rows)} rows, at most {lib.TL_MAX_TUNE_ROWS}")
         prof.rows = [_row(r, f"row {i}") for i, r in enumerate(rows)]
+        cables = data.get("cables") or []
+        if not isinstance(cables, list):
+            raise ConfigError("cables must be a list")
+        for i, c in enumerate(cables):
+            if (not isinstance(c, dict) or set(c) != {"rank", "ip", "gbps"} or not isinstance(c["ip"], str)
+                    or isinstance(c["rank"], bool) or not isinstance(c["rank"], int) or c["rank"] < 0
+                    or isinstance(c["gbps"], bool) or not isinstance(c["gbps"], (int, float))
+                    or not 0 < c["gbps"] < 1e6):
+                raise ConfigError(f"cables[{i}]: expected {{\"rank\": R, \"ip\": \"A.B.C.D\", \"gbps\": RATE > 0}}, "
+                                  f"not {c!r}")
+            prof.cables.append(dict(c))
     except ConfigError as e:
         msg = str(e).removeprefix("[thunderlink] ")
         raise ConfigError(f"[thunderlink] {where}: {msg}; fix it, run `thunderlink tune` again, or set "
@@ -259,3 +276,15 @@ def apply(options: dict, prof: Profile) -> dict:
     if rows:
         merged["tuning"] = tuple(rows)
     return merged
+
+
+def with_cable_rates(hf, rates: dict):
+    """The hostfile with the rate of each address ``rates`` names ((rank,
+    ip) -> Gbit/s) replaced: what striping over several cables follows."""
+    from dataclasses import replace
+
+    ranks = []
+    for r, spec in enumerate(hf.ranks):
+        addrs = [replace(a, rate=rates[(r, a.ip)]) if (r, a.ip) in rates else a for a in spec.addresses]
+        ranks.append(replace(spec, addresses=addrs))
+    return replace(hf, ranks=ranks)

@@ -5,11 +5,16 @@ fixed when a communicator connects).
 
 Communicator ``index`` listens on every hostfile address's port plus
 ``index * PORT_STRIDE`` and has its own job id, so communicators of one
-session never meet each other's connections.
+session never meet each other's connections. The ranks agree on each index
+over a control communicator (the hostfile's own ports): an index whose
+ports some rank finds taken (local ranks share the loopback's ports with
+everything else on the host) is skipped.
 """
 
 from __future__ import annotations
 
+import errno
+import socket
 import time
 from dataclasses import replace
 
@@ -22,7 +27,8 @@ from ..hosts import hostfile as hostfile_mod
 
 __all__ = ["Session", "time_op", "PORT_STRIDE"]
 
-PORT_STRIDE = 97
+PORT_STRIDE = 7
+MAX_INDEX = 400
 
 
 class Session:
@@ -37,6 +43,52 @@ class Session:
                                                      cfg.hostfile)
         self.size = self.hostfile.size
         self._next = 1
+        self._control = None
+
+    def _ports_free(self, index: int) -> bool:
+        for a in self.hostfile.ranks[self.rank].addresses:
+            port = a.port + index * PORT_STRIDE
+            if port > 65535:
+                return False
+            family = socket.AF_INET6 if ":" in a.ip else socket.AF_INET
+            with socket.socket(family, socket.SOCK_STREAM) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    sock.bind((a.ip.split("%")[0], port))
+                except OSError as e:
+                    if e.errno == errno.EADDRINUSE:
+                        return False
+        return True
+
+    def _agree_index(self) -> int:
+        """The next index whose ports every rank can bind now."""
+        if self._control is None:
+            self._control = self._create(0, Options(), None)
+        import numpy as np
+
+        while self._next < MAX_INDEX:
+            index = self._next
+            self._next += 1
+            ok = np.array([1 if self._ports_free(index) else 0], np.int32)
+            self._control.all_reduce(ok, ok, "min")
+            if ok[0]:
+                return index
+        raise ConfigError("[thunderlink] no free ports left for another communicator of this session")
+
+    def close(self) -> None:
+        if self._control is not None:
+            self._control.close()
+            self._control = None
+
+    def _create(self, index: int, opts, rates) -> Comm:
+        hf = self.hostfile_with(index, rates)
+        for name in ("connect_timeout", "timeout", "log_level"):
+            if getattr(opts, name) is None and name in self.cfg.options:
+                setattr(opts, name, self.cfg.options[name])
+        base = self.cfg.job_id if self.cfg.job_id is not None else self.hostfile.job_id()
+        opts.job_id = (base + 0x9E3779B97F4A7C15 * index) & 0xFFFFFFFFFFFFFFFF
+        opts.transport = self.cfg.transport or "auto"
+        return Comm.create(self.rank, self.size, hf.endpoints(self.cfg.ifname, self.rank), opts, ring=hf.ring)
 
     def hostfile_with(self, index: int, rates: dict | None = None) -> hostfile_mod.Hostfile:
         """The hostfile with ports moved for communicator ``index`` and cable
@@ -59,19 +111,10 @@ class Session:
         same order with the same arguments): ``options`` as Options keywords
         over the core's defaults (not the environment's or a profile's, so a
         sweep starts from known ground), the transport of the job."""
-        index = self._next
-        self._next += 1
-        hf = self.hostfile_with(index, rates)
         opts = Options(**(options or {}))
         if profile_rows:
             opts.tuning = tuple(profile_rows)
-        for name in ("connect_timeout", "timeout", "log_level"):
-            if getattr(opts, name) is None and name in self.cfg.options:
-                setattr(opts, name, self.cfg.options[name])
-        base = self.cfg.job_id if self.cfg.job_id is not None else self.hostfile.job_id()
-        opts.job_id = (base + 0x9E3779B97F4A7C15 * index) & 0xFFFFFFFFFFFFFFFF
-        opts.transport = self.cfg.transport or "auto"
-        return Comm.create(self.rank, self.size, hf.endpoints(self.cfg.ifname, self.rank), opts, ring=hf.ring)
+        return self._create(self._agree_index(), opts, rates)
 
 
 def _buffers(op: str, nbytes: int, n: int):
