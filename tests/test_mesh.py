@@ -91,3 +91,32 @@ def test_chosen_on_a_cabled_mesh_and_correct(tmp_path):
                 red = [["sum", d, k, ip] for d in ("float32", "bfloat16", "int64") for k in (5, 999983)
                        for ip in (False, True)]
                 check(run(c, [RANKPROGS, "reductions", json.dumps([red])]), 4)
+
+
+def test_selector_picks_the_mesh():
+    """tl_select: auto takes the mesh above the one-round sizes where every
+    pair has its own cable and there are 3 or more ranks; mesh forces it
+    wherever every pair is linked; never without a link between every pair."""
+    from thunderlink.bindings import ffi, lib
+
+    def how(algo, nbytes, n, mesh, op=lib.TL_OP_ALL_REDUCE):
+        o = ffi.new("tl_options_t *")
+        lib.tl_options_default(o)
+        o.algo = algo
+        p = ffi.new("tl_plan_t *")
+        assert lib.tl_select(o, op, nbytes, lib.TL_FLOAT32, n, mesh, lib.TL_TRANSPORT_TCP, p) == 0
+        return p.how
+
+    big, small = 64 << 20, 1024
+    cabled = lib.TL_MESH_CABLED
+    for op in (lib.TL_OP_ALL_REDUCE, lib.TL_OP_ALL_GATHER, lib.TL_OP_REDUCE_SCATTER):
+        assert how(lib.TL_ALGO_AUTO, big, 4, cabled, op) == lib.TL_HOW_MESH
+    assert how(lib.TL_ALGO_AUTO, small, 4, cabled) == lib.TL_HOW_ONE_ROUND
+    assert how(lib.TL_ALGO_AUTO, big, 4, 1) == lib.TL_HOW_RING  # loopback, a switch: one shared path
+    assert how(lib.TL_ALGO_AUTO, big, 2, cabled) == lib.TL_HOW_RING
+    assert how(lib.TL_ALGO_AUTO, big, 4, 0) == lib.TL_HOW_RING
+    assert how(lib.TL_ALGO_MESH, small, 4, 1) == lib.TL_HOW_MESH
+    assert how(lib.TL_ALGO_MESH, big, 2, 1) == lib.TL_HOW_MESH
+    assert how(lib.TL_ALGO_MESH, big, 4, 0) == lib.TL_HOW_RING
+    assert how(lib.TL_ALGO_RING, big, 4, cabled) == lib.TL_HOW_RING
+    assert how(lib.TL_ALGO_MESH, big, 4, 1, lib.TL_OP_BROADCAST) == lib.TL_HOW_CHAIN

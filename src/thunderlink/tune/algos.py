@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     for _ in range(args.rounds):
         for n in sizes:
             for a in algos:
-                best[(a, n)] = min(best[(a, n)], time_op(comms[a], args.op, n, iters=args.iters, warmup=1))
+                best[(a, n)] = min(best[(a, n)], time_op(comms[a], args.op, n, iters=args.iters, warmup=1, groups=1))
     out = {}
     for n in sizes:
         row = {a: busbw(args.op, n, s.size, best[(a, n)]) / 1e9 for a in algos}

@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--conns", default="1,2,4", help="connections per cable to try (default 1,2,4)")
     ap.add_argument("--chunks", default="128K,512K,2M", help="chunk sizes to try (default 128K,512K,2M)")
     ap.add_argument("--depths", default="2,4", help="pipeline depths to try (default 2,4)")
-    ap.add_argument("--iters", type=int, default=2, help="timed calls per point (default 2)")
+    ap.add_argument("--iters", type=int, default=1, help="timed calls per group at least (3 groups per point; default 1)")
     ap.add_argument("--budget", type=float, default=1.0, help="seconds at most per point, roughly (default 1)")
     ap.add_argument("--timeout", type=float, default=None, help="stop the job after this many seconds")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
