@@ -41,6 +41,23 @@ def bands(sizes: list[int]) -> list[tuple[int, int | None]]:
     return list(zip(lows, highs))
 
 
+def _distinct(combos, op: str, size: int, n: int) -> list:
+    """The combinations that run differently at this size: where a block is
+    one chunk whatever the chunk size, chunk and depth change nothing, and
+    timing the same plan several times only picks the luckiest sample."""
+    from ..bindings import lib
+
+    block = size // 4 // n if op != "all_gather" else size // 4
+    seen, out = set(), []
+    for algo, chunk, depth in combos:
+        k = lib.tl_ring_nchunks(max(1, block), 4, chunk, depth)
+        key = (algo, k, min(k, depth))
+        if key not in seen:
+            seen.add(key)
+            out.append((algo, chunk, depth))
+    return out
+
+
 class _Progress:
     def __init__(self, total: int, show: bool):
         self.total, self.done, self.show = total, 0, show
@@ -114,7 +131,8 @@ def tune(s: Session, sizes: list[int], ops=("all_sum",), conns=(1, 2, 4), chunks
     measured = _cable_weights(s, min(big, 8 << 20))
     weight_choices = [None] + ([measured] if measured else [])
     nsmall = sum(1 for x in sizes if x <= (1 << 20)) * len(small_algos)
-    nsteps = len(conns) * len(weight_choices) + len(ops) * (len(sizes) * len(combos) + nsmall + len(sizes))
+    nsweep = sum(len(_distinct(combos, op, x, s.size)) for op in ops for x in sizes)
+    nsteps = len(conns) * len(weight_choices) + nsweep + len(ops) * (nsmall + len(sizes))
     prog = _Progress(nsteps, show and s.rank == 0)
     # 2. Connections per cable and weights, on the largest all_sum.
     best_link, best_t = None, math.inf
@@ -136,7 +154,8 @@ def tune(s: Session, sizes: list[int], ops=("all_sum",), conns=(1, 2, 4), chunks
     rows, table = [], []
     for op in ops:
         for size, (lo, hi) in zip(sorted(sizes), bands(sizes)):
-            cands = list(combos) + ([(a, None, None) for a in small_algos] if size <= (1 << 20) else [])
+            cands = _distinct(combos, op, size, s.size) + (
+                [(a, None, None) for a in small_algos] if size <= (1 << 20) else [])
             times = {}
             for k in cands:
                 times[k] = time_op(comms[k], op, size, iters=iters, budget_s=budget_s)
