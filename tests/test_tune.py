@@ -195,3 +195,27 @@ def test_tune_writes_a_profile_that_is_applied(ranks, tmp_path):
             assert got["algo"] == row.algo
             if row.chunk_bytes:
                 assert (got["chunk_bytes"], got["depth"]) == (row.chunk_bytes, row.pipeline_depth)
+
+
+@pytest.mark.multiproc
+def test_bench_profile_side_by_side(tmp_path):
+    """thunderlink bench --profile P: the defaults and the profile, per size."""
+    import os
+    import subprocess
+
+    path = write(tmp_path, {"thunderlink_tuning": 1, "options": {"conns_per_peer": 1},
+                            "rows": [{"op": "all_sum", "min_bytes": "32K", "algo": "ring", "chunk_bytes": "16K"}]})
+    env = dict(os.environ, THUNDERLINK_TRANSPORT="tcp", THUNDERLINK_CONNECT_TIMEOUT="20", THUNDERLINK_TIMEOUT="30")
+    cp = subprocess.run([sys.executable, "-m", "thunderlink.cli", "bench", "-n", "2", "--profile", path,
+                         "--sizes", "4K,64K", "--iters", "1", "--timeout", "60"],
+                        env=env, capture_output=True, text=True, timeout=80)
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+    lines = [line.split() for line in cp.stdout.splitlines() if line and not line.startswith("#")]
+    assert lines[0] == ["bytes", "default", "tuned", "tuned/default"]
+    assert [int(row[0]) for row in lines[1:]] == [4096, 65536]
+    assert all(float(x) > 0 for row in lines[1:] for x in row[1:])
+    # A bad profile is refused before any rank starts.
+    bad = write(tmp_path, "{", "bad.json")
+    cp = subprocess.run([sys.executable, "-m", "thunderlink.cli", "bench", "--profile", bad], env=env,
+                        capture_output=True, text=True, timeout=30)
+    assert cp.returncode != 0 and "bad.json" in cp.stderr and "not valid JSON" in cp.stderr

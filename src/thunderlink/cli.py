@@ -41,6 +41,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.main(argv[1:]) or 0)
     except KeyboardInterrupt:
         return 130
+    except Exception as e:  # probe and tune: a configuration problem is one line, not a traceback
+        from .errors import ConfigError
+
+        if argv[0] not in ("probe", "tune") or not isinstance(e, ConfigError):
+            raise
+        sys.stderr.write(f"thunderlink {argv[0]}: {str(e).removeprefix('[thunderlink] ')}\n")
+        return 2
 
 
 if __name__ == "__main__":

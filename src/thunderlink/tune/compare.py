@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..errors import ConfigError
 from . import profile as pf
 from .session import Session, busbw, time_op
 
@@ -37,7 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = build_parser()
     args, ignored = ap.parse_known_args(argv)
-    prof = pf.load(args.profile)  # a bad profile stops here, before any rank starts
+    try:
+        prof = pf.load(args.profile)  # a bad profile stops here, before any rank starts
+    except ConfigError as e:
+        print(f"thunderlink bench: {str(e).removeprefix('[thunderlink] ')}", file=sys.stderr)
+        return 2
     from ..config import from_env
 
     if not (args.worker or from_env().configured):
