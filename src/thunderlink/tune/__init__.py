@@ -23,6 +23,7 @@ def plan(comm, op: str, nbytes: int, dtype: str = "float32") -> dict:
     from ..bindings.comm import dtype_code
 
     out = ffi.new("tl_plan_t *")
-    check(lib.tl_comm_plan(comm._h, _OPS[op], nbytes, dtype_code(dtype), out), comm._h)
+    h = comm.handle
+    check(lib.tl_comm_plan(h, _OPS[op], nbytes, dtype_code(dtype), out), h)
     return {"algo": HOW_NAMES.get(out.how, str(out.how)), "lanes": out.lanes, "depth": out.depth,
             "chunk_bytes": out.chunk_bytes}

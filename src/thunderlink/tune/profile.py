@@ -20,8 +20,10 @@ choice (coll/select.c) per operation, size band (``min_bytes`` inclusive,
 buffer for all_sum, this rank's input for all_gather, the whole input for
 sum_scatter), group size (``ranks``, null: any) and transport (``tcp``,
 ``shm``, ``any``); the first row that matches applies, and what a row leaves
-out (or null) keeps the options' choice. ``measured`` is what tune saw,
-for people; it is not applied.
+out (or null) keeps the options' choice. ``cables`` (``[{"rank": r, "ip":
+address, "gbps": rate}]``) replace the hostfile's ``rate`` of those
+addresses for striping. ``measured`` is what tune saw, for people; it is
+not applied.
 
 Environment variables set explicitly win over the profile (config.from_env
 applies it); every rank must use the same profile: its rows are in the

@@ -22,6 +22,8 @@ import math
 import sys
 import time
 
+import numpy as np
+
 from ..config import parse_size
 from . import profile as pf
 from .session import Session, busbw, time_op
@@ -102,8 +104,6 @@ def _cable_weights(s: Session, nbytes: int) -> dict | None:
             got = _one_way(sub, nbytes, 2) if sub is not None else 0.0
             if sub is not None:
                 sub.close()
-            import numpy as np
-
             v = np.array([got if s.rank == a else 0.0])
             comm.all_reduce(v, v, "max")
             if len(link.cables) > k:
