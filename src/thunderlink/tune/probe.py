@@ -194,7 +194,9 @@ def probe(s: Session, nbytes: int = 16 << 20, repeat: int = 2, conns=CONNS, late
         for a, b, link in pairs:
             sub = _pair_comm(comm, a, b) if len(link.cables) > k else None
             if len(link.cables) > k and sub is not None:
-                entries[(a, b)]["cables"][k]["oneway_gbps"] = _one_way(sub, nbytes, repeat)
+                # The best of two: a cable's rate is what it can do (a busy
+                # host only ever makes it look slower).
+                entries[(a, b)]["cables"][k]["oneway_gbps"] = max(_one_way(sub, nbytes, repeat) for _ in range(2))
             if sub is not None:
                 sub.close()
             comm.barrier()
