@@ -21,7 +21,8 @@ from .bindings.options import Spec
 from .errors import ConfigError
 
 __all__ = ["Config", "from_env", "ENV", "OPTIONS", "HOSTFILE_VARS", "RANK_VARS", "parse_size", "parse_rate",
-           "cluster_state_dir", "readme_rows", "read_token"]
+           "cluster_state_dir", "readme_rows", "read_token", "tuning_path",
+           "default_tuning_file"]
 
 # Where a hostfile and a rank are looked for, first set first.
 HOSTFILE_VARS = ("THUNDERLINK_HOSTFILE", "MLX_HOSTFILE", "MLX_IBV_DEVICES", "JACCL_IBV_DEVICES")
@@ -64,6 +65,12 @@ ENV = {
         "thunderlink.init() tells glibc to keep blocks up to this size in the heap and to return free "
         "heap to the system only past it (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD), so MLX's fresh arrays "
         "reuse memory instead of faulting in new pages on every call; 0: leave malloc alone",
+    ),
+    "THUNDERLINK_TUNING_FILE": (
+        "~/.config/thunderlink/tuning.json",
+        "tuning profile applied at init (`thunderlink tune` writes it; explicit variables still win; the same on "
+        "every rank); set it empty to use none. The default is used only if it exists (under `$XDG_CONFIG_HOME` "
+        "if set)",
     ),
     "THUNDERLINK_CLUSTER_STATE_DIR": (
         "/run/thunderlink/clusters",
@@ -129,6 +136,9 @@ class Config:
     # THUNDERLINK_MALLOC_HEAP: bytes glibc keeps in the heap (0: leave malloc
     # alone; None: the user set glibc's own MALLOC_*_THRESHOLD_/GLIBC_TUNABLES).
     malloc_heap: int | None = 1 << 30
+    tuning_file: str | None = None  # the tuning profile applied to options, if any
+    # The profile's measured cable rates: (rank, ip) -> Gbit/s, replacing the hostfile's.
+    cable_rates: dict = field(default_factory=dict)
     # Options for the core, as keyword arguments of bindings.Options.
     options: dict = field(default_factory=dict)
 
@@ -299,6 +309,14 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
         theirs = any(env.get(v) for v in own) or any(f"glibc.malloc.{t}_threshold" in tunables
                                                      for t in ("mmap", "trim"))
         malloc_heap = None if theirs else 1 << 30
+    tuning_file = tuning_path(env)
+    cable_rates = {}
+    if tuning_file is not None:
+        from .tune.profile import apply, load
+
+        prof = load(tuning_file)
+        options = apply(options, prof)
+        cable_rates = {(c["rank"], c["ip"]): c["gbps"] for c in prof.cables}
     return Config(
         backend=backend.strip().lower() if backend else None,
         transport=transport,
@@ -312,8 +330,30 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
         token=read_token(env),
         coordinator=coordinator,
         malloc_heap=malloc_heap,
+        tuning_file=tuning_file,
+        cable_rates=cable_rates,
         options=options,
     )
+
+
+def tuning_path(env: Mapping[str, str] | None = None) -> str | None:
+    """The tuning profile to apply: THUNDERLINK_TUNING_FILE (empty: none),
+    else the default path when a file is there."""
+    env = os.environ if env is None else env
+    explicit = env.get("THUNDERLINK_TUNING_FILE")
+    if explicit is not None:
+        return os.path.expanduser(explicit.strip()) or None
+    path = default_tuning_file(env)
+    return path if os.path.exists(path) else None
+
+
+def default_tuning_file(env: Mapping[str, str] | None = None) -> str:
+    """Where `thunderlink tune` writes and init looks when
+    THUNDERLINK_TUNING_FILE is unset: $XDG_CONFIG_HOME/thunderlink/tuning.json,
+    else ~/.config/thunderlink/tuning.json."""
+    env = os.environ if env is None else env
+    base = env.get("XDG_CONFIG_HOME") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".config")
+    return os.path.join(base, "thunderlink", "tuning.json")
 
 
 def cluster_state_dir(env: Mapping[str, str] | None = None) -> str:

@@ -147,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="THUNDERLINK_TRANSPORT for thunderlink's ranks: auto (shared memory between ranks of one "
                         "host, TCP otherwise), tcp or shm (default: the environment's, else auto)")
     p.add_argument("--timeout", type=_seconds, default=None, help="stop the job after this many seconds")
+    p.add_argument("--profile", metavar="FILE",
+                   help="a tuning profile (thunderlink tune) against the defaults, side by side (--op, --sizes, "
+                        "--iters, -n, --hostfile apply)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     return p
 
@@ -175,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)  # every value is checked here, before anything starts
+    if args.profile:
+        from ..tune.compare import main as compare_profile
+
+        return compare_profile(argv)
     if args.plot_path:
         try:
             import matplotlib  # noqa: F401

@@ -29,6 +29,7 @@ SOURCES = [
     "coll/select.c",
     "coll/schedule.c",
     "coll/ring.c",
+    "coll/mesh.c",
     "coll/small.c",
     "coll/p2p.c",
     "transport/tcp.c",

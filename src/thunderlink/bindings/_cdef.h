@@ -51,6 +51,7 @@
 #define TL_ALGO_AUTO ...
 #define TL_ALGO_RING ...
 #define TL_ALGO_ONESHOT ...
+#define TL_ALGO_MESH ...
 
 #define TL_TRANSPORT_AUTO ...
 #define TL_TRANSPORT_TCP ...
@@ -68,6 +69,7 @@
 #define TL_HOW_RING ...
 #define TL_HOW_CHAIN ...
 #define TL_HOW_FRAMES ...
+#define TL_HOW_MESH ...
 
 #define TL_LOG_NONE ...
 #define TL_LOG_WARN ...
@@ -75,6 +77,20 @@
 #define TL_LOG_TRACE ...
 
 typedef struct tl_comm tl_comm_t;
+
+typedef struct tl_tune_row {
+  int32_t op;
+  int32_t nranks;
+  int32_t transport;
+  int32_t how;
+  uint64_t min_bytes;
+  uint64_t max_bytes;
+  int32_t depth;
+  int32_t lanes;
+  int64_t chunk_bytes;
+} tl_tune_row_t;
+
+#define TL_MAX_TUNE_ROWS ...
 
 typedef struct tl_options {
   uint64_t job_id;
@@ -93,6 +109,8 @@ typedef struct tl_options {
   int32_t log_level;
   int32_t transport;
   int32_t listen_all;
+  int32_t ntune;
+  tl_tune_row_t tune[64];
 } tl_options_t;
 
 typedef struct tl_stats {
@@ -174,8 +192,10 @@ typedef struct tl_plan {
   int64_t spin_ns;
 } tl_plan_t;
 
+#define TL_MESH_CABLED ...
 int tl_select(const tl_options_t *opts, int op, uint64_t bytes, int dtype,
               int nranks, int mesh, int transport, tl_plan_t *out);
+int tl_comm_plan(tl_comm_t *comm, int op, uint64_t bytes, int dtype, tl_plan_t *out);
 
 const tl_vtable_t *tl_get_vtable(void);
 

@@ -141,6 +141,16 @@ def _to_c(self):
             setattr(o, spec.field, spec.raw(v))
         except OverflowError:
             raise ConfigError(f"[thunderlink] option {spec.name}={v} is out of range") from None
+    rows = self.tuning or ()
+    if len(rows) > lib.TL_MAX_TUNE_ROWS:
+        raise ConfigError(f"[thunderlink] a tuning profile has at most {lib.TL_MAX_TUNE_ROWS} rows, not {len(rows)}")
+    o.ntune = len(rows)
+    for i, row in enumerate(rows):  # tl_tune_row_t fields (thunderlink.tune.profile makes them)
+        for name, v in row.items():
+            try:
+                setattr(o.tune[i], name, v)
+            except (AttributeError, OverflowError, TypeError):
+                raise ConfigError(f"[thunderlink] tuning row {i}: bad {name}={v!r}") from None
     why = ffi.new("char[256]")
     if lib.tl_options_check(o, why, 256):
         raise ConfigError(f"[thunderlink] invalid options: {ffi.string(why).decode()}")
@@ -151,7 +161,7 @@ def _defaults() -> dict:
     """The core's defaults, in Options' units (seconds, names)."""
     o = ffi.new("tl_options_t *")
     lib.tl_options_default(o)
-    return {s.name: s.value(getattr(o, s.field)) for s in SPECS}
+    return {**{s.name: s.value(getattr(o, s.field)) for s in SPECS}, "tuning": None}
 
 
 Options = make_dataclass(
@@ -159,16 +169,19 @@ Options = make_dataclass(
     [("job_id", "int | None", field(default=None)),
      # A secret: kept out of repr() (and so out of logs and tracebacks).
      ("token", "str | None", field(default=None, repr=False))]
-    + [(s.name, _TYPES[s.kind], field(default=None)) for s in SPECS],
+    + [(s.name, _TYPES[s.kind], field(default=None)) for s in SPECS]
+    # A tuning profile's rows, as tl_tune_row_t fields (thunderlink.tune.profile).
+    + [("tuning", "tuple | None", field(default=None))],
     namespace={"to_c": _to_c, "defaults": staticmethod(_defaults)},
 )
 Options.__module__ = __name__
 Options.__doc__ = (
     "Knobs of a communicator, one field per row of the core's options table "
     "(csrc/core/options.h, listed in SPECS); None keeps the core's default. "
-    "Times are in seconds; choices by name (algo: auto, ring, oneshot). "
+    "Times are in seconds; choices by name (algo: auto, ring, oneshot, mesh). "
     "job_id is the job's identity, checked in every handshake; token the job's "
     "secret (THUNDERLINK_TOKEN), which every connection proves it holds (never shown "
-    "by repr).\n\nFields: "
-    + ", ".join(["job_id", "token"] + [s.name for s in SPECS])
+    "by repr). tuning holds a tuning profile's rows (thunderlink.tune.profile), also "
+    "checked.\n\nFields: "
+    + ", ".join(["job_id", "token"] + [s.name for s in SPECS] + ["tuning"])
 )

@@ -95,6 +95,7 @@ extern "C" {
 #define TL_ALGO_AUTO 0    /* by size: one round up to algo_threshold, ring above */
 #define TL_ALGO_RING 1    /* pipelined ring: reduce-scatter + all-gather */
 #define TL_ALGO_ONESHOT 2 /* every rank sends its buffer to every other rank */
+#define TL_ALGO_MESH 3    /* every pair linked: direct reduce-scatter + all-gather */
 
 /* ---- transports ---------------------------------------------------------
  * tl_options_t.transport picks them: AUTO uses shared memory between ranks
@@ -121,6 +122,7 @@ extern "C" {
 #define TL_HOW_RING 2      /* the pipelined ring (ring.c)                   */
 #define TL_HOW_CHAIN 3     /* broadcast: chunks flow down the ring          */
 #define TL_HOW_FRAMES 4    /* send/recv: the message, in frames              */
+#define TL_HOW_MESH 5      /* every pair at once, pipelined (mesh.c)        */
 
 /* ---- log levels --------------------------------------------------------- */
 
@@ -130,6 +132,28 @@ extern "C" {
 #define TL_LOG_TRACE 3
 
 typedef struct tl_comm tl_comm_t;
+
+/*
+ * One row of a tuning profile (thunderlink tune writes them; Python's
+ * thunderlink.tune.profile reads and checks them). For operation `op`
+ * (TL_OP_*) of min_bytes <= bytes < max_bytes (bytes as tl_select counts
+ * them) among `nranks` ranks over `transport`, the row's values replace the
+ * options' choice. The first row that matches applies. 0 (how: -1) keeps the
+ * options' choice.
+ */
+typedef struct tl_tune_row {
+  int32_t op;          /* TL_OP_*                                           */
+  int32_t nranks;      /* group size; 0: any                                */
+  int32_t transport;   /* TL_TRANSPORT_TCP, _SHM ...; 0 (AUTO): any          */
+  int32_t how;         /* TL_HOW_ONE_ROUND, _RING or _MESH; -1: by size     */
+  uint64_t min_bytes;  /* band, inclusive                                   */
+  uint64_t max_bytes;  /* band, exclusive; 0: no upper end                  */
+  int32_t depth;       /* pipeline depth; 0: pipeline_depth                 */
+  int32_t lanes;       /* ring instances (1 or 2); 0: from conns_per_peer   */
+  int64_t chunk_bytes; /* largest chunk; 0: chunk_bytes                     */
+} tl_tune_row_t;
+
+#define TL_MAX_TUNE_ROWS 64
 
 /*
  * Knobs of one communicator. Fill with tl_options_default() and override.
@@ -160,6 +184,10 @@ typedef struct tl_options {
   int32_t log_level;          /* TL_LOG_*                                   */
   int32_t transport;          /* TL_TRANSPORT_AUTO, _TCP or _SHM        */
   int32_t listen_all;         /* listen on every interface, not just the hostfile's addresses */
+  /* A tuning profile's rows (not in the options table: not knobs of their
+   * own). Checked by tl_options_check; in the handshake digest. */
+  int32_t ntune;
+  tl_tune_row_t tune[TL_MAX_TUNE_ROWS];
 } tl_options_t;
 
 /* Process-wide counters, also kept per communicator. */
@@ -377,8 +405,17 @@ typedef struct tl_plan {
   int64_t spin_ns;     /* poll this long before sleeping; 0: sleep at once */
 } tl_plan_t;
 
+/* mesh: 0 when some pair of ranks shares no link, 1 when every pair does,
+ * TL_MESH_CABLED when every pair does over its own cables (addresses that
+ * face the other rank), where the mesh algorithm pays. */
+#define TL_MESH_CABLED 2
+
 int tl_select(const tl_options_t *opts, int op, uint64_t bytes, int dtype,
               int nranks, int mesh, int transport, tl_plan_t *out);
+
+/* After tl_comm_connect: the plan this communicator's options, profile and
+ * links give operation `op` of `bytes` of `dtype` (what it would run now). */
+int tl_comm_plan(tl_comm_t *comm, int op, uint64_t bytes, int dtype, tl_plan_t *out);
 
 /* ---- function table for the MLX shim ----------------------------------- */
 

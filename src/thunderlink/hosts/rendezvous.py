@@ -70,6 +70,10 @@ def _connect(cfg: Config, obj, path: str, rank: int, rank_var: str | None, kind:
                                         token=token)
     else:
         hf = hostfile_mod.parse_addresses(obj, path)
+    if cfg.cable_rates:  # a tuning profile's measured rates replace the hostfile's, for striping
+        from ..tune.profile import with_cable_rates
+
+        hf = with_cable_rates(hf, cfg.cable_rates)
     via = f" ({rank_var})" if rank_var else ""
     if not 0 <= rank < hf.size:
         raise ConfigError(

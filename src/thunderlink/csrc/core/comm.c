@@ -168,7 +168,9 @@ int tl_comm_link_info(tl_comm_t *c, int peer, int *transport, int *nchannels) {
  * has cables between neighbours only), which rules out the one-round
  * algorithms that need every pair. */
 static int check_links(tl_comm_t *c) {
-  c->mesh = 1;
+  /* From the endpoint table, so that every rank sees the same (a rank
+   * linked to all others is no mesh while two others share no link). */
+  c->mesh = tl__mesh_kind(c->eps, c->neps, c->size);
   for (int p = 0; p < c->size; p++)
     if (p != c->rank && c->links[p].nchans == 0) c->mesh = 0;
   int n = c->size;

@@ -288,6 +288,10 @@ extern const char tl__options_differ[];
  * acceptor's endpoints to dial (one per cable) in tg (*nt of them, at most
  * TL_MAX_CONNS). */
 int tl__link_plan(const tl_endpoint_t *eps, int neps, int a, int b, int *tg, int *nt);
+/* Whether every pair of the n ranks shares a link: 0 when not, 1 when they
+ * do, TL_MESH_CABLED when moreover every pair's link runs over addresses
+ * that face the other rank (its own cables). The same on every rank. */
+int tl__mesh_kind(const tl_endpoint_t *eps, int neps, int n);
 /* `rank`'s own endpoint on cable `which` to `peer` (its which-th endpoint
  * facing peer), or -1. */
 int tl__source_ep(const tl_endpoint_t *eps, int neps, int rank, int peer, int which);
@@ -454,6 +458,10 @@ int tl__gather_bytes(tl_comm_t *c, const void *in, void *out, size_t bytes);
  * (c->cur.plan: lanes, depth, chunk size). */
 enum { TL_RING_ALL_REDUCE, TL_RING_REDUCE_SCATTER, TL_RING_ALL_GATHER };
 int tl__ring_run(tl_comm_t *c, int kind, const void *in, void *out,
+                 uint64_t count, int dtype, int redop);
+/* The same operations by direct exchange with every peer at once (mesh.c),
+ * where every pair of ranks shares a link. */
+int tl__mesh_run(tl_comm_t *c, int kind, const void *in, void *out,
                  uint64_t count, int dtype, int redop);
 
 /* The algorithm choice (select.c; tl_select in tl.h). Ring instances, each

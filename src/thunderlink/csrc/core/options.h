@@ -53,8 +53,10 @@ TL_OPTION(algo_threshold, "algo_threshold", "THUNDERLINK_ALGO_THRESHOLD", TL_OPT
           "with `auto`, one round of messages while each rank sends at most this much (for "
           "all_reduce, its buffer times ranks \u2212 1); the ring above")
 TL_OPTION(algo, "algo", "THUNDERLINK_ALGO", TL_OPT_CHOICE, "",
-          TL_ALGO_AUTO, TL_ALGO_AUTO, TL_ALGO_ONESHOT, 1, "auto,ring,oneshot",
-          "`auto`, `ring` or `oneshot`: the all_reduce algorithm")
+          TL_ALGO_AUTO, TL_ALGO_AUTO, TL_ALGO_MESH, 1, "auto,ring,oneshot,mesh",
+          "`auto`, `ring`, `oneshot` or `mesh` (direct exchange with every peer at once, each over "
+          "its own cable; needs a link between every pair): the algorithm of all_reduce, "
+          "all_gather and reduce_scatter")
 TL_OPTION(spin_us, "spin_us", "THUNDERLINK_SPIN_US", TL_OPT_INT, "us",
           50, 0, 1000000, 0, NULL,
           "microseconds to poll before sleeping, for small operations; over shared memory every "
