@@ -24,6 +24,8 @@ SOURCES = [
     "core/topo.c",
     "core/bootstrap.c",
     "core/progress.c",
+    "core/heartbeat.c",
+    "core/interrupt.c",
     "coll/api.c",
     "coll/select.c",
     "coll/schedule.c",

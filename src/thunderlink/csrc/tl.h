@@ -33,10 +33,10 @@ extern "C" {
 #endif
 
 /* Bumped whenever tl_vtable_t or the meaning of a function changes. */
-#define TL_ABI_VERSION 1
+#define TL_ABI_VERSION 2
 
 /* Wire protocol version, sent in every handshake. */
-#define TL_PROTOCOL_VERSION 2
+#define TL_PROTOCOL_VERSION 3
 
 /* ---- status codes ------------------------------------------------------ */
 
@@ -153,6 +153,8 @@ typedef struct tl_options {
                                  it in full, else autotuning; 0 = autotuning */
   int32_t log_level;          /* TL_LOG_*                                   */
   int32_t transport;          /* TL_TRANSPORT_AUTO, _TCP or _SHM        */
+  int32_t heartbeat_ms;       /* a peer silent this long while awaited is
+                                 lost; heartbeats every fifth; 0 = off      */
 } tl_options_t;
 
 /* Process-wide counters, also kept per communicator. */
@@ -373,6 +375,20 @@ typedef struct tl_plan {
 int tl_select(const tl_options_t *opts, int op, uint64_t bytes, int dtype,
               int nranks, int mesh, int transport, tl_plan_t *out);
 
+/* ---- interrupting waits (Ctrl-C) -------------------------------------------
+ *
+ * A collective waiting on the main thread fails with TL_ERR_INTERRUPTED when
+ * a signal interrupts its wait. One waiting on another thread (MLX runs
+ * collectives on its stream thread) is interrupted by tl_interrupt(): every
+ * collective of the process that is waiting then, and does not complete
+ * within 0.25 s, fails with TL_ERR_INTERRUPTED and poisons its
+ * communicator. tl_interrupt is async-signal-safe. tl_interrupt_hook makes
+ * SIGINT call it before the handler installed now (Python's), unless SIGINT
+ * is ignored or has its default action; cheap when already hooked, and
+ * hooks again when the handler was replaced since. */
+void tl_interrupt(void);
+int tl_interrupt_hook(void);
+
 /* ---- function table for the MLX shim ----------------------------------- */
 
 typedef struct tl_vtable {
@@ -390,6 +406,7 @@ typedef struct tl_vtable {
   int (*reduce_scatter)(tl_comm_t *, const void *, void *, uint64_t, int, int);
   int (*send)(tl_comm_t *, const void *, uint64_t, int, int);
   int (*recv)(tl_comm_t *, void *, uint64_t, int, int);
+  int (*interrupt_hook)(void);
 } tl_vtable_t;
 
 /* The core's table; lives as long as the process. */

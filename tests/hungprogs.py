@@ -1,0 +1,115 @@
+"""Rank programs for tests/test_hung.py (python hungprogs.py FUNC JSON_ARGS).
+
+Each prints ``RESULT <json>`` when it has something to report; the test
+reads it (conftest.result_of).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+import traceback
+
+import numpy as np
+
+import thunderlink
+
+
+def emit(value) -> None:
+    print("RESULT " + json.dumps(value), flush=True)
+
+
+def threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def stop_mid_job(stopper: int, size_bytes: int):
+    """Collectives until rank `stopper` stops itself (SIGSTOP) between two of
+    them; the others report how their next collective failed, and how long
+    it waited. The stopped rank, once continued (SIGCONT), reports what its
+    next call says."""
+    comm = thunderlink.connect()
+    x = np.ones(max(1, size_bytes // 4), np.float32)
+    for _ in range(3):
+        comm.all_sum(x, x)
+    comm.barrier()
+    if comm.rank == stopper:
+        print(f"STOPPING {os.getpid()}", flush=True)
+        os.kill(os.getpid(), signal.SIGSTOP)
+        # Continued: the job went on without this rank.
+    t = time.monotonic()
+    try:
+        for _ in range(1000):
+            t = time.monotonic()
+            comm.all_sum(x, x)
+        emit({"raised": None})
+    except thunderlink.ThunderlinkError as e:
+        emit({"raised": type(e).__name__, "message": str(e), "seconds": time.monotonic() - t})
+
+
+def busy_then_join(busy_rank: int, seconds: float, how: str):
+    """Rank `busy_rank` computes for `seconds` before joining an all_sum
+    that the others are already waiting in; everyone must get the sum."""
+    comm = thunderlink.connect()
+    comm.barrier()
+    if comm.rank == busy_rank:
+        end = time.monotonic() + seconds
+        if how == "sleep":
+            time.sleep(seconds)
+        elif how == "python":  # holds the GIL throughout
+            n = 0
+            while time.monotonic() < end:
+                n += 1
+        else:  # numpy, in large calls
+            a = np.random.default_rng(0).standard_normal((300, 300))
+            while time.monotonic() < end:
+                a = np.tanh(a @ a) 
+    t = time.monotonic()
+    x = np.full(1000, comm.rank + 1, np.float32)
+    try:
+        comm.all_sum(x, x)
+        ok = bool((x == comm.size * (comm.size + 1) / 2).all())
+        emit({"raised": None, "ok": ok, "waited": time.monotonic() - t})
+    except thunderlink.ThunderlinkError as e:
+        emit({"raised": type(e).__name__, "message": str(e), "waited": time.monotonic() - t})
+
+
+def churn(times: int):
+    """Communicators made and closed `times` times (split children of one
+    parent, three alive at once at times), counting this process's threads."""
+    import gc
+
+    base = threads()
+    comm = thunderlink.connect()
+    with_one = threads()
+    kids = []
+    most = with_one
+    for i in range(times):
+        kid = comm.split(0)
+        kid.all_sum(np.ones(4, np.float32))
+        kids.append(kid)
+        most = max(most, threads())
+        if len(kids) == 3 or i == times - 1:
+            for k in kids:
+                k.close()
+            kids = []
+    after_kids = threads()
+    comm.close()
+    gc.collect()
+    time.sleep(0.2)
+    emit({"base": base, "with_one": with_one, "most": most, "after_kids": after_kids,
+          "after_all": threads()})
+
+
+if __name__ == "__main__":
+    func, args = sys.argv[1], json.loads(sys.argv[2])
+    try:
+        globals()[func](*args)
+    except SystemExit:
+        raise
+    except BaseException:
+        traceback.print_exc()
+        sys.exit(1)

@@ -1,0 +1,181 @@
+"""Hung peers are found within seconds, busy ones are not declared dead, and
+Ctrl-C interrupts an MLX collective whose peer hangs.
+
+A stopped process (SIGSTOP), a pulled cable (packets dropped, no reset) and
+a frozen machine all fall silent: no heartbeat, no byte. A rank waiting on
+such a peer must fail with PeerLostError naming it and saying how long it
+has been silent, within THUNDERLINK_HEARTBEAT (small here: 2 s) and a
+margin; every other rank learns it through the abort path. A rank that
+computes (Python, numpy, sleep) for several bounds before joining is alive
+and is waited for.
+
+Ranks are started here (not through the launcher) so that the test can
+stop and continue them; each test kills every process it started, whatever
+happens, and has a hard timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import HERE, result_of
+from thunderlink.hosts.hostfile import local_hostfile, write
+from thunderlink.launch.local import free_ports, rank_env
+
+TEST_TIMEOUT_S = 120
+PROGS = os.path.join(HERE, "hungprogs.py")
+BOUND = 2.0     # THUNDERLINK_HEARTBEAT in these tests
+MARGIN = 2.5    # poll granularity, a loaded 2-core machine, the abort path
+
+
+class Job:
+    """n ranks of a hungprogs function, started directly, each in its own
+    session (so that a signal reaches exactly one); output to files."""
+
+    def __init__(self, tmp_path, n, func, *args, env=None):
+        self.tmp = tmp_path
+        hostfile = str(tmp_path / "hosts.json")
+        write(local_hostfile(n, free_ports(n)), hostfile)
+        base = dict(os.environ, THUNDERLINK_CONNECT_TIMEOUT="20", THUNDERLINK_TIMEOUT="60",
+                    THUNDERLINK_HEARTBEAT=str(BOUND))
+        base.update(env or {})
+        job_id = random.getrandbits(63)
+        self.procs, self.outs = [], []
+        for r in range(n):
+            out = open(tmp_path / f"rank{r}.txt", "w+")
+            self.outs.append(out)
+            self.procs.append(subprocess.Popen(
+                [sys.executable, PROGS, func, json.dumps(list(args))],
+                env=rank_env(base, r, n, hostfile, job_id), stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True))
+
+    def text(self, r) -> str:
+        self.outs[r].flush()
+        with open(self.tmp / f"rank{r}.txt") as f:
+            return f.read()
+
+    def all_text(self) -> str:
+        return "\n".join(f"--- rank {r} ---\n{self.text(r)}" for r in range(len(self.procs)))
+
+    def wait_for(self, r, pattern, timeout=30.0):
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            m = re.search(pattern, self.text(r))
+            if m:
+                return m
+            if self.procs[r].poll() is not None:
+                break
+            time.sleep(0.05)
+        pytest.fail(f"rank {r} never printed {pattern!r}:\n{self.all_text()}", pytrace=False)
+
+    def wait(self, ranks, timeout=30.0):
+        for r in ranks:
+            try:
+                self.procs[r].wait(max(0.1, timeout))
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"rank {r} did not finish in {timeout} s:\n{self.all_text()}", pytrace=False)
+
+    def result(self, r):
+        return result_of(self.text(r), f"rank {r} (exit {self.procs[r].poll()})")
+
+    def close(self):
+        for p in self.procs:
+            if p.poll() is None:
+                for sig in (signal.SIGCONT, signal.SIGKILL):
+                    try:
+                        os.killpg(p.pid, sig)
+                    except ProcessLookupError:
+                        pass
+            p.wait()
+        for f in self.outs:
+            f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def assert_silent_named(v, peer, bound=BOUND):
+    assert v["raised"] == "PeerLostError", v
+    assert f"rank {peer} " in v["message"] and "silent for" in v["message"], v
+    secs = float(re.search(r"silent for ([0-9.]+) s", v["message"]).group(1))
+    assert bound <= secs < bound + MARGIN, v
+
+
+@pytest.mark.parametrize("size", [4096, 8 << 20], ids=["small", "8MiB"])
+def test_stopped_rank_is_found_within_the_bound(tmp_path, transport, size):
+    """SIGSTOP rank 2 of 3 between collectives: ranks 0 and 1 fail with
+    PeerLostError within the bound (one of them says rank 2 is silent, the
+    other may learn it from the first); once continued, rank 2 fails cleanly
+    too."""
+    with Job(tmp_path, 3, "stop_mid_job", 2, size, env={"THUNDERLINK_TRANSPORT": transport}) as job:
+        job.wait_for(2, r"STOPPING (\d+)")
+        job.wait([0, 1], timeout=BOUND + 20)
+        got = [job.result(r) for r in (0, 1)]
+        for v in got:
+            assert v["raised"] == "PeerLostError", job.all_text()
+            assert v["seconds"] < BOUND + MARGIN, job.all_text()
+        direct = [v for v in got if "silent for" in v["message"]]
+        assert direct, job.all_text()
+        for v in direct:
+            assert_silent_named(v, 2)
+            assert "THUNDERLINK_HEARTBEAT" in v["message"]
+        # SIGCONT: the stopped rank resumes into a job that gave up on it, and
+        # fails cleanly (no crash, no hang).
+        os.killpg(job.procs[2].pid, signal.SIGCONT)
+        job.wait([2], timeout=BOUND + 20)
+        assert job.procs[2].returncode == 0, job.all_text()
+        v = job.result(2)
+        assert v["raised"] in ("PeerLostError", "CollectiveTimeoutError"), job.all_text()
+
+
+@pytest.mark.parametrize("how", ["sleep", "python", "numpy"])
+def test_busy_rank_is_not_declared_dead(tmp_path, transport, how):
+    """Rank 1 computes for 3 bounds before it joins an all_sum the others
+    wait in (a Python loop holds the GIL throughout): its heartbeats keep
+    them waiting, and everyone gets the right sum."""
+    busy = 3 * BOUND
+    with Job(tmp_path, 3, "busy_then_join", 1, busy, how, env={"THUNDERLINK_TRANSPORT": transport}) as job:
+        job.wait(range(3), timeout=busy + 30)
+        for r in range(3):
+            v = job.result(r)
+            assert v["raised"] is None and v["ok"], job.all_text()
+        assert job.result(0)["waited"] > busy * 0.8, job.all_text()
+
+
+def test_heartbeats_off_waits_for_the_timeout(tmp_path):
+    """THUNDERLINK_HEARTBEAT=0: today's behaviour, a stopped peer is found by
+    THUNDERLINK_TIMEOUT (here 4 s) and called a timeout."""
+    env = {"THUNDERLINK_TRANSPORT": "tcp", "THUNDERLINK_HEARTBEAT": "0", "THUNDERLINK_TIMEOUT": "4"}
+    with Job(tmp_path, 2, "stop_mid_job", 1, 4096, env=env) as job:
+        job.wait_for(1, r"STOPPING")
+        job.wait([0], timeout=30)
+        v = job.result(0)
+        assert v["raised"] == "CollectiveTimeoutError", job.all_text()
+        assert v["seconds"] >= 3.5, v
+
+
+def test_one_heartbeat_thread_and_none_left_after_close(tmp_path, transport):
+    """100 communicators made and closed (three alive at once at times):
+    one heartbeat thread per process whatever their number, and none left
+    once the last is closed."""
+    with Job(tmp_path, 2, "churn", 100, env={"THUNDERLINK_TRANSPORT": transport}) as job:
+        job.wait([0, 1], timeout=100)
+        for r in range(2):
+            v = job.result(r)
+            assert v["with_one"] == v["base"] + 1, v
+            assert v["most"] == v["base"] + 1, v
+            assert v["after_kids"] == v["base"] + 1, v
+            assert v["after_all"] == v["base"], v
