@@ -104,6 +104,46 @@ def churn(times: int):
           "after_all": threads()})
 
 
+def mlx_interrupted(hung_rank: int, handler: str):
+    """Rank `hung_rank` joins the group and then never calls the collective
+    (it sleeps: alive, but hung as far as the job goes). The others evaluate
+    an all_sum and wait; the test sends them SIGINT. They report what
+    mx.eval raised, how long after the signal, and what a later collective
+    on the group says. handler: "default" (KeyboardInterrupt), or "own" (the
+    program's own Python handler, which only records the signal)."""
+    import mlx.core as mx
+
+    g = thunderlink.init()
+    mx.eval(mx.distributed.all_sum(mx.ones(4), group=g))
+    if g.rank() == hung_rank:
+        print("HANGING", flush=True)
+        time.sleep(600)
+        return
+    got = []
+    if handler == "own":
+        signal.signal(signal.SIGINT, lambda s, f: got.append(time.monotonic()))
+    x = mx.distributed.all_sum(mx.ones(1 << 16), group=g)
+    print("WAITING", flush=True)
+    t = time.monotonic()
+    try:
+        mx.eval(x)
+        raised, message = None, ""
+    except BaseException as e:  # KeyboardInterrupt or RuntimeError
+        raised, message = type(e).__name__, str(e)
+    when = time.monotonic()
+    if handler == "own":
+        # The program's handler ran (Python runs it at the next bytecode).
+        time.sleep(0.1)
+    after = None
+    t2 = time.monotonic()
+    try:
+        mx.eval(mx.distributed.all_sum(mx.ones(4), group=g))
+    except BaseException as e:
+        after = [type(e).__name__, str(e), time.monotonic() - t2]
+    emit({"raised": raised, "message": message, "waited": when - t, "now": time.time(),
+          "handler_ran": bool(got), "after": after})
+
+
 if __name__ == "__main__":
     func, args = sys.argv[1], json.loads(sys.argv[2])
     try:

@@ -179,3 +179,42 @@ def test_one_heartbeat_thread_and_none_left_after_close(tmp_path, transport):
             assert v["most"] == v["base"] + 1, v
             assert v["after_kids"] == v["base"] + 1, v
             assert v["after_all"] == v["base"], v
+
+
+# ---- Ctrl-C ---------------------------------------------------------------------
+
+
+def _interrupt_mlx(tmp_path, transport, handler):
+    pytest.importorskip("mlx.core")
+    with Job(tmp_path, 2, "mlx_interrupted", 1, handler, env={"THUNDERLINK_TRANSPORT": transport}) as job:
+        job.wait_for(1, r"HANGING")
+        job.wait_for(0, r"WAITING")
+        time.sleep(0.5)  # in mx.eval, its collective waiting on rank 1
+        sent = time.time()
+        os.kill(job.procs[0].pid, signal.SIGINT)
+        job.wait([0], timeout=10)
+        v = job.result(0)
+        assert job.procs[0].returncode == 0, job.all_text()
+        assert v["now"] - sent < 2.0, v  # mx.eval returned within 2 s of the signal
+        # Later collectives on the group fail at once, and say why.
+        assert v["after"] is not None and v["after"][0] == "RuntimeError", v
+        assert "Ctrl-C" in v["after"][1] and "no longer usable" in v["after"][1], v
+        assert v["after"][2] < 1.0, v
+        return v
+
+
+def test_ctrl_c_interrupts_an_mlx_collective_whose_peer_hangs(tmp_path, transport):
+    """A rank started directly waits in mx.eval on a peer that never joins:
+    SIGINT makes mx.eval raise KeyboardInterrupt (once) within 2 s, not
+    after THUNDERLINK_TIMEOUT."""
+    v = _interrupt_mlx(tmp_path, transport, "default")
+    assert v["raised"] == "KeyboardInterrupt", v
+
+
+def test_ctrl_c_with_the_programs_own_handler(tmp_path):
+    """A program with its own SIGINT handler (one that does not raise): the
+    handler runs, and mx.eval raises RuntimeError saying the collective was
+    interrupted (the handler is kept, not replaced)."""
+    v = _interrupt_mlx(tmp_path, "tcp", "own")
+    assert v["handler_ran"], v
+    assert v["raised"] == "RuntimeError" and "Ctrl-C" in v["message"], v

@@ -412,8 +412,8 @@ static int interrupted(tl_comm_t *c, int64_t now) {
   if (tl__intr_count() == c->intr_gen) return TL_OK;
   if (!c->intr_ns) c->intr_ns = now;
   if (now - c->intr_ns < INTERRUPT_GRACE_NS) return TL_OK;
-  return tl__fail(c, TL_ERR_INTERRUPTED, "interrupted (SIGINT, Ctrl-C) while waiting; "
-                  "the communicator is no longer usable");
+  return tl__fail(c, TL_ERR_INTERRUPTED, "Ctrl-C (SIGINT) while waiting: the collective "
+                  "did not finish, and the communicator is no longer usable");
 }
 
 int tl__progress(tl_comm_t *c) {
