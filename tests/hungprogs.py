@@ -104,6 +104,21 @@ def churn(times: int):
           "after_all": threads()})
 
 
+def loop_until_error(_):
+    """all_sum of 1 MiB over and over until one fails; when it failed."""
+    comm = thunderlink.connect()
+    x = np.ones(1 << 18, np.float32)
+    comm.all_sum(x, x)
+    print("ready", flush=True)
+    try:
+        for _ in range(10 ** 7):
+            comm.all_sum(x, x)
+            x.fill(1)
+        emit({"raised": None})
+    except thunderlink.ThunderlinkError as e:
+        emit({"raised": type(e).__name__, "message": str(e), "at": time.time()})
+
+
 def mlx_interrupted(hung_rank: int, handler: str):
     """Rank `hung_rank` joins the group and then never calls the collective
     (it sleeps: alive, but hung as far as the job goes). The others evaluate

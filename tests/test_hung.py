@@ -107,6 +107,12 @@ class Job:
         self.close()
 
 
+def found_it(v) -> bool:
+    """Did this rank find the silence itself (not learn it from a peer's
+    abort notice, "rank R failed: ...")?"""
+    return "silent for" in v["message"] and " failed: " not in v["message"]
+
+
 def assert_silent_named(v, peer, bound=BOUND):
     assert v["raised"] == "PeerLostError", v
     assert f"rank {peer} " in v["message"] and "silent for" in v["message"], v
@@ -127,7 +133,7 @@ def test_stopped_rank_is_found_within_the_bound(tmp_path, transport, size):
         for v in got:
             assert v["raised"] == "PeerLostError", job.all_text()
             assert v["seconds"] < BOUND + MARGIN, job.all_text()
-        direct = [v for v in got if "silent for" in v["message"]]
+        direct = [v for v in got if found_it(v)]
         assert direct, job.all_text()
         for v in direct:
             assert_silent_named(v, 2)
@@ -179,6 +185,67 @@ def test_one_heartbeat_thread_and_none_left_after_close(tmp_path, transport):
             assert v["most"] == v["base"] + 1, v
             assert v["after_kids"] == v["base"] + 1, v
             assert v["after_all"] == v["base"], v
+
+
+# ---- a pulled cable, on emulated hosts --------------------------------------------
+
+
+def _drop_everything(ns, ifname):
+    """Every packet leaving this end of the cable vanishes, silently (no
+    reset, no error to the sender): a token bucket too small for any packet.
+    (netem and packet filters are not always in the kernel; tbf is.)"""
+    subprocess.run(["tc", "-n", ns, "qdisc", "replace", "dev", ifname, "root", "tbf", "rate", "8kbit",
+                    "burst", "64", "limit", "1"], check=True, capture_output=True)
+
+
+def test_pulled_cable_is_found_within_the_bound(tmp_path):
+    """Three emulated hosts in a ring; the cable between hosts 0 and 1
+    starts dropping every packet mid-run (no reset: a pulled cable). Ranks 0
+    and 1 find each other silent within the bound, long before
+    THUNDERLINK_TIMEOUT (60 s), and rank 2 learns it from them."""
+    from thunderlink.launch.ssh import launch_hostfile
+    from thunderlink.testing import cluster as cl
+
+    ok, why = cl.available(shaping=True)
+    if not ok:
+        pytest.skip(why)
+    from conftest import Ranks, unique_name
+
+    with cl.Cluster(3, topology="ring", name=unique_name("th")) as c:
+        path = tmp_path / "hosts.json"
+        path.write_text(json.dumps(c.hostfile()))
+        pulled = threading.Event()
+        seen, when = set(), []
+
+        def on_line(rank, stream, line):
+            if line == "ready":
+                seen.add(rank)
+                if len(seen) == 3 and not pulled.is_set():
+                    threading.Thread(target=pull, daemon=True).start()
+                    pulled.set()
+
+        def pull():
+            time.sleep(0.5)
+            cable = c.cable(0, 1)
+            when.append(time.time())
+            _drop_everything(cable.netns_a, cable.ifname_a)
+            _drop_everything(cable.netns_b, cable.ifname_b)
+
+        env = dict(os.environ, THUNDERLINK_CONNECT_TIMEOUT="20", THUNDERLINK_TIMEOUT="60",
+                   THUNDERLINK_HEARTBEAT=str(BOUND))
+        res = launch_hostfile(str(path), ["--", sys.executable, PROGS, "loop_until_error", "[null]"], env=env,
+                              timeout=60, capture=True, on_line=on_line)
+        r = Ranks(res)
+        assert when, r.all_text()
+        vals = r.results()
+        for v in vals:
+            assert v["raised"] == "PeerLostError", r.all_text()
+            assert v["at"] - when[0] < BOUND + MARGIN, (v, when)
+        silent = [(rank, v) for rank, v in enumerate(vals) if found_it(v)]
+        assert silent, r.all_text()
+        for rank, v in silent:
+            assert rank in (0, 1), r.all_text()
+            assert_silent_named(v, 1 - rank)
 
 
 # ---- Ctrl-C ---------------------------------------------------------------------

@@ -117,9 +117,9 @@ static void *run(void *arg) {
       hb_entry_t *e = &g_list[i];
       if (e->next_ns <= now) {
         beat(e);
-        /* Keep the rhythm, but never try to catch up on missed beats. */
-        e->next_ns += e->every_ns;
-        if (e->next_ns <= now) e->next_ns = now + e->every_ns;
+        /* On multiples of the interval, so that communicators with the
+         * same bound share wake-ups; missed beats are not caught up. */
+        e->next_ns = (now / e->every_ns + 1) * e->every_ns;
       }
       if (e->next_ns < wake) wake = e->next_ns;
     }

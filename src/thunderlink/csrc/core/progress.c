@@ -239,7 +239,7 @@ static int recv_some(tl_comm_t *c, tl_chan_t *k) {
 /* Consume the wake-up and heartbeat bytes at the head of a control
  * channel. */
 static void skip_wakes(tl_chan_t *k) {
-  char b[64];
+  char b[256];
   for (;;) {
     struct iovec iov = {b, sizeof b};
     long r = k->ops->recv(k, &iov, 1, 1);
