@@ -147,6 +147,32 @@ def test_stopped_rank_is_found_within_the_bound(tmp_path, transport, size):
         assert v["raised"] in ("PeerLostError", "CollectiveTimeoutError"), job.all_text()
 
 
+def test_rank_stopped_mid_collective_is_found_within_the_bound(tmp_path, transport):
+    """SIGSTOP from outside while every rank loops over 1 MiB all_sums: the
+    signal lands anywhere, mid-frame included. The others fail within the
+    bound of the stop, one of them naming rank 1 as silent; continued, rank
+    1 fails cleanly."""
+    with Job(tmp_path, 3, "loop_until_error", None, env={"THUNDERLINK_TRANSPORT": transport}) as job:
+        for r in range(3):
+            job.wait_for(r, r"ready")
+        time.sleep(0.3 + random.random() * 0.5)
+        os.killpg(job.procs[1].pid, signal.SIGSTOP)
+        stopped = time.time()
+        job.wait([0, 2], timeout=BOUND + 20)
+        got = [job.result(r) for r in (0, 2)]
+        for v in got:
+            assert v["raised"] == "PeerLostError", job.all_text()
+            assert v["at"] - stopped < BOUND + MARGIN, (v, stopped)
+        direct = [v for v in got if found_it(v)]
+        assert direct, job.all_text()
+        for v in direct:
+            assert_silent_named(v, 1)
+        os.killpg(job.procs[1].pid, signal.SIGCONT)
+        job.wait([1], timeout=BOUND + 20)
+        assert job.procs[1].returncode == 0, job.all_text()
+        assert job.result(1)["raised"] in ("PeerLostError", "CollectiveTimeoutError"), job.all_text()
+
+
 @pytest.mark.parametrize("how", ["sleep", "python", "numpy"])
 def test_busy_rank_is_not_declared_dead(tmp_path, transport, how):
     """Rank 1 computes for 3 bounds before it joins an all_sum the others
