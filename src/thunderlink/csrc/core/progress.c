@@ -496,10 +496,14 @@ int tl__progress(tl_comm_t *c) {
       /* A channel without a descriptor (shared memory) is simply tried. */
       short re = c->pfds[i].fd < 0 ? (POLLIN | POLLOUT) : c->pfds[i].revents;
       if (!re) continue;
-      /* Bytes from the peer, heartbeats included: it is alive. */
-      if (c->pfds[i].fd >= 0 && (re & POLLIN)) c->pchan[i]->link->heard_ns = now;
+      /* Bytes from the peer, heartbeats included: it is alive. (A channel
+       * without a descriptor shows it by the bytes it gave.) */
+      tl_link_t *l = c->pchan[i]->link;
+      uint64_t got = c->stats.bytes_received;
+      if (c->pfds[i].fd >= 0 && (re & POLLIN)) l->heard_ns = now;
       int x = service(c, c->pchan[i], re);
       if (x < 0) return x;
+      if (c->stats.bytes_received != got) l->heard_ns = now;
       completed += x;
     }
     if (completed) return TL_OK;
