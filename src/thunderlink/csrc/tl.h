@@ -45,7 +45,8 @@ extern "C" {
 #define TL_ERR_CONFIG (-2)      /* bad configuration: addresses, ports ...  */
 #define TL_ERR_SYSTEM (-3)      /* an OS call failed (errno in the message) */
 #define TL_ERR_TIMEOUT (-4)     /* a deadline passed                         */
-#define TL_ERR_PEER (-5)        /* a peer closed, reset or aborted           */
+#define TL_ERR_PEER (-5)        /* a peer closed, reset, aborted or fell
+                                   silent (tl_options_t.heartbeat_ms)       */
 #define TL_ERR_PROTOCOL (-6)    /* bad handshake or frame on the wire        */
 #define TL_ERR_MISMATCH (-7)    /* ranks called different collectives        */
 #define TL_ERR_UNSUPPORTED (-8) /* operation not available in this build     */
