@@ -33,6 +33,7 @@
  */
 #include <errno.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -154,7 +155,13 @@ int tl__hb_register(tl_comm_t *c) {
   g_list[g_n++] = (hb_entry_t){c, every, tl__now_ns()};
   if (!g_running) {
     uint64_t gen = ++g_gen;
+    /* The thread takes no signals (it inherits the mask it starts with):
+     * Ctrl-C must reach the program's threads, the main one first. */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
     int e = pthread_create(&g_thread, NULL, run, (void *)(uintptr_t)gen);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (e) {
       g_n--;
       rc = tl__error(c, TL_ERR_SYSTEM, "cannot start the heartbeat thread: %s "
