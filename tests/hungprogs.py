@@ -119,6 +119,30 @@ def loop_until_error(_):
         emit({"raised": type(e).__name__, "message": str(e), "at": time.time()})
 
 
+def numpy_interrupted(hung_rank: int):
+    """The numpy API on the main thread: rank `hung_rank` never joins the
+    all_sum the others wait in; the test sends them SIGINT."""
+    comm = thunderlink.connect()
+    comm.barrier()
+    if comm.rank == hung_rank:
+        print("HANGING", flush=True)
+        time.sleep(600)
+        return
+    print("WAITING", flush=True)
+    try:
+        comm.all_sum(np.ones(1 << 16, np.float32))
+        raised = None
+    except BaseException as e:
+        raised = type(e).__name__
+    when = time.time()
+    try:
+        comm.barrier()
+        after = None
+    except BaseException as e:
+        after = [type(e).__name__, str(e)]
+    emit({"raised": raised, "now": when, "after": after})
+
+
 def mlx_interrupted(hung_rank: int, handler: str):
     """Rank `hung_rank` joins the group and then never calls the collective
     (it sleeps: alive, but hung as far as the job goes). The others evaluate

@@ -311,3 +311,19 @@ def test_ctrl_c_with_the_programs_own_handler(tmp_path):
     v = _interrupt_mlx(tmp_path, "tcp", "own")
     assert v["handler_ran"], v
     assert v["raised"] == "RuntimeError" and "Ctrl-C" in v["message"], v
+
+
+def test_ctrl_c_interrupts_a_numpy_collective_at_once(tmp_path, transport):
+    """The numpy API waits on the main thread: SIGINT ends the wait at once
+    (KeyboardInterrupt), and the communicator is poisoned."""
+    with Job(tmp_path, 2, "numpy_interrupted", 1, env={"THUNDERLINK_TRANSPORT": transport}) as job:
+        job.wait_for(1, r"HANGING")
+        job.wait_for(0, r"WAITING")
+        time.sleep(0.5)
+        sent = time.time()
+        os.kill(job.procs[0].pid, signal.SIGINT)
+        job.wait([0], timeout=10)
+        v = job.result(0)
+        assert v["raised"] == "KeyboardInterrupt", v
+        assert v["now"] - sent < 1.0, v
+        assert v["after"] and v["after"][0] == "InterruptedCollectiveError", v
