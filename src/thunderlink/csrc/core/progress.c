@@ -62,7 +62,11 @@ static void where(const tl_chan_t *k, char *buf, size_t cap) {
 
 /* A channel failed while we needed it. `what` is "sending to" or
  * "receiving from"; err 0 means the peer closed it. */
+static int told(tl_comm_t *c, tl_chan_t *k);
+
 static int lost(tl_comm_t *c, tl_chan_t *k, const char *what, int err) {
+  int said = told(c, k);
+  if (said) return said;
   char w[TL_HOST_LEN + 64];
   where(k, w, sizeof w);
   int peer = k->link->peer;
@@ -251,6 +255,39 @@ static void skip_wakes(tl_chan_t *k) {
     k->ops->recv(k, &iov, 1, 0);
     if (w < r) return;
   }
+}
+
+/*
+ * A peer that fails sends its reason before it shuts its connections
+ * (tl__abort_all: the control channel first, then every socket at a frame
+ * boundary). When a channel breaks, that reason says more than "closed" or
+ * "broken pipe": look for it where the next bytes start a frame -- the
+ * control channel (waiting up to 50 ms for it), and this channel if no
+ * frame is half read there. Returns the failure, or 0 when the peer said
+ * nothing (or failed in a later collective: kept for the next call).
+ */
+static int told(tl_comm_t *c, tl_chan_t *k) {
+  tl_chan_t *at[2] = {k->link->ctl, k};
+  for (int i = 0; i < 2; i++) {
+    tl_chan_t *w = at[i];
+    if (!w || w->fd < 0 || (i == 1 && (w == at[0] || w->peeked || (w->rq && w->rq->done))))
+      continue;
+    tl_frame_t f;
+    struct iovec iov = {&f, sizeof f};
+    long r = 0;
+    for (int tries = 0; tries < 2; tries++) {
+      if (w->index < 0) skip_wakes(w);
+      r = w->ops->recv(w, &iov, 1, 1);
+      if (r == (long)sizeof f || r < 0 || i == 1 || tries) break;
+      struct pollfd p = {w->fd, POLLIN, 0};
+      poll(&p, 1, 50);
+    }
+    if (r != (long)sizeof f || f.magic != TL_FRAME_MAGIC || f.type != TL_FRAME_ABORT) continue;
+    w->ops->recv(w, &iov, 1, 0);
+    int rc = peer_aborted(c, w, &f, NULL, 0);
+    if (rc) return rc;
+  }
+  return 0;
 }
 
 /* Look at the next frame on a channel with no receive queued. */
@@ -587,8 +624,11 @@ void tl__abort_all(tl_comm_t *c, const char *why) {
   f.op = (uint8_t)c->cur.op; /* where we failed: see peer_aborted */
   f.seq = c->cur.seq;
   f.len = (uint32_t)len;
-  for (int i = 0; i < c->nchans; i++) {
-    tl_chan_t *k = c->chans[i];
+  for (int i = 0; i < 2 * c->nchans; i++) {
+    /* Control channels first: the peer looks there for the reason when
+     * another channel breaks (see told()). */
+    tl_chan_t *k = c->chans[i % c->nchans];
+    if ((i < c->nchans) != (k->index < 0)) continue;
     /* The notice goes where the peer reads frames between operations: the
      * control channel if the link has one, and every channel that is a
      * socket (the peer may read one of those first), only at a frame
