@@ -143,6 +143,23 @@ def numpy_interrupted(hung_rank: int):
     emit({"raised": raised, "now": when, "after": after})
 
 
+def fork_then_collective(_):
+    """A process with a communicator (and so a heartbeat thread) forks; the
+    child closes its copy and exits; the parent's job goes on."""
+    comm = thunderlink.connect()
+    comm.barrier()
+    pid = os.fork()
+    if pid == 0:
+        t = time.monotonic()
+        comm.close()
+        os._exit(0 if time.monotonic() - t < 5 else 3)
+    _, status = os.waitpid(pid, 0)
+    time.sleep(0.5)
+    x = np.full(8, comm.rank + 1.0, np.float32)
+    comm.all_sum(x, x)
+    emit({"child": os.waitstatus_to_exitcode(status), "sum": float(x[0])})
+
+
 def mlx_interrupted(hung_rank: int, handler: str):
     """Rank `hung_rank` joins the group and then never calls the collective
     (it sleeps: alive, but hung as far as the job goes). The others evaluate

@@ -216,6 +216,16 @@ def test_one_heartbeat_thread_and_none_left_after_close(tmp_path, transport):
             assert v["after_all"] == v["base"], v
 
 
+def test_a_forked_child_does_not_disturb_heartbeats(tmp_path, transport):
+    """fork() with a communicator open: the child has no heartbeat thread,
+    closes its copy at once, and the parent's collectives go on."""
+    with Job(tmp_path, 2, "fork_then_collective", None, env={"THUNDERLINK_TRANSPORT": transport}) as job:
+        job.wait([0, 1], timeout=60)
+        for r in range(2):
+            v = job.result(r)
+            assert v == {"child": 0, "sum": 3.0}, job.all_text()
+
+
 # ---- a pulled cable, on emulated hosts --------------------------------------------
 
 

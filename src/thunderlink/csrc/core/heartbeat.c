@@ -60,15 +60,7 @@ static pthread_t g_thread;
 static int g_running;     /* g_thread is started and not yet joined */
 static uint64_t g_gen;    /* a thread runs while g_gen is the value it started with */
 
-static void after_fork_child(void) {
-  /* The thread does not exist in the child; forget it and every entry. */
-  pthread_mutex_init(&g_mu, NULL);
-  g_n = 0;
-  g_running = 0;
-  g_gen++;
-}
-
-static void init_once(void) {
+static void make_cv(void) {
   pthread_condattr_t a;
   pthread_condattr_init(&a);
 #if defined(__linux__)
@@ -76,6 +68,21 @@ static void init_once(void) {
 #endif
   pthread_cond_init(&g_cv, &a);
   pthread_condattr_destroy(&a);
+}
+
+static void after_fork_child(void) {
+  /* The thread does not exist in the child (it may have held the lock or
+   * waited on the condition when the parent forked): forget it and every
+   * entry, and start the lock and the condition afresh. */
+  pthread_mutex_init(&g_mu, NULL);
+  make_cv();
+  g_n = 0;
+  g_running = 0;
+  g_gen++;
+}
+
+static void init_once(void) {
+  make_cv();
   pthread_atfork(NULL, NULL, after_fork_child);
 }
 
