@@ -63,7 +63,7 @@ def test_shared_options_are_the_handshakes():
     or its order needs a new TL_PROTOCOL_VERSION."""
     assert [s.name for s in SPECS if s.shared] == [
         "conns_per_peer", "chunk_bytes", "algo_threshold", "algo", "stripe_min_bytes", "pipeline_depth",
-        "transport",
+        "transport", "heartbeat",
     ]
     assert lib.TL_PROTOCOL_VERSION == 3
 

@@ -25,6 +25,8 @@ SOURCES = [
     "core/bootstrap.c",
     "core/auth.c",
     "core/progress.c",
+    "core/heartbeat.c",
+    "core/interrupt.c",
     "coll/api.c",
     "coll/select.c",
     "coll/schedule.c",

@@ -108,6 +108,7 @@ typedef struct tl_options {
   int32_t sockbuf_bytes;
   int32_t log_level;
   int32_t transport;
+  int32_t heartbeat_ms;
   int32_t listen_all;
   int32_t ntune;
   tl_tune_row_t tune[64];
@@ -196,6 +197,9 @@ typedef struct tl_plan {
 int tl_select(const tl_options_t *opts, int op, uint64_t bytes, int dtype,
               int nranks, int mesh, int transport, tl_plan_t *out);
 int tl_comm_plan(tl_comm_t *comm, int op, uint64_t bytes, int dtype, tl_plan_t *out);
+
+void tl_interrupt(void);
+int tl_interrupt_hook(void);
 
 const tl_vtable_t *tl_get_vtable(void);
 

@@ -33,7 +33,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever tl_vtable_t or the meaning of a function changes. */
-#define TL_ABI_VERSION 1
+#define TL_ABI_VERSION 2
 
 /* Wire protocol version, sent in every handshake. */
 #define TL_PROTOCOL_VERSION 3
@@ -45,7 +45,8 @@ extern "C" {
 #define TL_ERR_CONFIG (-2)      /* bad configuration: addresses, ports ...  */
 #define TL_ERR_SYSTEM (-3)      /* an OS call failed (errno in the message) */
 #define TL_ERR_TIMEOUT (-4)     /* a deadline passed                         */
-#define TL_ERR_PEER (-5)        /* a peer closed, reset or aborted           */
+#define TL_ERR_PEER (-5)        /* a peer closed, reset, aborted or fell
+                                   silent (tl_options_t.heartbeat_ms)       */
 #define TL_ERR_PROTOCOL (-6)    /* bad handshake or frame on the wire        */
 #define TL_ERR_MISMATCH (-7)    /* ranks called different collectives        */
 #define TL_ERR_UNSUPPORTED (-8) /* operation not available in this build     */
@@ -183,6 +184,8 @@ typedef struct tl_options {
                                  it in full, else autotuning; 0 = autotuning */
   int32_t log_level;          /* TL_LOG_*                                   */
   int32_t transport;          /* TL_TRANSPORT_AUTO, _TCP or _SHM        */
+  int32_t heartbeat_ms;       /* a peer silent this long while awaited is
+                                 lost; heartbeats every fifth; 0 = off      */
   int32_t listen_all;         /* listen on every interface, not just the hostfile's addresses */
   /* A tuning profile's rows (not in the options table: not knobs of their
    * own). Checked by tl_options_check; in the handshake digest. */
@@ -416,6 +419,19 @@ int tl_select(const tl_options_t *opts, int op, uint64_t bytes, int dtype,
 /* After tl_comm_connect: the plan this communicator's options, profile and
  * links give operation `op` of `bytes` of `dtype` (what it would run now). */
 int tl_comm_plan(tl_comm_t *comm, int op, uint64_t bytes, int dtype, tl_plan_t *out);
+/* ---- interrupting waits (Ctrl-C) -------------------------------------------
+ *
+ * A collective waiting on the main thread fails with TL_ERR_INTERRUPTED when
+ * a signal interrupts its wait. One waiting on another thread (MLX runs
+ * collectives on its stream thread) is interrupted by tl_interrupt(): every
+ * collective of the process that is waiting then, and does not complete
+ * within 0.25 s, fails with TL_ERR_INTERRUPTED and poisons its
+ * communicator. tl_interrupt is async-signal-safe. tl_interrupt_hook makes
+ * SIGINT call it before the handler installed now (Python's), unless SIGINT
+ * is ignored or has its default action; cheap when already hooked, and
+ * hooks again when the handler was replaced since. */
+void tl_interrupt(void);
+int tl_interrupt_hook(void);
 
 /* ---- function table for the MLX shim ----------------------------------- */
 
@@ -434,6 +450,7 @@ typedef struct tl_vtable {
   int (*reduce_scatter)(tl_comm_t *, const void *, void *, uint64_t, int, int);
   int (*send)(tl_comm_t *, const void *, uint64_t, int, int);
   int (*recv)(tl_comm_t *, void *, uint64_t, int, int);
+  int (*interrupt_hook)(void);
 } tl_vtable_t;
 
 /* The core's table; lives as long as the process. */

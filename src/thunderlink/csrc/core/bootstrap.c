@@ -394,7 +394,8 @@ int tl__boot_conns(const tl_comm_t *c, int peer) {
   if (peer == c->rank || tl__link_plan(c->eps, c->neps, c->rank, peer, tg, &nt) < 0) return 0;
   if (c->opts.transport == TL_TRANSPORT_SHM) return 1;
   int n = c->opts.conns_per_peer * nt;
-  return n > TL_MAX_CONNS ? TL_MAX_CONNS : n;
+  /* and, with heartbeats, a control connection (tcp.c, heartbeat.c) */
+  return (n > TL_MAX_CONNS ? TL_MAX_CONNS : n) + tl__tcp_has_ctl(c);
 }
 
 static void pending_close(pending_t *p) {

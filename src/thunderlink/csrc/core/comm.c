@@ -259,6 +259,7 @@ static int connect_links(tl_comm_t *c) {
     }
   }
   if (!rc) rc = check_links(c);
+  if (!rc) rc = tl__hb_register(c);
   if (rc) return rc;
   c->transport = TL_TRANSPORT_AUTO;
   for (int p = 0, first = 1; p < c->size; p++) {
@@ -298,6 +299,7 @@ int tl_comm_close(tl_comm_t *c) {
   pthread_mutex_lock(&c->lock);
   if (!c->closed) {
     c->closed = 1;
+    tl__hb_unregister(c); /* before its control connections close */
     tl__links_close(c);
     tl__boot_close(c);
   }
@@ -548,6 +550,7 @@ static const tl_vtable_t g_vtable = {
     .reduce_scatter = tl_reduce_scatter,
     .send = tl_send,
     .recv = tl_recv,
+    .interrupt_hook = tl_interrupt_hook,
 };
 
 const tl_vtable_t *tl_get_vtable(void) { return &g_vtable; }

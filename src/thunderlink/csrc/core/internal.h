@@ -48,6 +48,11 @@ typedef struct tl_endpoint {
 #define TL_FRAME_DATA 1
 #define TL_FRAME_ABORT 2
 #define TL_FRAME_WAKE 3 /* control channels only: the peer may have work */
+/* Single bytes that travel on control channels between frames: a wake-up
+ * (shared memory: the peer left work in a ring) and a heartbeat (the peer is
+ * alive; heartbeat.c). The reader skips both. */
+#define TL_WAKE_BYTE 'w'
+#define TL_HEARTBEAT_BYTE 'h'
 
 typedef struct tl_frame {
   uint32_t magic;
@@ -210,6 +215,9 @@ struct tl_link {
   int *boot_fds;
   char remote[TL_HOST_LEN + 16]; /* "host:port" of connection 0, for messages */
   void *t;                       /* the transport's per-link state */
+  /* When the progress loop last saw bytes from the peer (any channel,
+   * heartbeats included); see tl_options_t.heartbeat_ms. */
+  int64_t heard_ns;
 };
 
 /* What the communicator is doing now, for error messages and for checking
@@ -270,6 +278,10 @@ struct tl_comm {
   size_t scratch_cap;
 
   tl_stats_t stats;
+
+  int hb_registered;  /* heartbeat.c sends on this communicator's links */
+  uint64_t intr_gen;  /* tl_interrupt()s counted when the operation began */
+  int64_t intr_ns;    /* when the operation first saw a later one, or 0 */
 };
 
 /* ---- options (options.c, from the table in options.h) ---------------------- */
@@ -372,6 +384,30 @@ void tl__links_close(tl_comm_t *c);
 /* Wake the peer of a shared-memory channel through the link's control
  * channel. */
 void tl__ctl_wake(tl_link_t *l);
+
+/* ---- heartbeats (heartbeat.c) and interrupts (progress.c) --------------------
+ *
+ * A link with a control channel (tl__link_init's ctl_fd: TCP's extra
+ * bootstrap connection, shared memory's first; an RDMA link should keep its
+ * first bootstrap connection the same way) gets heartbeats and hung-peer
+ * detection with nothing more to do: the heartbeat thread writes
+ * TL_HEARTBEAT_BYTE on it, and the progress loop, which polls every control
+ * channel while it waits, reads them and fails a wait on a peer silent for
+ * heartbeat_ms. A transport whose data channels have no descriptor should
+ * wake a sleeping peer through the control channel (tl__ctl_wake). */
+
+/* Start sending heartbeats on c's control channels (no-op when heartbeats
+ * are off or c has none); tl__hb_unregister before they close. */
+int tl__hb_register(tl_comm_t *c);
+void tl__hb_unregister(tl_comm_t *c);
+/* Does a TCP link keep a control connection (one bootstrap connection more
+ * than its data channels)? Both ends agree: heartbeat_ms is shared. */
+static inline int tl__tcp_has_ctl(const tl_comm_t *c) { return c->opts.heartbeat_ms > 0; }
+/* tl_interrupt()s so far; the pipe a wait polls to hear of the next (-1
+ * until tl_interrupt_hook made it), and emptying it (interrupt.c). */
+uint64_t tl__intr_count(void);
+int tl__intr_fd(void);
+void tl__intr_drain(void);
 
 /* ---- errors and logging --------------------------------------------------- */
 

@@ -82,6 +82,12 @@ TL_OPTION(transport, "transport", "THUNDERLINK_TRANSPORT", TL_OPT_CHOICE, "",
           "everywhere; `shm`: shared memory everywhere, an error if two linked ranks are on "
           "different hosts. `rdma` is refused with an error (not implemented yet). Same on every "
           "rank")
+TL_OPTION(heartbeat_ms, "heartbeat", "THUNDERLINK_HEARTBEAT", TL_OPT_MS, "ms",
+          10 * 1000, 0, 3600 * 1000, 1, NULL,
+          "seconds of silence after which a peer that a collective waits on is declared lost "
+          "(stopped, hung, or its cable pulled): every process sends each peer a heartbeat "
+          "every fifth of this, even while its program computes elsewhere; `0`: off (a hung "
+          "peer is then found only by `THUNDERLINK_TIMEOUT`)")
 TL_OPTION(listen_all, "listen_all", "THUNDERLINK_LISTEN_ALL", TL_OPT_INT, "",
           0, 0, 1, 0, NULL,
           "`1`: listen on every interface of this host (at the hostfile's port), not only on "
