@@ -397,7 +397,8 @@ def test_a_forged_abort_frame_is_shown_escaped(tmp_path):
     """Without a token, a stranger with the job id completes the handshake as
     rank 1 and answers rank 0's all_sum with an abort frame whose text holds
     terminal escape codes: rank 0 fails, and its error shows them escaped."""
-    common = dict(THUNDERLINK_TRANSPORT="tcp", THUNDERLINK_CONNS=1)
+    # One connection per link: no heartbeat control connection to fake too.
+    common = dict(THUNDERLINK_TRANSPORT="tcp", THUNDERLINK_CONNS=1, THUNDERLINK_HEARTBEAT=0)
     hello = _capture_hello(tmp_path, common)
     ports = free_ports(2)
     hf = _hostfile(tmp_path, ports)
