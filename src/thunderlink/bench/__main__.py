@@ -16,6 +16,7 @@ import sys
 from ..bindings.comm import TRANSPORTS
 from ..config import parse_size
 from ..errors import ConfigError
+from ..launch.workers import worker_args
 from .ops import DTYPES, OPS
 from .worker import Settings
 
@@ -217,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             (sys.stdout if stream == "out" else sys.stderr).write(f"[{rank}] {line}\n")
 
     env = dict(os.environ)
-    cmd = [sys.executable, "-m", "thunderlink.bench", "--worker"] + _worker_args(argv)
+    cmd = [sys.executable, "-m", "thunderlink.bench", "--worker"] + worker_args(argv)
     with private_tempdir(prefix="thunderlink-bench-") as tmp:
         try:
             if args.hostfile:
@@ -241,22 +242,6 @@ def main(argv: list[str] | None = None) -> int:
             return launch_local(ranks, cmd, env=env, timeout=args.timeout, on_line=on_line).status
         finally:
             progress.clear()
-
-
-def _worker_args(argv: list[str]) -> list[str]:
-    """The bench's own arguments minus those that only concern starting ranks."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-            continue
-        if a in ("-n", "--ranks", "--hostfile", "--timeout"):
-            skip = True
-            continue
-        if a.startswith(("--ranks=", "--hostfile=", "--timeout=")) or a == "--worker":
-            continue
-        out.append(a)
-    return out
 
 
 class Progress:

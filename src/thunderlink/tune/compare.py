@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.worker or from_env().configured):
         if ignored:
             print(f"# thunderlink bench --profile: ignoring {' '.join(ignored)}", file=sys.stderr)
-        from ._run import launch_workers
+        from ..launch.workers import launch_workers
 
         kept = [a for a in argv if a not in ignored]
         return launch_workers("bench", "thunderlink.tune.compare", kept, args.ranks, args.hostfile, args.timeout)

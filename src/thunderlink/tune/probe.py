@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.worker or from_env().configured):
         if args.hostfile and args.ranks is not None:
             ap.error("give -n N or --hostfile FILE, not both")
-        from ._run import launch_workers
+        from ..launch.workers import launch_workers
 
         return launch_workers("probe", "thunderlink.tune.probe", argv, args.ranks, args.hostfile, args.timeout)
     s = Session()

@@ -1,5 +1,5 @@
-"""Starting probe and tune like `thunderlink bench`: as one rank of a job
-that is already running (THUNDERLINK_RANK/MLX_RANK set, or --worker), or as
+"""Starting a tool's ranks (probe and tune; bench shares worker_args): as one
+rank of a job that is already running (THUNDERLINK_RANK/MLX_RANK set, or --worker), or as
 the launcher of N local ranks (-n) or of one rank per hostfile entry
 (--hostfile), each running the tool's worker. Rank 0's lines are printed as
 they are; other ranks' prefixed with their rank."""
@@ -32,7 +32,7 @@ def worker_args(argv: list[str]) -> list[str]:
 
 def launch_workers(tool: str, module: str, argv: list[str], ranks: int | None, hostfile: str | None,
                    timeout: float | None) -> int:
-    from ..launch import launch_local
+    from . import launch_local
 
     def on_line(rank: int, stream: str, line: str) -> None:
         if rank == 0:
@@ -44,7 +44,7 @@ def launch_workers(tool: str, module: str, argv: list[str], ranks: int | None, h
     cmd = [sys.executable, "-m", module, "--worker"] + worker_args(argv)
     env = dict(os.environ)
     if hostfile:
-        from ..launch.ssh import launch_hostfile
+        from .ssh import launch_hostfile
 
         try:
             return launch_hostfile(hostfile, ["--"] + cmd, env=env, timeout=timeout, on_line=on_line).status
