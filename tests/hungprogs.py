@@ -6,20 +6,15 @@ reads it (conftest.result_of).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import sys
 import time
-import traceback
 
 import numpy as np
 
 import thunderlink
 
-
-def emit(value) -> None:
-    print("RESULT " + json.dumps(value), flush=True)
+from progmain import emit, run  # noqa: E402  (tests/ is on sys.path)
 
 
 def threads() -> int:
@@ -201,11 +196,4 @@ def mlx_interrupted(hung_rank: int, handler: str):
 
 
 if __name__ == "__main__":
-    func, args = sys.argv[1], json.loads(sys.argv[2])
-    try:
-        globals()[func](*args)
-    except SystemExit:
-        raise
-    except BaseException:
-        traceback.print_exc()
-        sys.exit(1)
+    run(globals())

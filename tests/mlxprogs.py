@@ -6,10 +6,7 @@ operation names its group explicitly except in the "unmodified" programs.
 
 from __future__ import annotations
 
-import json
 import os
-import sys
-import traceback
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -18,15 +15,13 @@ import numpy as np
 import thunderlink
 from thunderlink.bindings.comm import process_stats
 
+from progmain import emit, run  # noqa: E402  (tests/ is on sys.path)
+
 MX_DTYPES = {
     "bool": mx.bool_, "uint8": mx.uint8, "uint16": mx.uint16, "uint32": mx.uint32, "uint64": mx.uint64,
     "int8": mx.int8, "int16": mx.int16, "int32": mx.int32, "int64": mx.int64, "float16": mx.float16,
     "float32": mx.float32, "float64": mx.float64, "bfloat16": mx.bfloat16, "complex64": mx.complex64,
 }
-
-
-def emit(value) -> None:
-    print("RESULT " + json.dumps(value), flush=True)
 
 
 def calls(op="all_reduce") -> int:
@@ -358,11 +353,4 @@ def abi_detection(_):
 
 
 if __name__ == "__main__":
-    func, args = sys.argv[1], json.loads(sys.argv[2])
-    try:
-        globals()[func](*args)
-    except SystemExit:
-        raise
-    except BaseException:
-        traceback.print_exc()
-        sys.exit(1)
+    run(globals())

@@ -8,16 +8,15 @@ the exact reference.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import sys
 import time
-import traceback
 
 import numpy as np
 
 import thunderlink
 from thunderlink.bindings import Options
+
+from progmain import emit, run  # noqa: E402  (tests/ is on sys.path)
 
 DTYPES = ["bool", "uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32", "int64",
           "float16", "float32", "float64", "bfloat16", "complex64"]
@@ -97,10 +96,6 @@ def close(got: np.ndarray, want: np.ndarray, op: str, dtype: str, n: int) -> str
 
 def digest(a: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()[:16]
-
-
-def emit(value) -> None:
-    print("RESULT " + json.dumps(value), flush=True)
 
 
 # ---- programs ------------------------------------------------------------------
@@ -346,11 +341,4 @@ def loop_all_sum(seconds):
 
 
 if __name__ == "__main__":
-    func, args = sys.argv[1], json.loads(sys.argv[2])
-    try:
-        globals()[func](*args)
-    except SystemExit:
-        raise
-    except BaseException:
-        traceback.print_exc()
-        sys.exit(1)
+    run(globals())

@@ -3,19 +3,14 @@
 
 from __future__ import annotations
 
-import json
 import os
-import sys
-import traceback
 
 import numpy as np
 
 import thunderlink
 from thunderlink.tune import plan
 
-
-def emit(value) -> None:
-    print("RESULT " + json.dumps(value), flush=True)
+from progmain import emit, run  # noqa: E402  (tests/ is on sys.path)
 
 
 def plans(cases, profile_base=None):
@@ -41,11 +36,4 @@ def plans(cases, profile_base=None):
 
 
 if __name__ == "__main__":
-    func, args = sys.argv[1], json.loads(sys.argv[2])
-    try:
-        globals()[func](*args)
-    except SystemExit:
-        raise
-    except BaseException:
-        traceback.print_exc()
-        sys.exit(1)
+    run(globals())
