@@ -20,7 +20,7 @@ from .bindings.options import Spec
 from .errors import ConfigError
 
 __all__ = ["Config", "from_env", "ENV", "OPTIONS", "HOSTFILE_VARS", "RANK_VARS", "parse_size", "parse_rate",
-           "cluster_state_dir", "readme_rows"]
+           "cluster_state_dir", "readme_rows", "rdma_settings"]
 
 # Where a hostfile and a rank are looked for, first set first.
 HOSTFILE_VARS = ("THUNDERLINK_HOSTFILE", "MLX_HOSTFILE", "MLX_IBV_DEVICES", "JACCL_IBV_DEVICES")
@@ -51,6 +51,16 @@ ENV = {
     "THUNDERLINK_CLUSTER_STATE_DIR": (
         "/run/thunderlink/clusters",
         "where `thunderlink cluster` records the emulated clusters it made",
+    ),
+    "THUNDERLINK_IBV_LIB": (
+        "libibverbs.so.1 (Linux), librdma.dylib (macOS)",
+        "the ibverbs library the RDMA transport loads (a name or a path), e.g. the test provider's "
+        "`python -m thunderlink.testing.softverbs --path`",
+    ),
+    "THUNDERLINK_IBV_DEVICE": (
+        "unset",
+        "the RDMA device to use (`ibv_devices`, `thunderlink doctor`); unset: per link, rdma_<interface> of "
+        "the link's interface if it exists, else the first device with an active port",
     ),
     # The core's options: THUNDERLINK_TRANSPORT, THUNDERLINK_CONNS, ...
     **{spec.env: (spec.shown_default, spec.doc) for spec in OPTIONS},
@@ -107,6 +117,8 @@ class Config:
     ifname: str | None = None
     job_id: int | None = None
     coordinator: str | None = None  # a JACCL device matrix's rank 0, ip:port
+    ibv_lib: str | None = None  # THUNDERLINK_IBV_LIB: the RDMA transport's library
+    ibv_device: str | None = None  # THUNDERLINK_IBV_DEVICE
     # Options for the core, as keyword arguments of bindings.Options.
     options: dict = field(default_factory=dict)
 
@@ -247,8 +259,17 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
         ifname=env.get("THUNDERLINK_IFNAME") or None,
         job_id=job_id,
         coordinator=coordinator,
+        ibv_lib=rdma_settings(env)[0],
+        ibv_device=rdma_settings(env)[1],
         options=options,
     )
+
+
+def rdma_settings(env: Mapping[str, str] | None = None) -> tuple[str | None, str | None]:
+    """(THUNDERLINK_IBV_LIB, THUNDERLINK_IBV_DEVICE), None where unset: the
+    library the RDMA transport loads and the device it uses."""
+    env = os.environ if env is None else env
+    return env.get("THUNDERLINK_IBV_LIB") or None, env.get("THUNDERLINK_IBV_DEVICE") or None
 
 
 def cluster_state_dir(env: Mapping[str, str] | None = None) -> str:

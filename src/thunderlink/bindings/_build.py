@@ -32,6 +32,7 @@ SOURCES = [
     "coll/p2p.c",
     "transport/tcp.c",
     "transport/shm.c",
+    "transport/rdma.c",
     "reduce/reduce.c",
 ]
 
@@ -41,6 +42,7 @@ HEADERS = [
     "tl.h",
     "core/internal.h",
     "core/options.h",
+    "transport/ibv_abi.h",
 ]
 
 

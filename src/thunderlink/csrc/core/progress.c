@@ -414,7 +414,8 @@ int tl__progress(tl_comm_t *c) {
     int completed = 0;
     for (int i = 0; i < n; i++) {
       /* A channel without a descriptor (shared memory) is simply tried. */
-      short re = c->pfds[i].fd < 0 ? (POLLIN | POLLOUT) : c->pfds[i].revents;
+      short re = c->pfds[i].fd < 0 || (c->pfds[i].revents && c->pchan[i]->ops->wake_fd)
+                     ? (POLLIN | POLLOUT) : c->pfds[i].revents;
       if (!re) continue;
       int x = service(c, c->pchan[i], re);
       if (x < 0) return x;
