@@ -64,6 +64,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "../core/internal.h"
@@ -465,6 +466,7 @@ typedef struct rdma_chan {
   int ready[WINDOW];  /* receive slot holding data message seq, by seq % WINDOW */
   uint32_t rx_len[NRECV];
   int64_t gap_since;  /* a later message is here, rx_next is not: since then */
+  int64_t gone_since; /* the control channel closed: since then */
   int failed;         /* a verbs error was recorded: -errno for the core */
   int armed;
 } rdma_chan_t;
@@ -508,6 +510,10 @@ typedef struct rtr_answer {
 static size_t chan_bytes(void) { return (size_t)(WINDOW + NRECV) * SLOT + NCTL * CTL_BYTES; }
 
 static int peer_gone(const tl_chan_t *ch) { return ch->link->ctl && ch->link->ctl->eof; }
+
+/* The peer closed its control channel; its last messages, sent before,
+ * may still be on their way to this side's completion queue. */
+#define GONE_GRACE_NS ((int64_t)200000000)
 
 static int qp_type(void) {
 #if defined(__APPLE__)
@@ -618,7 +624,13 @@ static int open_link(tl_comm_t *c, tl_link_t *l, rdma_link_t *rl) {
     ia.cap.max_recv_wr = NRECV;
     ia.cap.max_send_sge = ia.cap.max_recv_sge = 1;
     ia.qp_type = (enum ibv_qp_type)rl->qpt;
-    if (!(rc->qp = a->create_qp(rl->pd, &ia))) {
+    rc->qp = a->create_qp(rl->pd, &ia);
+    if (!rc->qp && rl->qpt == IBV_QPT_RC && k == 0 && (errno == EOPNOTSUPP || errno == EINVAL)) {
+      rl->qpt = IBV_QPT_UC; /* a device without RC (Apple's): UC, and its loss checks */
+      ia.qp_type = IBV_QPT_UC;
+      rc->qp = a->create_qp(rl->pd, &ia);
+    }
+    if (!rc->qp) {
       snprintf(rl->why, sizeof rl->why, "%s: ibv_create_qp(%s): %s", dn, qpt_name(rl->qpt),
                strerror(errno));
       return -1;
@@ -944,6 +956,15 @@ static int drain(rdma_chan_t *rc) {
   return 0;
 }
 
+/* Nothing more will come from the peer: it is gone, and the grace for its
+ * last messages is over. */
+static int drained_gone(rdma_chan_t *rc) {
+  if (!peer_gone(rc->ch)) return 0;
+  int64_t now = tl__now_ns();
+  if (!rc->gone_since) rc->gone_since = now;
+  return now - rc->gone_since > GONE_GRACE_NS;
+}
+
 static int can_send(const rdma_chan_t *rc) {
   return rc->ntx_free > 0 && rc->tx_seq - rc->tx_acked < WINDOW;
 }
@@ -1025,7 +1046,7 @@ static long rdma_recv(tl_chan_t *ch, const struct iovec *iov, int n, int peek) {
     }
   }
 out:
-  if (!moved) return peer_gone(ch) ? -EPIPE : 0;
+  if (!moved) return drained_gone(rc) ? -EPIPE : 0;
   if (!peek) rdma_consume(ch, moved);
   return rc->failed ? rc->failed : (long)moved;
 }
@@ -1035,7 +1056,7 @@ static long rdma_view(tl_chan_t *ch, const char **p) {
   int e = drain(rc);
   if (e) return e;
   int slot = rc->ready[rc->rx_next % WINDOW];
-  if (slot < 0) return peer_gone(ch) ? -EPIPE : 0;
+  if (slot < 0) return drained_gone(rc) ? -EPIPE : 0;
   *p = rc->rx + (size_t)slot * SLOT + HDR + rc->rx_off;
   return (long)(rc->rx_len[slot] - rc->rx_off);
 }
@@ -1062,6 +1083,10 @@ static int rdma_arm(tl_chan_t *ch, int want_in, int want_out, struct pollfd *pfd
   pfd->fd = rc->cc->fd;
   pfd->events = POLLIN;
   rc->armed = 1;
+  tl__log(ch->link->comm, TL_LOG_TRACE, "%.3f rdma to rank %d channel %d sleeps (%s%s): sent %u, "
+          "acked %u, free slots %d+%d, read %u, credit due %d", (double)(tl__now_ns() % 100000000000) / 1e6, ch->link->peer, rc->index,
+          want_in ? "in" : "", want_out ? "out" : "", rc->tx_seq, rc->tx_acked, rc->ntx_free,
+          rc->nctl_free, rc->rx_next, rc->credit_due);
   return 0;
 }
 
@@ -1081,7 +1106,25 @@ static void rdma_disarm(tl_chan_t *ch) {
 /* The notice goes over the control channel (see tl__abort_all). */
 static void rdma_abort(tl_chan_t *ch, const tl_frame_t *f, const char *why, size_t len) {}
 
-static void rdma_close(tl_chan_t *ch) { ch->t = NULL; /* freed with the link */ }
+/* Sends posted but not complete would die with the queue pair: a rank that
+ * leaves right after its last collective must not take its last bytes with
+ * it (a TCP socket's kernel buffer outlives the process; a queue pair does
+ * not). Wait for them, a bounded time, unless the link failed. */
+#define CLOSE_WAIT_NS ((int64_t)5000000000)
+
+static void rdma_close(tl_chan_t *ch) {
+  rdma_chan_t *rc = ch->t;
+  ch->t = NULL; /* the state is freed with the link */
+  if (!rc || rc->failed || peer_gone(ch)) return;
+  int64_t until = tl__now_ns() + CLOSE_WAIT_NS;
+  while ((rc->ntx_free < WINDOW || rc->nctl_free < NCTL) && tl__now_ns() < until) {
+    if (drain(rc)) return;
+    if (rc->ntx_free < WINDOW || rc->nctl_free < NCTL) {
+      struct timespec ts = {0, 100000};
+      nanosleep(&ts, NULL);
+    }
+  }
+}
 
 const tl_transport_ops_t tl__rdma_ops = {
     .name = "rdma",
