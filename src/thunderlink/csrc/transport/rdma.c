@@ -457,6 +457,10 @@ typedef struct rdma_chan {
   uint32_t tx_seq;    /* data messages sent */
   uint32_t tx_acked;  /* of them, consumed by the peer (as it last said) */
   int tx_free[WINDOW], ntx_free;
+  uint32_t tx_len[WINDOW]; /* payload bytes of the message in each slot */
+  size_t tx_unreported; /* bytes posted and not yet reported to the core */
+  size_t tx_completed;  /* of them, those whose send completed */
+  int tx_more;          /* the core offered bytes not posted yet */
   int ctl_free[NCTL], nctl_free;
   int credit_due;     /* a credit message waits for a free slot */
   /* receiving */
@@ -511,8 +515,9 @@ static size_t chan_bytes(void) { return (size_t)(WINDOW + NRECV) * SLOT + NCTL *
 
 static int peer_gone(const tl_chan_t *ch) { return ch->link->ctl && ch->link->ctl->eof; }
 
-/* The peer closed its control channel; its last messages, sent before,
- * may still be on their way to this side's completion queue. */
+/* The peer closed its control channel, or sent an abort notice there; its
+ * last messages, sent before, may still be on their way: the channel ends
+ * once none has arrived for this long. */
 #define GONE_GRACE_NS ((int64_t)200000000)
 
 static int qp_type(void) {
@@ -902,6 +907,7 @@ static int got_message(rdma_chan_t *rc, int slot, uint32_t bytes) {
     return chan_fail(rc, EPROTO, "an empty data message arrived");
   rc->ready[h.seq % WINDOW] = slot;
   rc->rx_len[slot] = h.len;
+  if (rc->gone_since) rc->gone_since = tl__now_ns(); /* still arriving */
   if (d > 0 && rc->ready[rc->rx_next % WINDOW] < 0 && !rc->gap_since) rc->gap_since = tl__now_ns();
   return 0;
 }
@@ -928,6 +934,7 @@ static int drain(rdma_chan_t *rc) {
       }
       if (kind == WR_TX_DATA && slot < WINDOW) {
         rc->tx_free[rc->ntx_free++] = slot;
+        rc->tx_completed += rc->tx_len[slot];
       } else if (kind == WR_TX_CTL && slot < NCTL) {
         rc->ctl_free[rc->nctl_free++] = slot;
         if (rc->credit_due) {
@@ -974,9 +981,13 @@ static long rdma_send(tl_chan_t *ch, const struct iovec *iov, int n) {
   if (peer_gone(ch)) return -EPIPE;
   int e = drain(rc);
   if (e) return e;
-  size_t moved = 0;
+  /* The first tx_unreported bytes of iov are posted already (the core
+   * offers the same bytes until this reports them moved). */
+  size_t skip = rc->tx_unreported;
   int i = 0;
   size_t off = 0;
+  while (i < n && skip >= iov[i].iov_len - off) skip -= iov[i].iov_len - off, i++;
+  off += skip;
   while (i < n && can_send(rc)) {
     int slot = rc->tx_free[--rc->ntx_free];
     char *b = rc->tx + (size_t)slot * SLOT;
@@ -994,12 +1005,20 @@ static long rdma_send(tl_chan_t *ch, const struct iovec *iov, int n) {
     }
     msg_hdr_t h = {MSG_MAGIC | KIND_DATA << 24, rc->tx_seq, rc->rx_next, (uint32_t)len};
     memcpy(b, &h, HDR);
+    rc->tx_len[slot] = (uint32_t)len;
     if ((e = post_send(rc, WR_TX_DATA | (uint64_t)slot, b, HDR + len))) return e;
     rc->tx_seq++;
     rc->rx_reported = rc->rx_next;
-    moved += len;
+    rc->tx_unreported += len;
   }
-  return (long)moved;
+  /* Bytes count as moved once their send completed (on RC: the peer has
+   * them), in order: a queue pair dies with its process, so a rank that
+   * leaves right after a collective must not leave its last bytes behind. */
+  rc->tx_more = i < n;
+  long moved = (long)rc->tx_completed;
+  rc->tx_unreported -= rc->tx_completed;
+  rc->tx_completed = 0;
+  return moved;
 }
 
 /* A message consumed to its end: post its receive again, owe a credit. */
@@ -1064,7 +1083,7 @@ static long rdma_view(tl_chan_t *ch, const char **p) {
 static int ready_now(rdma_chan_t *rc, int want_in, int want_out) {
   if (rc->failed || peer_gone(rc->ch)) return 1;
   if (want_in && rc->ready[rc->rx_next % WINDOW] >= 0) return 1;
-  if (want_out && can_send(rc)) return 1;
+  if (want_out && (rc->tx_completed || (rc->tx_more && can_send(rc)))) return 1;
   return 0;
 }
 
