@@ -40,7 +40,8 @@ ENV = {
     "MLX_HOSTFILE": ("unset", "MLX ring hostfile, as written by mlx.launch"),
     "MLX_IBV_DEVICES": (
         "unset",
-        "JACCL's device matrix (also JACCL_IBV_DEVICES), used when no hostfile is set: TCP over the cables it names",
+        "JACCL's device matrix (also JACCL_IBV_DEVICES), used when no hostfile is set: RDMA over the cables it "
+        "names where both ends have the device, else TCP",
     ),
     "MLX_JACCL_COORDINATOR": ("unset", "rank 0's ip:port for a device matrix (also JACCL_COORDINATOR)"),
     "THUNDERLINK_RANK": ("unset", "this process's rank; falls back to MLX_RANK, then JACCL_RANK"),
