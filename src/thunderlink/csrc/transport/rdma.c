@@ -548,6 +548,10 @@ static void free_link(rdma_link_t *rl) {
     rdma_chan_t *rc = &rl->ch[k];
     if (rc->qp) a->destroy_qp(rc->qp);
     if (rc->cq) {
+      /* Every event raised must be taken and acknowledged first. */
+      struct ibv_cq *ev_cq;
+      void *ev_ctx;
+      while (rc->cc && a->get_cq_event(rc->cc, &ev_cq, &ev_ctx) == 0) rc->events++;
       if (rc->events) a->ack_cq_events(rc->cq, rc->events);
       a->destroy_cq(rc->cq);
     }
