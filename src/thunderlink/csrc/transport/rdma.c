@@ -939,6 +939,7 @@ static int drain(rdma_chan_t *rc) {
       if (kind == WR_TX_DATA && slot < WINDOW) {
         rc->tx_free[rc->ntx_free++] = slot;
         rc->tx_completed += rc->tx_len[slot];
+        if (rc->gone_since) rc->gone_since = tl__now_ns(); /* still completing */
       } else if (kind == WR_TX_CTL && slot < NCTL) {
         rc->ctl_free[rc->nctl_free++] = slot;
         if (rc->credit_due) {
@@ -982,9 +983,19 @@ static int can_send(const rdma_chan_t *rc) {
 
 static long rdma_send(tl_chan_t *ch, const struct iovec *iov, int n) {
   rdma_chan_t *rc = ch->t;
-  if (peer_gone(ch)) return -EPIPE;
   int e = drain(rc);
   if (e) return e;
+  if (peer_gone(ch)) {
+    /* The peer may have left right after taking our last bytes: their
+     * completions can still be on the way. Nothing new is posted. */
+    if (rc->tx_completed) {
+      long moved = (long)rc->tx_completed;
+      rc->tx_unreported -= rc->tx_completed;
+      rc->tx_completed = 0;
+      return moved;
+    }
+    return rc->tx_unreported && !drained_gone(rc) ? 0 : -EPIPE;
+  }
   /* The first tx_unreported bytes of iov are posted already (the core
    * offers the same bytes until this reports them moved). */
   size_t skip = rc->tx_unreported;
