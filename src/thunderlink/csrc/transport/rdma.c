@@ -1117,8 +1117,8 @@ static int rdma_arm(tl_chan_t *ch, int want_in, int want_out, struct pollfd *pfd
   pfd->fd = rc->cc->fd;
   pfd->events = POLLIN;
   rc->armed = 1;
-  tl__log(ch->link->comm, TL_LOG_TRACE, "%.3f rdma to rank %d channel %d sleeps (%s%s): sent %u, "
-          "acked %u, free slots %d+%d, read %u, credit due %d", (double)(tl__now_ns() % 100000000000) / 1e6, ch->link->peer, rc->index,
+  tl__log(ch->link->comm, TL_LOG_TRACE, "rdma to rank %d channel %d sleeps (%s%s): sent %u, "
+          "acked %u, free slots %d+%d, read %u, credit due %d", ch->link->peer, rc->index,
           want_in ? "in" : "", want_out ? "out" : "", rc->tx_seq, rc->tx_acked, rc->ntx_free,
           rc->nctl_free, rc->rx_next, rc->credit_due);
   return 0;
