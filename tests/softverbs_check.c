@@ -540,6 +540,10 @@ static void uc_drop(void)
         expect(e.scq, IBV_WC_SUCCESS, "UC write with a bad rkey");
         CHECK(post_send(&e, IBV_WR_RDMA_WRITE_WITH_IMM, 11, 0, 256, 1, 5, &peer, 2048, peer.rkey) == 0, "post");
         expect(e.scq, IBV_WC_SUCCESS, "UC write-with-imm into no receive");
+        /* a plain write behind them: once it has landed, they were dropped */
+        memset(e.buf + 8192, 'M', 16);
+        CHECK(post_send(&e, IBV_WR_RDMA_WRITE, 12, 8192, 16, 1, 0, &peer, 8192, peer.rkey) == 0, "post");
+        expect(e.scq, IBV_WC_SUCCESS, "UC write");
         barrier(); /* rank 1 has seen nothing, and posts a receive */
         barrier();
         memset(e.buf, 'Z', 256);
@@ -547,7 +551,11 @@ static void uc_drop(void)
         expect(e.scq, IBV_WC_SUCCESS, "UC send");
     } else {
         barrier();
-        no_completion(e.rcq, 300, "nothing was delivered");
+        double t0 = now_s();
+        while (((volatile char *)e.buf)[8192 + 15] != 'M' && now_s() - t0 < 20)
+            usleep(1000);
+        CHECK(e.buf[8192 + 15] == 'M', "the write behind the dropped messages did not land");
+        no_completion(e.rcq, 100, "nothing was delivered");
         CHECK(e.buf[1024] == 0 && e.buf[2048] == 0, "a dropped write placed data");
         CHECK(post_recv(&e, 99, 0, 4096) == 0, "post_recv");
         barrier();
@@ -804,6 +812,109 @@ static void uc_only(void)
           "teardown");
 }
 
+/* A message that reaches a QP not yet in RTR: RC holds it within the
+ * requester's retry window (delivered once the responder is in RTR, or
+ * RETRY_EXC_ERR when the window is shorter); UC drops it. */
+static void early(void)
+{
+    for (int round = 0; round < 3; round++) {
+        int type = round == 2 ? IBV_QPT_UC : IBV_QPT_RC;
+        struct end e;
+        struct opts o = defaults(type);
+        o.timeout = round == 0 ? 20 : 10; /* 4.3 s or 4.2 ms, x (retry_cnt 3 + 1) */
+        make_end(&e, &o, 1 << 16);
+        CHECK(to_init(&e) == 0, "INIT");
+        struct info me = my_info(&e), peer;
+        xchg(&me, &peer, sizeof me);
+        struct ibv_qp_attr a;
+        if (RANK == 0) {
+            rtr_attr(&a, &peer, &o);
+            CHECK(ibv.modify_qp(e.qp, &a, rtr_mask(type)) == 0, "RTR");
+            rts_attr(&a, &me, &o);
+            CHECK(ibv.modify_qp(e.qp, &a, rts_mask(type)) == 0, "RTS");
+            memset(e.buf, 'e', 64);
+            CHECK(post_send(&e, IBV_WR_SEND, 1, 0, 64, 1, 0, NULL, 0, 0) == 0, "post");
+            double t0 = now_s();
+            expect(e.scq, round == 1 ? IBV_WC_RETRY_EXC_ERR : IBV_WC_SUCCESS, "send to a QP still in INIT");
+            if (round == 0)
+                CHECK(now_s() - t0 > 0.2, "the RC send completed before the responder was in RTR");
+            barrier();
+        } else {
+            usleep(round == 2 ? 1000000 : 300000); /* UC: time for the message to arrive and go */
+            CHECK(post_recv(&e, 3, 0, 64) == 0, "post_recv in INIT");
+            rtr_attr(&a, &peer, &o);
+            CHECK(ibv.modify_qp(e.qp, &a, rtr_mask(type)) == 0, "RTR");
+            if (round == 0) {
+                struct ibv_wc wc = expect(e.rcq, IBV_WC_SUCCESS, "the held message");
+                CHECK(wc.byte_len == 64 && e.buf[0] == 'e', "data");
+            } else {
+                no_completion(e.rcq, 300, round == 1 ? "a message refused after the retry window"
+                                                     : "a UC message that came before RTR");
+            }
+            barrier();
+        }
+        barrier();
+        destroy_end(&e);
+    }
+}
+
+/* Apple's devices have 10 queue pairs: the eleventh fails with EBUSY
+ * (SOFTVERBS_MAX_QP, default 10), counted per device across contexts. */
+static void qp_limit(void)
+{
+    if (RANK == 1)
+        return;
+    struct ibv_context *c1 = open_first(), *c2 = open_first();
+    struct ibv_device_attr da;
+    CHECK(ibv.query_device(c1, &da) == 0 && da.max_qp == 10, "max_qp %d", da.max_qp);
+    struct ibv_pd *p1 = ibv.alloc_pd(c1), *p2 = ibv.alloc_pd(c2);
+    struct ibv_cq *q1 = ibv.create_cq(c1, 4, NULL, NULL, 0), *q2 = ibv.create_cq(c2, 4, NULL, NULL, 0);
+    struct ibv_qp_init_attr ia;
+    memset(&ia, 0, sizeof ia);
+    ia.cap.max_send_wr = ia.cap.max_recv_wr = 1;
+    ia.qp_type = IBV_QPT_UC;
+    struct ibv_qp *qps[10];
+    for (int i = 0; i < 10; i++) {
+        ia.send_cq = ia.recv_cq = i % 2 ? q2 : q1;
+        qps[i] = ibv.create_qp(i % 2 ? p2 : p1, &ia);
+        CHECK(qps[i], "QP %d: %s", i, strerror(errno));
+    }
+    ia.send_cq = ia.recv_cq = q1;
+    CHECK(!ibv.create_qp(p1, &ia) && errno == EBUSY, "an eleventh QP on the device");
+    CHECK(ibv.destroy_qp(qps[0]) == 0, "destroy");
+    qps[0] = ibv.create_qp(p1, &ia);
+    CHECK(qps[0], "a QP again after one was destroyed");
+    for (int i = 0; i < 10; i++)
+        CHECK(ibv.destroy_qp(qps[i]) == 0, "destroy");
+    CHECK(ibv.destroy_cq(q1) == 0 && ibv.destroy_cq(q2) == 0 && ibv.dealloc_pd(p1) == 0 && ibv.dealloc_pd(p2) == 0 &&
+              ibv.close_device(c1) == 0 && ibv.close_device(c2) == 0,
+          "teardown");
+}
+
+/* SOFTVERBS_UC_NORECV=wait: a UC message that finds no receive waits for
+ * one (as JACCL's examples need of Apple's devices) instead of vanishing. */
+static void uc_wait(void)
+{
+    struct end e;
+    struct opts o = defaults(IBV_QPT_UC);
+    make_end(&e, &o, 1 << 16);
+    connect_end(&e, &o, NULL);
+    if (RANK == 0) {
+        memset(e.buf, 'w', 128);
+        CHECK(post_send(&e, IBV_WR_SEND, 1, 0, 128, 1, 0, NULL, 0, 0) == 0, "post");
+        expect(e.scq, IBV_WC_SUCCESS, "UC send (complete once transmitted)");
+        barrier();
+    } else {
+        usleep(300000);
+        barrier();
+        CHECK(post_recv(&e, 9, 0, 4096) == 0, "post_recv");
+        struct ibv_wc wc = expect(e.rcq, IBV_WC_SUCCESS, "the held message");
+        CHECK(wc.wr_id == 9 && wc.byte_len == 128 && e.buf[127] == 'w', "data");
+    }
+    barrier();
+    destroy_end(&e);
+}
+
 /* Queue limits: max_send_wr counts unsignaled WRs until a later signaled
  * completion is polled; max_recv_wr likewise; a CQ that overflows is an
  * error (poll_cq < 0) and its QP goes to ERR. */
@@ -829,8 +940,10 @@ static void limits(void)
         for (int i = 0; i < 4; i++)
             CHECK(post_send(&e, IBV_WR_RDMA_WRITE, 10 + (uint64_t)i, 0, 64, 1, 0, &peer, 0, peer.rkey) == 0,
                   "all four slots free after the poll");
-        /* 4 completions into a CQ of 3 */
-        usleep(300000);
+        /* 4 completions into a CQ of 3: the fourth puts the QP in ERR */
+        double t0 = now_s();
+        while (qp_state(&e) != IBV_QPS_ERR && now_s() - t0 < 20)
+            usleep(1000);
         struct ibv_wc w4[4];
         int n = ibv_poll_cq(e.scq, 4, w4);
         CHECK(n < 0 && errno == EOVERFLOW, "an overflowed CQ polls %d", n);
@@ -1084,6 +1197,9 @@ static const struct {
     {"uc_only", uc_only, "SOFTVERBS_UC_ONLY=1"},
     {"uc_only_device", uc_only, "SOFTVERBS_DEVICES=sv_uc=10.77.0.9/uc"},
     {"limits", limits, ""},
+    {"qp_limit", qp_limit, ""},
+    {"early", early, ""},
+    {"uc_wait", uc_wait, "SOFTVERBS_UC_NORECV=wait"},
     {"channel", channel, ""},
     {"jitter", jitter, "SOFTVERBS_JITTER_US=2000"},
     {"dead_peer_rc", NULL, ""},

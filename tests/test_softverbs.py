@@ -19,6 +19,8 @@ import tempfile
 
 import pytest
 
+from thunderlink.testing.softverbs import ENV_VARS
+
 pytestmark = pytest.mark.multiproc
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -30,7 +32,7 @@ TEST_TIMEOUT_S = 120
 
 SCENARIOS = [
     "rc_pingpong", "uc_pingpong", "write_imm", "bad_rkey", "bad_rkey_lkey", "use_after_dereg", "uc_drop", "rnr",
-    "reuse", "usage_errors", "uc_only", "uc_only_device", "limits", "channel", "jitter", "dead_peer_rc",
+    "reuse", "usage_errors", "uc_only", "uc_only_device", "limits", "qp_limit", "early", "uc_wait", "channel", "jitter", "dead_peer_rc",
     "dead_peer_uc", "psn_rc", "psn_uc", "stranger", "rc_pingpong_jitter",
 ]
 
@@ -76,9 +78,8 @@ def sock_dir():
 
 
 def _run(check_prog, lib, scenario, sock_dir, extra_env=None):
-    env = dict(os.environ, SOFTVERBS_DIR=sock_dir)
-    for k in ("SOFTVERBS_DEVICES", "SOFTVERBS_UC_ONLY", "SOFTVERBS_JITTER_US", "SOFTVERBS_MAX_MR", "SOFTVERBS_LOG"):
-        env.pop(k, None)
+    env = {k: v for k, v in os.environ.items() if k not in ENV_VARS}
+    env["SOFTVERBS_DIR"] = sock_dir
     env.update(extra_env or {})
     # the program kills its ranks after 40 s itself; this is the backstop
     r = subprocess.run([check_prog, lib, scenario], capture_output=True, text=True, timeout=90, env=env)
@@ -200,3 +201,11 @@ def test_a_malformed_device_list_is_an_error_that_says_why(lib, sock_dir, spec):
     res, err = _devices(lib, sock_dir, SOFTVERBS_DEVICES=spec)
     assert res == {"errno": 22}
     assert "SOFTVERBS_DEVICES" in err and "name=ipv4" in err
+
+
+@pytest.mark.parametrize("var,value", [("SOFTVERBS_JITTER_US", "-1"), ("SOFTVERBS_MAX_QP", "1000"),
+                                       ("SOFTVERBS_UC_NORECV", "hold"), ("SOFTVERBS_MAX_MR", "x")])
+def test_a_malformed_setting_is_an_error_that_names_it(lib, sock_dir, var, value):
+    res, err = _devices(lib, sock_dir, **{var: value})
+    assert res == {"errno": 22}
+    assert var in err

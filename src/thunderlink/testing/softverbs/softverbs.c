@@ -39,6 +39,12 @@
  *   - UC: a SEND or WRITE_WITH_IMM that finds no receive, a bad rkey, a PSN
  *     out of sequence, a responder not in RTR/RTS or a peer that is gone:
  *     the message is dropped and the sender still completes successfully.
+ *     (Whether Apple's UC drops a message that finds no receive, as the IB
+ *     spec says, or holds it, is not documented; JACCL's own examples need
+ *     it held. SOFTVERBS_UC_NORECV=wait models that: the message waits for
+ *     a receive, forever.)
+ *   - Resource limits as Apple's devices have them: 10 QPs per device (the
+ *     next ibv_create_qp fails with EBUSY) and 100 memory regions (ENOMEM).
  *   - Queue limits: posting past max_send_wr / max_recv_wr is ENOMEM; a
  *     slot is free again only once the completion of its WR, or of a later
  *     signaled WR of the same queue, has been polled (so unsignaled WRs hold
@@ -65,9 +71,12 @@
  *   SOFTVERBS_UC_ONLY   1: every device offers UC only
  *   SOFTVERBS_JITTER_US delay and reorder, see above (0..1000000)
  *   SOFTVERBS_MAX_MR    memory regions per device (default 100, as Apple's)
+ *   SOFTVERBS_MAX_QP    queue pairs per device (default 10, as Apple's; <= 256)
+ *   SOFTVERBS_UC_NORECV drop (default) or wait: UC message without a receive
  *   SOFTVERBS_DIR       directory of the QPs' sockets (/tmp/softverbs-<uid>)
  *   SOFTVERBS_SEED      seed of the jitter's random numbers
- *   SOFTVERBS_LOG       1: say on stderr why a message was dropped or failed
+ *   SOFTVERBS_LOG       1: say on stderr why a message was dropped or failed;
+ *                       2: also every message and completion
  *
  * Threads: one per QP (an event loop over its sockets, non-blocking), from
  * ibv_create_qp to ibv_destroy_qp. Nothing a peer sends makes this library
@@ -112,7 +121,7 @@
 enum {
     SV_MAX_DEVICES = 16,
     SV_GID_TBL_LEN = 4,
-    SV_MAX_QP = 256,    /* per device: one thread each */
+    SV_MAX_QP = 256,    /* per device at most (one thread each) */
     SV_MAX_QP_WR = 4096,
     SV_MAX_SGE = 8,
     SV_MAX_CQ = 256,
@@ -164,6 +173,7 @@ struct sv_device {
     union ibv_gid gid[SV_GID_TBL_LEN];
     uint32_t ip; /* network order */
     int uc_only;
+    int nqp, nmr; /* in this process, under G.lock */
 };
 
 struct sv_ctx {
@@ -323,7 +333,8 @@ static struct {
     int init_errno;
     struct sv_device devs[SV_MAX_DEVICES];
     int ndev;
-    int uc_only, log;
+    int uc_only, log, uc_wait;
+    int max_qp;
     uint64_t jitter_ns;
     int max_mr;
     char dir[80], lodir[96];
@@ -574,6 +585,14 @@ static void sv_init(void)
     G.jitter_ns = v * 1000;
     err |= env_uint("SOFTVERBS_MAX_MR", 100, 1 << 20, &v);
     G.max_mr = (int)v;
+    err |= env_uint("SOFTVERBS_MAX_QP", 10, SV_MAX_QP, &v);
+    G.max_qp = v ? (int)v : 1;
+    const char *norecv = getenv("SOFTVERBS_UC_NORECV");
+    if (norecv && *norecv && strcmp(norecv, "drop") && strcmp(norecv, "wait")) {
+        fprintf(stderr, "softverbs: SOFTVERBS_UC_NORECV=%s: expected drop or wait\n", norecv);
+        err = EINVAL;
+    }
+    G.uc_wait = norecv && !strcmp(norecv, "wait");
     err |= env_uint("SOFTVERBS_UC_ONLY", 0, 1, &v);
     G.uc_only = (int)v;
     err |= env_uint("SOFTVERBS_LOG", 0, 2, &v);
@@ -736,7 +755,7 @@ SV_EXPORT int ibv_query_device(struct ibv_context *context, struct ibv_device_at
     a->vendor_id = 0x5356; /* not a registered vendor */
     a->vendor_part_id = 1;
     a->hw_ver = 1;
-    a->max_qp = SV_MAX_QP;
+    a->max_qp = G.max_qp;
     a->max_qp_wr = SV_MAX_QP_WR;
     a->max_sge = SV_MAX_SGE;
     a->max_sge_rd = 0;
@@ -746,7 +765,7 @@ SV_EXPORT int ibv_query_device(struct ibv_context *context, struct ibv_device_at
     a->max_pd = SV_MAX_PD;
     a->max_qp_rd_atom = SV_MAX_RD_ATOMIC;
     a->max_qp_init_rd_atom = SV_MAX_RD_ATOMIC;
-    a->max_res_rd_atom = SV_MAX_RD_ATOMIC * SV_MAX_QP;
+    a->max_res_rd_atom = SV_MAX_RD_ATOMIC * G.max_qp;
     a->atomic_cap = IBV_ATOMIC_NONE;
     a->max_pkeys = 1;
     a->local_ca_ack_delay = 16;
@@ -905,7 +924,7 @@ SV_EXPORT struct ibv_mr *ibv_reg_mr_iova2(struct ibv_pd *ibpd, void *addr, size_
         return NULL;
     }
     pthread_mutex_lock(&G.lock);
-    if (pd->c->nmr >= G.max_mr) {
+    if (pd->c->dev->nmr >= G.max_mr) {
         pthread_mutex_unlock(&G.lock);
         free(m);
         sv_log("ibv_reg_mr: the device's %d memory regions are all in use (SOFTVERBS_MAX_MR)", G.max_mr);
@@ -913,6 +932,7 @@ SV_EXPORT struct ibv_mr *ibv_reg_mr_iova2(struct ibv_pd *ibpd, void *addr, size_
         return NULL;
     }
     pd->c->nmr++;
+    pd->c->dev->nmr++;
     pd->refs++;
     pthread_mutex_unlock(&G.lock);
 
@@ -970,6 +990,7 @@ SV_EXPORT int ibv_dereg_mr(struct ibv_mr *ibmr)
     pthread_mutex_unlock(&G.mr_lock);
     pthread_mutex_lock(&G.lock);
     m->pd->c->nmr--;
+    m->pd->c->dev->nmr--;
     m->pd->refs--;
     pthread_mutex_unlock(&G.lock);
     free(m);
@@ -1855,7 +1876,7 @@ static void rx_begin(struct sv_qp *qp)
     }
     if (qp->rx_need_recv) {
         if (qp->rq_used == qp->rq_posted) {
-            if (qp->type == IBV_QPT_UC) {
+            if (qp->type == IBV_QPT_UC && !G.uc_wait) {
                 rx_reject(qp, 0, "no receive posted");
                 return;
             }
@@ -1964,6 +1985,30 @@ static int rx_place(struct sv_qp *qp)
     return 1;
 }
 
+/* A complete header, in in_hdr, reaches a QP in RTR or RTS: check where it
+ * comes from and its PSN, and start on it. -1 when the connection closed. */
+static int rx_header(struct sv_qp *qp)
+{
+    struct sv_msg *m = &qp->in_hdr;
+    if (!qp->in_hello_ok) {
+        if (!hello_matches(qp)) {
+            sv_log("QP %u: a connection from QP %u, which is not this QP's destination (QP %u); closed",
+                   qp->qp.qp_num, qp->in_hello.src_qpn, qp->dest_qpn);
+            in_reset(qp, NULL);
+            return -1;
+        }
+        qp->in_hello_ok = 1;
+    }
+    if (m->psn != qp->rq_expect_psn) {
+        char why[96];
+        snprintf(why, sizeof why, "PSN %u where %u was expected", m->psn, qp->rq_expect_psn);
+        rx_reject(qp, SV_NAK_SEQ, why);
+        return 0;
+    }
+    rx_begin(qp);
+    return 0;
+}
+
 /* Moves the receive side; returns when it next needs to run. */
 static uint64_t progress_rx(struct sv_qp *qp, int *want_pollin, int *want_pollout)
 {
@@ -2030,44 +2075,19 @@ static uint64_t progress_rx(struct sv_qp *qp, int *want_pollin, int *want_pollou
                         rx_reject(qp, 0, "the QP is not ready to receive (not in RTR or RTS)");
                         break;
                     }
+                    /* RC: the requester retries until we are in RTR */
                     qp->rx_phase = RX_HELD;
                     qp->rx_since_ns = now_ns();
                     break;
                 }
-                if (!qp->in_hello_ok) {
-                    if (!hello_matches(qp)) {
-                        sv_log("QP %u: a connection from QP %u, which is not this QP's destination (QP %u); "
-                               "closed", qp->qp.qp_num, qp->in_hello.src_qpn, qp->dest_qpn);
-                        in_reset(qp, NULL);
-                        continue;
-                    }
-                    qp->in_hello_ok = 1;
-                }
-                if (m->psn != qp->rq_expect_psn) {
-                    char why[96];
-                    snprintf(why, sizeof why, "PSN %u where %u was expected", m->psn, qp->rq_expect_psn);
-                    rx_reject(qp, SV_NAK_SEQ, why);
-                    break;
-                }
-                rx_begin(qp);
+                if (rx_header(qp) < 0)
+                    continue;
             }
             break;
         case RX_HELD: {
             if (recv_ready(qp)) {
-                qp->in_hdr_off = sizeof qp->in_hdr;
-                qp->rx_phase = RX_HDR;
-                /* re-run the checks of a complete header */
-                qp->in_hdr_off = sizeof qp->in_hdr;
-                if (!qp->in_hello_ok && !hello_matches(qp)) {
-                    in_reset(qp, "a connection from a QP that is not this QP's destination");
+                if (rx_header(qp) < 0)
                     continue;
-                }
-                qp->in_hello_ok = 1;
-                if (qp->in_hdr.psn != qp->rq_expect_psn) {
-                    rx_reject(qp, SV_NAK_SEQ, "PSN out of sequence");
-                    break;
-                }
-                rx_begin(qp);
                 break;
             }
             uint64_t w = retry_window_ns(qp->in_hello.timeout, qp->in_hello.retry_cnt);
@@ -2082,7 +2102,8 @@ static uint64_t progress_rx(struct sv_qp *qp, int *want_pollin, int *want_pollou
                 rx_begin(qp);
                 break;
             }
-            uint64_t w = rnr_window_ns(qp->min_rnr_timer, qp->in_hello.rnr_retry);
+            /* UC in SOFTVERBS_UC_NORECV=wait: the link holds the message */
+            uint64_t w = qp->type == IBV_QPT_UC ? SV_FOREVER : rnr_window_ns(qp->min_rnr_timer, qp->in_hello.rnr_retry);
             if (w != SV_FOREVER && now_ns() - qp->rx_since_ns >= w) {
                 rx_reject(qp, SV_NAK_RNR, "no receive posted within the RNR retry window");
                 break;
@@ -2353,10 +2374,14 @@ SV_EXPORT struct ibv_qp *ibv_create_qp(struct ibv_pd *ibpd, struct ibv_qp_init_a
     }
     pthread_mutex_lock(&G.lock);
     qp->rng = rng_next(&G.rng);
-    if (!err && pd->c->nqp >= SV_MAX_QP)
-        err = ENOMEM;
+    if (!err && pd->c->dev->nqp >= G.max_qp) {
+        /* as Apple's devices do once their queue pairs are all in use */
+        sv_log("ibv_create_qp: the device's %d queue pairs are all in use (SOFTVERBS_MAX_QP)", G.max_qp);
+        err = EBUSY;
+    }
     if (!err) {
         pd->c->nqp++;
+        pd->c->dev->nqp++;
         pd->refs++;
         pthread_mutex_lock(&scq->lock);
         scq->refs++;
@@ -2375,6 +2400,7 @@ SV_EXPORT struct ibv_qp *ibv_create_qp(struct ibv_pd *ibpd, struct ibv_qp_init_a
         if (err) {
             pthread_mutex_lock(&G.lock);
             pd->c->nqp--;
+            pd->c->dev->nqp--;
             pd->refs--;
             scq->refs--;
             rcq->refs--;
@@ -2415,6 +2441,7 @@ SV_EXPORT int ibv_destroy_qp(struct ibv_qp *ibqp)
         cq_clean(qp->rcq, qp);
     pthread_mutex_lock(&G.lock);
     qp->c->nqp--;
+    qp->c->dev->nqp--;
     qp->pd->refs--;
     pthread_mutex_lock(&qp->scq->lock);
     qp->scq->refs--;
