@@ -640,8 +640,11 @@ static int open_link(tl_comm_t *c, tl_link_t *l, rdma_link_t *rl) {
       rc->qp = a->create_qp(rl->pd, &ia);
     }
     if (!rc->qp) {
-      snprintf(rl->why, sizeof rl->why, "%s: ibv_create_qp(%s): %s", dn, qpt_name(rl->qpt),
-               strerror(errno));
+      int e = errno;
+      snprintf(rl->why, sizeof rl->why, "%s: ibv_create_qp(%s): %s%s", dn, qpt_name(rl->qpt),
+               strerror(e), e == EBUSY || e == ENOMEM
+                                ? " (the device's queue pairs are used up: Apple's allow 10, "
+                                  "and each link takes 2)" : "");
       return -1;
     }
     struct ibv_qp_attr at;
