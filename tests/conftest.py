@@ -92,13 +92,43 @@ def ranks():
 
 
 # The transports every collective and error test runs over: ranks of one
-# host take shared memory by default, so TCP is forced for its half.
-TRANSPORTS = ("tcp", "shm")
+# host take shared memory by default, so TCP is forced for its half. RDMA
+# runs over the software ibverbs provider (thunderlink.testing.softverbs),
+# plainly and with jitter (completions delayed and reordered).
+TRANSPORTS = ("tcp", "shm", "rdma", "rdma-jitter")
+SOFTVERBS_JITTER_US = "200"
+
+
+def softverbs_path() -> tuple[str | None, str]:
+    """(the software ibverbs provider's library, or None; why not)."""
+    try:
+        from thunderlink.testing import softverbs
+        return softverbs.path(), ""
+    except (ImportError, FileNotFoundError) as e:
+        return None, str(e)
+
+
+def use_softverbs(monkeypatch, jitter: bool = False) -> str:
+    """Point the RDMA transport of every rank started from here at the
+    software provider (THUNDERLINK_IBV_LIB); skip when it cannot be built."""
+    path, why = softverbs_path()
+    if path is None:
+        pytest.skip(f"the software ibverbs provider is not available: {why}")
+    monkeypatch.setenv("THUNDERLINK_IBV_LIB", path)
+    monkeypatch.delenv("THUNDERLINK_IBV_DEVICE", raising=False)
+    if jitter:
+        monkeypatch.setenv("SOFTVERBS_JITTER_US", SOFTVERBS_JITTER_US)
+    else:
+        monkeypatch.delenv("SOFTVERBS_JITTER_US", raising=False)
+    return path
 
 
 @pytest.fixture(params=TRANSPORTS)
-def transport(request):
+def transport(request, monkeypatch):
     """THUNDERLINK_TRANSPORT for the test's ranks (the transport axis)."""
+    if request.param.startswith("rdma"):
+        use_softverbs(monkeypatch, jitter=request.param == "rdma-jitter")
+        return "rdma"
     return request.param
 
 

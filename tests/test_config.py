@@ -380,12 +380,15 @@ def test_connect_world_size_mismatch(hostfile2):
     assert "THUNDERLINK_WORLD_SIZE=3" in msg and hostfile2 in msg and "2 ranks" in msg
 
 
-def test_connect_unimplemented_transport(hostfile2):
-    with pytest.raises(thunderlink.UnsupportedError) as ei:
-        connect_env({"THUNDERLINK_HOSTFILE": hostfile2, "THUNDERLINK_RANK": "0", "THUNDERLINK_TRANSPORT": "rdma"})
+def test_connect_rdma_without_a_library_is_a_config_error_at_once(hostfile2):
+    """THUNDERLINK_TRANSPORT=rdma where the library is missing: a ConfigError
+    naming it, before waiting for any peer."""
+    with pytest.raises(ConfigError) as ei:
+        connect_env({"THUNDERLINK_HOSTFILE": hostfile2, "THUNDERLINK_RANK": "0", "THUNDERLINK_TRANSPORT": "rdma",
+                     "THUNDERLINK_IBV_LIB": "/nonexistent/libibverbs.so.1", "THUNDERLINK_CONNECT_TIMEOUT": "30"})
     msg = str(ei.value)
-    assert "'rdma'" in msg and "unset THUNDERLINK_TRANSPORT or set it to auto" in msg
-    assert isinstance(ei.value, NotImplementedError)
+    assert "THUNDERLINK_TRANSPORT=rdma" in msg and "/nonexistent/libibverbs.so.1" in msg, msg
+    assert "THUNDERLINK_IBV_LIB" in msg and "THUNDERLINK_TRANSPORT=auto" in msg, msg
 
 
 def test_connect_bad_hostfile_names_variable(tmp_path):

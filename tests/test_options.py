@@ -102,7 +102,7 @@ def test_core_check_messages():
     assert c_check(o) == "algo (THUNDERLINK_ALGO) must be one of auto, ring, oneshot, mesh, not 7"
     o = defaults()
     o.transport = lib.TL_TRANSPORT_RDMA
-    assert c_check(o) == "transport (THUNDERLINK_TRANSPORT) rdma is not available in this build (auto, tcp, shm are)"
+    assert c_check(o) == ""  # built; whether a device exists is the transport's question
 
 
 def test_every_choice_reads_from_the_environment():

@@ -22,7 +22,7 @@ from .errors import ConfigError
 
 __all__ = ["Config", "from_env", "ENV", "OPTIONS", "HOSTFILE_VARS", "RANK_VARS", "parse_size", "parse_rate",
            "cluster_state_dir", "readme_rows", "read_token", "tuning_path",
-           "default_tuning_file"]
+           "default_tuning_file", "rdma_settings"]
 
 # Where a hostfile and a rank are looked for, first set first.
 HOSTFILE_VARS = ("THUNDERLINK_HOSTFILE", "MLX_HOSTFILE", "MLX_IBV_DEVICES", "JACCL_IBV_DEVICES")
@@ -42,7 +42,8 @@ ENV = {
     "MLX_HOSTFILE": ("unset", "MLX ring hostfile, as written by mlx.launch"),
     "MLX_IBV_DEVICES": (
         "unset",
-        "JACCL's device matrix (also JACCL_IBV_DEVICES), used when no hostfile is set: TCP over the cables it names",
+        "JACCL's device matrix (also JACCL_IBV_DEVICES), used when no hostfile is set: RDMA over the cables it "
+        "names where both ends have the device, else TCP",
     ),
     "MLX_JACCL_COORDINATOR": ("unset", "rank 0's ip:port for a device matrix (also JACCL_COORDINATOR)"),
     "THUNDERLINK_RANK": ("unset", "this process's rank; falls back to MLX_RANK, then JACCL_RANK"),
@@ -75,6 +76,16 @@ ENV = {
     "THUNDERLINK_CLUSTER_STATE_DIR": (
         "/run/thunderlink/clusters",
         "where `thunderlink cluster` records the emulated clusters it made",
+    ),
+    "THUNDERLINK_IBV_LIB": (
+        "libibverbs.so.1 (Linux), librdma.dylib (macOS)",
+        "the ibverbs library the RDMA transport loads (a name or a path), e.g. the test provider's "
+        "`python -m thunderlink.testing.softverbs --path`",
+    ),
+    "THUNDERLINK_IBV_DEVICE": (
+        "unset",
+        "the RDMA device to use (`ibv_devices`, `thunderlink doctor`); unset: per link, rdma_<interface> of "
+        "the link's interface if it exists, else the first device with an active port",
     ),
     # The core's options: THUNDERLINK_TRANSPORT, THUNDERLINK_CONNS, ...
     **{spec.env: (spec.shown_default, spec.doc) for spec in OPTIONS},
@@ -139,6 +150,8 @@ class Config:
     tuning_file: str | None = None  # the tuning profile applied to options, if any
     # The profile's measured cable rates: (rank, ip) -> Gbit/s, replacing the hostfile's.
     cable_rates: dict = field(default_factory=dict)
+    ibv_lib: str | None = None  # THUNDERLINK_IBV_LIB: the RDMA transport's library
+    ibv_device: str | None = None  # THUNDERLINK_IBV_DEVICE
     # Options for the core, as keyword arguments of bindings.Options.
     options: dict = field(default_factory=dict)
 
@@ -332,6 +345,8 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
         malloc_heap=malloc_heap,
         tuning_file=tuning_file,
         cable_rates=cable_rates,
+        ibv_lib=rdma_settings(env)[0],
+        ibv_device=rdma_settings(env)[1],
         options=options,
     )
 
@@ -354,6 +369,13 @@ def default_tuning_file(env: Mapping[str, str] | None = None) -> str:
     env = os.environ if env is None else env
     base = env.get("XDG_CONFIG_HOME") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".config")
     return os.path.join(base, "thunderlink", "tuning.json")
+
+
+def rdma_settings(env: Mapping[str, str] | None = None) -> tuple[str | None, str | None]:
+    """(THUNDERLINK_IBV_LIB, THUNDERLINK_IBV_DEVICE), None where unset: the
+    library the RDMA transport loads and the device it uses."""
+    env = os.environ if env is None else env
+    return env.get("THUNDERLINK_IBV_LIB") or None, env.get("THUNDERLINK_IBV_DEVICE") or None
 
 
 def cluster_state_dir(env: Mapping[str, str] | None = None) -> str:

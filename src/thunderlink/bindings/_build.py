@@ -36,6 +36,7 @@ SOURCES = [
     "coll/p2p.c",
     "transport/tcp.c",
     "transport/shm.c",
+    "transport/rdma.c",
     "reduce/reduce.c",
 ]
 
@@ -45,6 +46,7 @@ HEADERS = [
     "tl.h",
     "core/internal.h",
     "core/options.h",
+    "transport/ibv_abi.h",
 ]
 
 

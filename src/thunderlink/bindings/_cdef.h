@@ -155,6 +155,8 @@ int tl_comm_link_plan(tl_comm_t *comm, int a, int b, int *acceptor, int32_t *cab
 int tl_comm_find_ring(tl_comm_t *comm, int32_t *order, int n);
 int tl_comm_link_info(tl_comm_t *comm, int peer, int *transport, int *nchannels);
 int tl_transport_available(int transport, char *why, size_t cap);
+int tl_rdma_configure(const char *library, const char *device);
+int tl_rdma_describe(char *buf, size_t cap);
 int tl_comm_connect(tl_comm_t *comm);
 int tl_comm_close(tl_comm_t *comm);
 int tl_comm_retain(tl_comm_t *comm);

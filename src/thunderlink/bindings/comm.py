@@ -360,11 +360,44 @@ def _stats(handle) -> dict:
     }
 
 
+def configure_rdma(library: str | None = None, device: str | None = None, *, env: bool = True) -> None:
+    """Tell the core which ibverbs library and device the RDMA transport uses:
+    the arguments, else (with ``env``) THUNDERLINK_IBV_LIB / THUNDERLINK_IBV_DEVICE,
+    else the system's library and the device chosen per link."""
+    if env:
+        from ..config import rdma_settings  # config imports bindings: not at import time
+
+        env_lib, env_dev = rdma_settings()
+        library, device = library or env_lib, device or env_dev
+    check(lib.tl_rdma_configure(library.encode() if library else ffi.NULL,
+                                device.encode() if device else ffi.NULL))
+
+
+def rdma_devices() -> tuple[list[dict], str]:
+    """The RDMA ports this process sees (device, port, state, link_layer,
+    mtu, lid, gid_index, gid), and why there are none ("" when there are)."""
+    configure_rdma()
+    buf = ffi.new("char[65536]")
+    check(lib.tl_rdma_describe(buf, len(buf)))
+    ports, why = [], ""
+    for line in ffi.string(buf).decode(errors="replace").splitlines():
+        f = line.split("\t")
+        if f[0] == "unavailable":
+            why = f[1] if len(f) > 1 else "unavailable"
+        elif len(f) >= 4 and f[2] == "error":
+            ports.append({"device": f[0], "port": f[1], "state": "error", "error": f[3]})
+        elif len(f) >= 8:
+            ports.append({"device": f[0], "port": int(f[1]), "state": f[2], "link_layer": f[3],
+                          "mtu": int(f[4]), "lid": int(f[5]), "gid_index": int(f[6]), "gid": f[7]})
+    return ports, why
+
+
 def transport_available(name: str) -> tuple[bool, str]:
     """(whether this process can use transport ``name``, why not)."""
-    why = ffi.new("char[256]")
+    configure_rdma()
+    why = ffi.new("char[512]")
     code = _choice(TRANSPORTS, name, "transport")
-    return lib.tl_transport_available(code, why, 256) == 0, ffi.string(why).decode()
+    return lib.tl_transport_available(code, why, len(why)) == 0, ffi.string(why).decode()
 
 
 class Topology:

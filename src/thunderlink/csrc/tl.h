@@ -183,7 +183,7 @@ typedef struct tl_options {
   int32_t sockbuf_bytes;      /* SO_SNDBUF/SO_RCVBUF where the kernel grants
                                  it in full, else autotuning; 0 = autotuning */
   int32_t log_level;          /* TL_LOG_*                                   */
-  int32_t transport;          /* TL_TRANSPORT_AUTO, _TCP or _SHM        */
+  int32_t transport;          /* TL_TRANSPORT_AUTO, _TCP, _SHM or _RDMA */
   int32_t heartbeat_ms;       /* a peer silent this long while awaited is
                                  lost; heartbeats every fifth; 0 = off      */
   int32_t listen_all;         /* listen on every interface, not just the hostfile's addresses */
@@ -293,6 +293,19 @@ int tl_comm_link_info(tl_comm_t *comm, int peer, int *transport, int *nchannels)
 /* Whether this process can use a transport at all: TL_OK, or
  * TL_ERR_UNSUPPORTED with the reason in why. */
 int tl_transport_available(int transport, char *why, size_t cap);
+
+/*
+ * RDMA (ibverbs), process-wide, for communicators connected afterwards:
+ * the library to dlopen (a name or a path; NULL or "": libibverbs.so.1 on
+ * Linux, librdma.dylib on macOS) and the device to use (NULL or "": on each
+ * link, the device named rdma_<interface> of the link's interface if there
+ * is one, else the first with an active port). TL_ERR_INVALID if too long.
+ */
+int tl_rdma_configure(const char *library, const char *device);
+/* The RDMA devices, for people: one line per port, tab-separated (device,
+ * port, state, link layer, active MTU, LID, GID index, GID), or one line
+ * "unavailable<TAB>why". TL_ERR_INVALID if cap is too small. */
+int tl_rdma_describe(char *buf, size_t cap);
 
 /*
  * Listen on this rank's endpoints, open conns_per_peer connections per cable

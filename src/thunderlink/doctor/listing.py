@@ -10,7 +10,7 @@ from ..hosts.interfaces import THUNDERBOLT_BRIDGE_ADVICE, Interface, list_interf
 from .commands import Host
 from .report import Check, Report, ok, problem, warn
 
-__all__ = ["interface_table", "interface_checks", "listing_report"]
+__all__ = ["interface_table", "interface_checks", "rdma_table", "rdma_checks", "listing_report"]
 
 
 def _speed(mbit: int | None) -> str:
@@ -149,11 +149,50 @@ def interface_checks(interfaces: list[Interface], host: Host | None = None) -> l
     return out
 
 
+def rdma_table(ports: list[dict], why: str) -> str:
+    """The RDMA ports this process sees (what ibv_devinfo shows), or why none."""
+    if not ports:
+        return f"  RDMA: none ({why})"
+    rows = [("RDMA DEVICE", "PORT", "STATE", "LINK", "MTU", "GID")]
+    for p in ports:
+        if p["state"] == "error":
+            rows.append((p["device"], str(p["port"]), "error", p.get("error", ""), "", ""))
+            continue
+        gid = f"[{p['gid_index']}] {p['gid']}" if p["gid_index"] >= 0 else "-"
+        rows.append((p["device"], str(p["port"]), p["state"], p["link_layer"], str(p["mtu"] or "-"), gid))
+    w = [max(len(r[k]) for r in rows) for k in range(6)]
+    return "\n".join(("  " + "  ".join(r[k].ljust(w[k]) for k in range(6))).rstrip() for r in rows)
+
+
+def rdma_checks(ports: list[dict], why: str, host: Host | None = None) -> list[Check]:
+    host = host or Host()
+    active = [p for p in ports if p["state"] == "active"]
+    if active:
+        names = ", ".join(sorted({p["device"] for p in active}))
+        return [ok("rdma", "rdma devices", f"RDMA devices with an active port: {names} "
+                   "(THUNDERLINK_TRANSPORT=auto uses RDMA between hosts where both ends have one)",
+                   where=host.label)]
+    if ports:
+        return [warn("rdma", "no active rdma port",
+                     "RDMA devices found, but no port is active: "
+                     + ", ".join(f"{p['device']} port {p['port']} {p['state']}" for p in ports),
+                     "connect the cable (Thunderbolt 5 on both Macs, macOS 26.2 or later) and give its "
+                     "interface an IPv4 address", where=host.label)]
+    return [ok("rdma", "no rdma", f"no RDMA ({why}): links use TCP (fine without RDMA hardware)",
+               where=host.label)]
+
+
 def listing_report(host: Host | None = None) -> Report:
+    from ..bindings.comm import rdma_devices
+
     host = host or Host()
     its = list_interfaces()
     rep = Report(header=[f"thunderlink doctor: interfaces of {host.label} ({host.platform})"])
     rep.text_sections.append(interface_table(its))
     rep.extend(interface_checks(its, host))
     rep.extra["interfaces"] = [i.to_dict() for i in its]
+    ports, why = rdma_devices()
+    rep.text_sections.append(rdma_table(ports, why))
+    rep.extend(rdma_checks(ports, why, host))
+    rep.extra["rdma"] = {"ports": ports, "why": why}
     return rep

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..bindings import Comm, Options
-from ..bindings.comm import TRANSPORTS
+from ..bindings.comm import TRANSPORTS, configure_rdma
 from ..config import Config, from_env
 from ..errors import ConfigError, UnsupportedError
 from . import hostfile as hostfile_mod
@@ -95,4 +95,5 @@ def _connect(cfg: Config, obj, path: str, rank: int, rank_var: str | None, kind:
         opts.token = cfg.token
     opts.transport = kind
     jaccl.release(held)  # the core binds these ports now
+    configure_rdma(cfg.ibv_lib, cfg.ibv_device, env=False)
     return Comm.create(rank, hf.size, hf.endpoints(cfg.ifname, rank), opts, ring=hf.ring)

@@ -190,6 +190,7 @@ const tl_transport_ops_t *tl__transport(int id) {
   switch (id) {
   case TL_TRANSPORT_TCP: return &tl__tcp_ops;
   case TL_TRANSPORT_SHM: return &tl__shm_ops;
+  case TL_TRANSPORT_RDMA: return &tl__rdma_ops;
   default: return NULL;
   }
 }
@@ -211,12 +212,22 @@ int tl_transport_available(int id, char *why, size_t cap) {
 
 /* The transport of the link to l->peer, from the mode every rank shares
  * (it is in the handshake's digest) and the host ids both ends know, so
- * both ends choose the same. */
+ * both ends choose the same. In auto mode a link between two hosts is
+ * offered to RDMA, whose set-up asks both ends whether they have a device
+ * and falls back to TCP together when either has none (rdma.c). */
 static int choose(tl_comm_t *c, const tl_link_t *l, const tl_transport_ops_t **out) {
-  char why[256] = "";
+  char why[512] = "";
   int same_host = l->host_id == c->host_id;
   *out = &tl__tcp_ops;
   if (c->opts.transport == TL_TRANSPORT_TCP) return TL_OK;
+  if (c->opts.transport == TL_TRANSPORT_RDMA) {
+    if (!tl__rdma_ops.available(why, sizeof why))
+      return tl__error(c, TL_ERR_CONFIG, "THUNDERLINK_TRANSPORT=rdma, but RDMA is not "
+                       "available here: %s. Use THUNDERLINK_TRANSPORT=auto (RDMA where both "
+                       "ends of a link have a device, else shared memory or TCP)", why);
+    *out = &tl__rdma_ops;
+    return TL_OK;
+  }
   if (c->opts.transport == TL_TRANSPORT_SHM) {
     if (!same_host)
       return tl__error(c, TL_ERR_CONFIG, "THUNDERLINK_TRANSPORT=shm, but rank %d (%s) "
@@ -227,7 +238,10 @@ static int choose(tl_comm_t *c, const tl_link_t *l, const tl_transport_ops_t **o
     if (!tl__shm_ops.available(why, sizeof why))
       return tl__error(c, TL_ERR_UNSUPPORTED, "THUNDERLINK_TRANSPORT=shm, but shared "
                        "memory is not available here: %s", why);
-  } else if (!same_host || !tl__shm_ops.available(why, sizeof why)) {
+  } else if (!same_host) {
+    *out = &tl__rdma_ops;
+    return TL_OK;
+  } else if (!tl__shm_ops.available(why, sizeof why)) {
     return TL_OK;
   }
   *out = &tl__shm_ops;
@@ -250,8 +264,9 @@ static int connect_links(tl_comm_t *c) {
       rc = l->ops->setup(c, l, phase);
       if (rc == TL_ERR_UNSUPPORTED && c->opts.transport == TL_TRANSPORT_AUTO &&
           l->ops != &tl__tcp_ops) {
-        tl__log(c, TL_LOG_WARN, "link to rank %d: %s not possible (%s); using tcp",
-                p, l->ops->name, c->err);
+        /* No RDMA device at either end is the usual case, not a warning. */
+        tl__log(c, l->ops == &tl__rdma_ops ? TL_LOG_INFO : TL_LOG_WARN,
+                "link to rank %d: %s not possible (%s); using tcp", p, l->ops->name, c->err);
         if (l->ops->close_link) l->ops->close_link(l);
         l->ops = &tl__tcp_ops;
         rc = l->ops->setup(c, l, 0);
@@ -286,6 +301,12 @@ int tl_comm_connect(tl_comm_t *c) {
       for (int i = 0; i < c->size; i++)
         if (c->ring[i] == c->rank) c->ring_pos = i;
     }
+    /* Before waiting for any peer: RDMA asked for but impossible here. */
+    char why[512];
+    if (!rc && c->opts.transport == TL_TRANSPORT_RDMA && !tl__rdma_ops.available(why, sizeof why))
+      rc = tl__error(c, TL_ERR_CONFIG, "THUNDERLINK_TRANSPORT=rdma, but RDMA is not available "
+                     "here: %s. Use THUNDERLINK_TRANSPORT=auto (RDMA where both ends of a "
+                     "link have a device, else shared memory or TCP)", why);
     if (!rc) rc = tl__boot_listen(c);
     if (!rc) rc = connect_links(c);
   }

@@ -136,6 +136,9 @@ typedef struct tl_transport_ops {
    * costs the peer a system call and the sleeper a wake-up (tens of
    * microseconds in a virtual machine). */
   int spin_factor;
+  /* arm's descriptor only says that something happened (a completion
+   * channel): when it fires, try the channel both ways. */
+  int wake_fd;
   /* Can this process use the transport at all (library, kernel support)?
    * 0 when not, with the reason in why. */
   int (*available)(char *why, size_t cap);
@@ -179,6 +182,7 @@ typedef struct tl_transport_ops {
 
 extern const tl_transport_ops_t tl__tcp_ops;
 extern const tl_transport_ops_t tl__shm_ops;
+extern const tl_transport_ops_t tl__rdma_ops;
 
 /* The registry: every transport, by id (NULL where none is built). */
 const tl_transport_ops_t *tl__transport(int id);

@@ -77,11 +77,12 @@ TL_OPTION(log_level, "log_level", "THUNDERLINK_DEBUG", TL_OPT_CHOICE, "",
           "the core's log level on stderr: `none`, `warn`, `info` (also one line per link: its "
           "transport and channels) or `trace`")
 TL_OPTION(transport, "transport", "THUNDERLINK_TRANSPORT", TL_OPT_CHOICE, "",
-          TL_TRANSPORT_AUTO, TL_TRANSPORT_AUTO, TL_TRANSPORT_SHM, 1, "auto,tcp,shm,rdma",
-          "`auto`: shared memory between ranks of one host, TCP between hosts; `tcp`: TCP "
-          "everywhere; `shm`: shared memory everywhere, an error if two linked ranks are on "
-          "different hosts. `rdma` is refused with an error (not implemented yet). Same on every "
-          "rank")
+          TL_TRANSPORT_AUTO, TL_TRANSPORT_AUTO, TL_TRANSPORT_RDMA, 1, "auto,tcp,shm,rdma",
+          "`auto`: shared memory between ranks of one host; between hosts RDMA where both ends "
+          "have an ibverbs device, else TCP; `tcp`: TCP everywhere; `shm`: shared memory "
+          "everywhere, an error if two linked ranks are on different hosts; `rdma`: RDMA "
+          "everywhere (ibverbs: `THUNDERLINK_IBV_LIB`, `THUNDERLINK_IBV_DEVICE`), an error where "
+          "no device is available. Same on every rank")
 TL_OPTION(heartbeat_ms, "heartbeat", "THUNDERLINK_HEARTBEAT", TL_OPT_MS, "ms",
           10 * 1000, 0, 3600 * 1000, 1, NULL,
           "seconds of silence after which a peer that a collective waits on is declared lost "

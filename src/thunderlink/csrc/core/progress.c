@@ -531,7 +531,8 @@ int tl__progress(tl_comm_t *c) {
     int completed = 0;
     for (int i = 0; i < n; i++) {
       /* A channel without a descriptor (shared memory) is simply tried. */
-      short re = c->pfds[i].fd < 0 ? (POLLIN | POLLOUT) : c->pfds[i].revents;
+      short re = c->pfds[i].fd < 0 || (c->pfds[i].revents && c->pchan[i]->ops->wake_fd)
+                     ? (POLLIN | POLLOUT) : c->pfds[i].revents;
       if (!re) continue;
       /* Bytes from the peer, heartbeats included: it is alive. (A channel
        * without a descriptor shows it by the bytes it gave.) */

@@ -1,0 +1,168 @@
+"""The RDMA transport (ibverbs, dlopen): what only it has.
+
+The collective and error tests run over RDMA too (their transport axis:
+rdma and rdma-jitter, on the software provider thunderlink.testing.softverbs);
+this file holds the library and device errors, the link reports, UC queue
+pairs, the MLX path and the tools.
+"""
+
+import ctypes
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import thunderlink
+from conftest import HERE, use_softverbs
+from thunderlink.bindings.comm import rdma_devices, transport_available
+from thunderlink.config import from_env
+from thunderlink.launch import free_ports
+
+pytestmark = pytest.mark.multiproc
+
+TEST_TIMEOUT_S = 240
+
+
+def _real_libibverbs():
+    try:
+        ctypes.CDLL("libibverbs.so.1")
+        return True
+    except OSError:
+        return False
+
+
+def _hostfile(tmp_path, n):
+    path = tmp_path / "hosts.json"
+    path.write_text(json.dumps({"ranks": [{"addresses": [f"127.0.0.1:{p}"]} for p in free_ports(n)]}))
+    return str(path)
+
+
+@pytest.fixture
+def no_ibv_env(monkeypatch):
+    for var in ("THUNDERLINK_IBV_LIB", "THUNDERLINK_IBV_DEVICE", "SOFTVERBS_JITTER_US", "SOFTVERBS_UC_ONLY"):
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.mark.skipif(not _real_libibverbs(), reason="libibverbs.so.1 (Debian's libibverbs1) is not installed")
+def test_real_libibverbs_without_a_device_is_a_clean_error(tmp_path, no_ibv_env):
+    """The system's libibverbs on a machine without RDMA: unavailable, with
+    the verbs error; THUNDERLINK_TRANSPORT=rdma is a ConfigError saying so,
+    at once, before waiting for the peer (which never starts here)."""
+    ok, why = transport_available("rdma")
+    assert not ok and why, why
+    assert "ibv_get_device_list" in why or "no RDMA device" in why, why
+    ports, none = rdma_devices()
+    assert ports == [] and none, (ports, none)
+    env = {"THUNDERLINK_HOSTFILE": _hostfile(tmp_path, 2), "THUNDERLINK_RANK": "0",
+           "THUNDERLINK_TRANSPORT": "rdma", "THUNDERLINK_CONNECT_TIMEOUT": "60"}
+    with pytest.raises(thunderlink.ConfigError) as ei:
+        thunderlink.connect(from_env(env))
+    msg = str(ei.value)
+    assert "THUNDERLINK_TRANSPORT=rdma" in msg and why in msg and "THUNDERLINK_TRANSPORT=auto" in msg, msg
+
+
+def test_missing_library_fails_every_rank_with_a_config_error(ranks, no_ibv_env):
+    r = ranks(2, "connect_only", None, env={"THUNDERLINK_TRANSPORT": "rdma",
+                                             "THUNDERLINK_IBV_LIB": "/nonexistent/libibverbs.so.1"})
+    assert r.status == 0, r.all_text()
+    for v in r.values:
+        assert v["raised"] == "ConfigError", v
+        assert "cannot load /nonexistent/libibverbs.so.1 (THUNDERLINK_IBV_LIB)" in v["message"], v
+
+
+def test_a_library_that_is_not_ibverbs_is_named(no_ibv_env, monkeypatch):
+    monkeypatch.setenv("THUNDERLINK_IBV_LIB", "libc.so.6")
+    ok, why = transport_available("rdma")
+    assert not ok and "libc.so.6 does not export ibv_" in why and "not an ibverbs library" in why, why
+
+
+def test_unknown_device_lists_the_devices(monkeypatch):
+    use_softverbs(monkeypatch)
+    monkeypatch.setenv("THUNDERLINK_IBV_DEVICE", "mlx5_9")
+    ok, why = transport_available("rdma")
+    assert not ok and "THUNDERLINK_IBV_DEVICE=mlx5_9: no such device (found: sv_" in why, why
+
+
+def test_doctor_lists_the_devices(monkeypatch):
+    use_softverbs(monkeypatch)
+    ports, why = rdma_devices()
+    assert ports and why == "", (ports, why)
+    lo = next(p for p in ports if p["device"] == "sv_lo")
+    assert lo["state"] == "active" and lo["port"] == 1 and lo["link_layer"] == "ethernet"
+    assert lo["gid"].endswith("ffff:7f00:0001") and lo["gid_index"] >= 0, lo
+    out = subprocess.run([sys.executable, "-m", "thunderlink", "doctor"], capture_output=True, text=True,
+                         timeout=60, env=dict(os.environ))
+    assert "RDMA DEVICE" in out.stdout and "sv_lo" in out.stdout and "active" in out.stdout, out.stdout + out.stderr
+    assert "RDMA devices with an active port" in out.stdout, out.stdout
+
+
+@pytest.mark.skipif(not _real_libibverbs(), reason="libibverbs.so.1 (Debian's libibverbs1) is not installed")
+def test_doctor_says_why_there_is_no_rdma(no_ibv_env):
+    out = subprocess.run([sys.executable, "-m", "thunderlink", "doctor"], capture_output=True, text=True,
+                         timeout=60, env=dict(os.environ))
+    assert "RDMA: none (libibverbs.so.1: ibv_get_device_list" in out.stdout, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("uc", [False, True], ids=["rc", "uc"])
+def test_links_counters_and_log_say_rdma(ranks, monkeypatch, uc):
+    """Every link of a 3-rank job is RDMA, with its device, port and queue
+    pair type in the log (RC; UC where the device has only UC, as Apple's);
+    every payload byte went over it."""
+    use_softverbs(monkeypatch)
+    env = {"THUNDERLINK_TRANSPORT": "rdma", "THUNDERLINK_DEBUG": "info"}
+    if uc:
+        env["SOFTVERBS_UC_ONLY"] = "1"
+    r = ranks(3, "links_report", None, env=env)
+    assert r.status == 0, r.all_text()
+    for rank, v in enumerate(r.values):
+        assert v["links"] == {str(p): ["rdma", 2] for p in {0, 1, 2} - {rank}}, v
+        sent, received = v["stats"]["bytes_sent_by"], v["stats"]["bytes_received_by"]
+        assert sent["rdma"] == v["stats"]["bytes_sent"] > 0 and received["rdma"] == v["stats"]["bytes_received"] > 0
+        text = r.text(rank)
+        for p in {0, 1, 2} - {rank}:
+            assert f"link to rank {p}: rdma on sv_" in text and ("(UC," if uc else "(RC,") in text, text
+
+
+def test_uc_collectives_are_right_with_jitter(ranks, monkeypatch):
+    """UC queue pairs (no retransmission: the transport's credits must never
+    let a message find no receive, or it is lost) with completions delayed
+    and reordered: every result exact."""
+    use_softverbs(monkeypatch, jitter=True)
+    cases = [[op, d, k, ip] for op in ("sum", "max") for d in ("float32", "int64", "bfloat16")
+             for k in (1, 4097, 600001) for ip in (False, True)]
+    r = ranks(3, "reductions", cases, env={"THUNDERLINK_TRANSPORT": "rdma", "SOFTVERBS_UC_ONLY": "1"}, timeout=200)
+    assert r.status == 0, r.all_text()
+    for v in r.values:
+        assert all(x["err"] is None for x in v.values()), v
+    assert len({json.dumps({k: x["hash"] for k, x in v.items()}, sort_keys=True) for v in r.values}) == 1
+
+
+def test_bench_runs_over_rdma(monkeypatch):
+    use_softverbs(monkeypatch)
+    out = subprocess.run([sys.executable, "-m", "thunderlink", "bench", "--transport", "rdma", "--sizes", "8,1M",
+                          "--iters", "5", "--warmup", "1", "--inplace", "out"],
+                         capture_output=True, text=True, timeout=180, env=dict(os.environ))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "rdma to rank 1" in out.stdout and "#wrong 0" in out.stdout, out.stdout
+
+
+def test_mlx_program_trains_over_rdma(monkeypatch):
+    """An MLX data-parallel training run, started with `thunderlink launch`
+    and THUNDERLINK_TRANSPORT=rdma: identical on every rank and equal to the
+    single-process run; the links were RDMA."""
+    pytest.importorskip("mlx.core")
+    use_softverbs(monkeypatch)
+    mlxprogs = os.path.join(HERE, "mlxprogs.py")
+    out = subprocess.run([sys.executable, "-m", "thunderlink", "launch", "-n", "2",
+                          "--env", "THUNDERLINK_TRANSPORT=rdma", "--env", "THUNDERLINK_DEBUG=info",
+                          "--", sys.executable, mlxprogs, "training", "[null]"],
+                         capture_output=True, text=True, timeout=200, env=dict(os.environ))
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text
+    results = [json.loads(line.split("RESULT ", 1)[1]) for line in out.stdout.splitlines() if "RESULT " in line]
+    assert len(results) == 2, text
+    for v in results:
+        assert v["identical"] and v["matches_single"], v
+    assert "link to rank 1: rdma" in text and "link to rank 0: rdma" in text, text
