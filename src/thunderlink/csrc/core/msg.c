@@ -37,11 +37,23 @@ int tl__op_begin(tl_comm_t *c, int op, int dtype, int redop, uint64_t total,
                      name, op, dtype);
   c->cur.seq = op == TL_OP_SEND ? 0 : ++c->coll_seq;
   c->deadline_ns = tl__now_ns() + (int64_t)c->opts.timeout_ms * 1000000;
+  /* Paired with tl_comm_close: either it sees this call in flight and wakes
+   * it, or this call sees the close and does not start. */
+  atomic_store(&c->in_op, 1);
+  if (atomic_load(&c->closing)) {
+    int rc = tl__error(c, TL_ERR_CLOSED, "the communicator is being closed "
+                       "(close() on another thread)");
+    tl__op_end(c);
+    return rc;
+  }
   if (op >= 0 && op < TL_NUM_OPS) c->stats.calls[op]++;
   return TL_OK;
 }
 
-void tl__op_end(tl_comm_t *c) { c->cur.op = 0; }
+void tl__op_end(tl_comm_t *c) {
+  c->cur.op = 0;
+  atomic_store(&c->in_op, 0);
+}
 
 tl_frame_t tl__frame(tl_comm_t *c, uint32_t unit, uint32_t lane) {
   tl_frame_t f;
