@@ -217,6 +217,10 @@ int tl__check_frame(tl_comm_t *c, int peer, const tl_frame_t *want,
                     "rank %d (%s) sent bytes that are not a thunderlink frame "
                     "(magic 0x%08x); the stream is corrupt", peer, where,
                     got->magic);
+  if (got->type != TL_FRAME_DATA)
+    return tl__fail(c, TL_ERR_PROTOCOL,
+                    "rank %d (%s) sent a frame of type %u where data was expected; "
+                    "the stream is corrupt", peer, where, got->type);
   if (got->op == want->op && got->seq == want->seq && got->dtype == want->dtype &&
       got->redop == want->redop && got->total == want->total) {
     if (got->len == want->len && got->unit == want->unit &&
