@@ -321,7 +321,8 @@ def _fresh_job(transport="tcp", timeout=10.0, conns=None):
     p = free_ports(2)
     eps = [Endpoint(owner=r, host="127.0.0.1", port=p[r]) for r in range(2)]
     kw = {"conns_per_peer": conns} if conns else {}
-    opts = Options(transport=transport, timeout=timeout, connect_timeout=timeout,
+    # Quiet: every refused stranger is a warning on stderr, thousands of them here.
+    opts = Options(transport=transport, timeout=timeout, connect_timeout=timeout, log_level="none",
                    job_id=int.from_bytes(os.urandom(7), "little"), **kw)
     return p, eps, opts
 
