@@ -48,6 +48,7 @@ def _targets(tmp: str) -> dict:
                                 st.lists(st.booleans(), min_size=8, max_size=8)),
                       lambda a: T.target_handshake(*a)),
         "frames": (T.frame_mutations(), T.target_frames),
+        "coordinator_live": (st.lists(T.coordinator_payloads(), min_size=1, max_size=8), T.target_coordinator_live),
     }
 
 

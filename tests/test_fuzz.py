@@ -449,6 +449,84 @@ def test_fuzz_handshake_live(payloads, keep_open):
     target_handshake(payloads, keep_open)
 
 
+# ---- the JACCL coordinator: strangers while rank 0 collects the records ---------------
+
+
+@st.composite
+def coordinator_payloads(draw):
+    kind = draw(st.sampled_from(["garbage", "json", "record_like", "partial", "oversized", "silent", "nested"]))
+    if kind == "garbage":
+        return draw(st.binary(max_size=200)) + draw(st.sampled_from([b"", b"\n"]))
+    if kind == "json":
+        return json.dumps(draw(json_values)).encode() + b"\n"
+    if kind == "record_like":
+        msg = {"rank": draw(st.one_of(st.integers(-2, 4), st.sampled_from([True, "1", None]))),
+               "size": draw(st.one_of(st.integers(0, 4), st.sampled_from([True, "2"]))),
+               "record": draw(json_values)}
+        if draw(st.booleans()):
+            del msg["record"]
+        return json.dumps(msg).encode() + b"\n"
+    if kind == "partial":
+        return b'{"rank": 1, "size": 2, "record": {"host": "x"'
+    if kind == "oversized":
+        return b"[" + b"1," * ((1 << 20) // 2 + 10)
+    if kind == "nested":
+        return b"[" * 50000 + b"\n"
+    return b""
+
+
+def target_coordinator_live(payloads: list) -> None:
+    """Rank 0 collects the records of a two-rank JACCL job while strangers
+    connect and send the payloads (some then stay silent); rank 1 then
+    sends its record. Both must get both records within the time."""
+    from thunderlink.launch import free_ports
+
+    port = free_ports(1)[0]
+    coord = f"127.0.0.1:{port}"
+    matrix = [[None, "rdma_x"], ["rdma_x", None]]
+    res, held = {}, []
+
+    def rank0():
+        try:
+            res[0] = jaccl._exchange(matrix, 0, coord, {"me": 0}, 10.0)
+        except Exception as e:  # noqa: BLE001 -- checked below
+            res[0] = e
+
+    t = threading.Thread(target=rank0)
+    t.start()
+    try:
+        deadline = time.monotonic() + 5
+        for data in payloads:
+            while True:
+                try:
+                    s = socket.create_connection(("127.0.0.1", port), timeout=1)
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline, "the coordinator never listened"
+                    time.sleep(0.01)
+            try:
+                s.sendall(data)
+            except OSError:
+                pass
+            held.append(s)
+        t0 = time.monotonic()
+        res[1] = jaccl._exchange(matrix, 1, coord, {"me": 1}, 10.0)
+        t.join(15)
+        assert not t.is_alive(), "rank 0 hung"
+        assert res[0] == [{"me": 0}, {"me": 1}] and res[1] == res[0], (res, payloads)
+        assert time.monotonic() - t0 < 5, "the strangers held the ranks up"
+    finally:
+        for s in held:
+            s.close()
+        t.join(15)
+
+
+@CI_LIVE
+@given(st.lists(coordinator_payloads(), min_size=1, max_size=5))
+def test_fuzz_jaccl_coordinator_live(payloads):
+    target_coordinator_live(payloads)
+
+
 # ---- frames: a fake rank 1 in the middle of a collective ------------------------------
 
 FRAME = struct.Struct("<IBBBBIIQII")   # tl_frame_t (csrc/core/internal.h), 32 bytes
