@@ -69,9 +69,21 @@ class BuildPyWithPth(build_py):
         shutil.copy(os.path.join(SHIM_DIR, "thunderlink.pth"), os.path.join(self.build_lib, "thunderlink.pth"))
 
 
+# The software ibverbs provider for tests (thunderlink.testing.softverbs): a
+# plain shared library that programs dlopen in place of libibverbs; never
+# imported, so it needs no Python symbols.
+SOFTVERBS = Extension(
+    "thunderlink.testing.softverbs._softverbs",
+    sources=["src/thunderlink/testing/softverbs/softverbs.c"],
+    depends=["src/thunderlink/csrc/transport/ibv_abi.h"],
+    include_dirs=["src/thunderlink/csrc/transport"],
+    extra_compile_args=["-std=gnu11", "-O2", "-Wall", "-fvisibility=hidden"],
+    extra_link_args=["-pthread"],
+)
+
 setup(
     cffi_modules=["src/thunderlink/bindings/_build.py:ffibuilder"],
-    ext_modules=[CMakeExtension("thunderlink.mlx_backend._shim", SHIM_DIR)],
+    ext_modules=[CMakeExtension("thunderlink.mlx_backend._shim", SHIM_DIR), SOFTVERBS],
     cmdclass={"build_ext": BuildExt, "build_py": BuildPyWithPth},
     zip_safe=False,
 )

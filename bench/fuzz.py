@@ -45,7 +45,7 @@ def _targets(tmp: str) -> dict:
         "environment": (st.dictionaries(st.sampled_from(T.ENV_NAMES), st.text(max_size=40), max_size=8), T.target_env),
         "rates_sizes": (T.rates, T.target_rate_size),
         "handshake": (st.tuples(st.lists(T.stranger_payloads(), min_size=1, max_size=8),
-                                st.lists(st.booleans(), min_size=8, max_size=8)),
+                                st.lists(st.booleans(), min_size=8, max_size=8), st.booleans()),
                       lambda a: T.target_handshake(*a)),
         "frames": (T.frame_mutations(), T.target_frames),
         "coordinator_live": (st.lists(T.coordinator_payloads(), min_size=1, max_size=8), T.target_coordinator_live),

@@ -19,7 +19,8 @@ from collections import defaultdict
 def series(m: dict) -> str:
     if m["backend"] == "thunderlink":
         return "core-in" if m["inplace"] else "core"
-    return {"thunderlink/mlx": "mlx-group"}.get(m["backend"], m["backend"])
+    name = {"thunderlink/mlx": "mlx-group"}.get(m["backend"], m["backend"])
+    return name + "-in" if m["inplace"] and m["backend"] != "gloo" else name
 
 
 def main(paths: list[str]) -> int:

@@ -21,6 +21,13 @@ the way `thunderlink bench` measures thunderlink, so the two can be put side by 
         shared memory with single-copy CMA where the kernel allows it), to
         compare with thunderlink's shared-memory transport
         (--with-thunderlink then runs thunderlink with --transport shm).
+  mlx-ring  MLX's own `ring` backend over loopback TCP, alone in its
+        processes (nothing of thunderlink's loaded or connected; the harness's
+        barrier and reductions of timings go through the ring itself):
+        mx.distributed.all_sum on a fresh MLX array, out of place, and in
+        place (the input donated), with malloc as MLX leaves it. This is the
+        stand-alone run that `thunderlink bench --vs mlx-ring` is checked
+        against.
   mlx-mpi  MLX's own `mpi` backend over that same Open MPI shared memory:
         mx.distributed.all_sum on a fresh MLX array, out of place (MLX
         allocates every output), as users call it (--with-thunderlink then
@@ -57,7 +64,7 @@ import time
 
 import numpy as np
 
-PEERS = ("gloo", "ompi", "ompi-shm", "mlx-mpi")
+PEERS = ("gloo", "ompi", "ompi-shm", "mlx-mpi", "mlx-ring")
 INSTALL = {
     "gloo": "gloo (PyTorch) is not installed: pip install torch==2.13.0  "
             "(CPU build; see bench/PEERS.md)",
@@ -65,6 +72,7 @@ INSTALL = {
             "&& pip install mpi4py  (see bench/PEERS.md)",
 }
 INSTALL["ompi-shm"] = INSTALL["mlx-mpi"] = INSTALL["ompi"]
+INSTALL["mlx-ring"] = "MLX is not installed: pip install mlx"
 # mpirun options: the TCP BTL over loopback only. pml ob1 is pinned because
 # Debian's Open MPI also has the UCX pml, which would ignore the btl list and
 # move the bytes through shared memory.
@@ -221,6 +229,43 @@ class MLXMPIComm(MPIComm):
         return {"run": run, "result": Result()}
 
 
+class MLXRingComm(_Peer):
+    """MLX's ring backend alone: the measured backend is thunderlink bench's
+    own MLX series (thunderlink.bench.worker.MLXBackend, which imports
+    nothing of thunderlink's core); the harness's barrier and reductions of
+    timings run on the ring too."""
+
+    name = "mlx-ring"
+
+    def __init__(self):
+        import mlx.core as mx
+
+        from thunderlink.bench.worker import MLXBackend
+
+        self.mx = mx
+        self.group = mx.distributed.init(strict=True, backend="ring")
+        self.rank, self.size = self.group.rank(), self.group.size()
+        self.backend = MLXBackend("mlx-ring", self.group, ring=True)
+        self.describe = f"MLX {mx.__version__} ring backend alone (loopback TCP), malloc as MLX leaves it"
+
+    def _reduce(self, a: np.ndarray, fn) -> np.ndarray:
+        y = fn(self.mx.array(np.ascontiguousarray(a)), group=self.group)
+        self.mx.eval(y)
+        return np.array(y)
+
+    def barrier(self) -> None:
+        self._reduce(np.zeros(1, np.float32), self.mx.distributed.all_sum)
+
+    def all_max(self, a: np.ndarray) -> np.ndarray:
+        return self._reduce(a, self.mx.distributed.all_max)
+
+    def all_sum(self, a: np.ndarray) -> np.ndarray:
+        return self._reduce(a, self.mx.distributed.all_sum)
+
+    def close(self) -> None:
+        pass
+
+
 def run_rank(args) -> int:
     """One rank of the job: thunderlink bench's loop and table over the sizes, with the
     peer as its backend; rank 0 prints and writes the JSON."""
@@ -231,12 +276,15 @@ def run_rank(args) -> int:
     elif args.peer == "mlx-mpi":
         comm = MLXMPIComm()
         comm.name = args.peer
+    elif args.peer == "mlx-ring":
+        comm = MLXRingComm()
     else:
         comm = MPIComm()
         comm.name = args.peer  # ompi or ompi-shm: which BTL mpirun gave it
     s = Settings(op="all_sum", sizes=parse_sizes(args.sizes), dtype="float32", warmup=args.warmup,
                  iters=args.iters, check=True, inplace=args.inplace, json_path=args.json_path)
-    results = run(comm, s, backends=[comm], title="peers bench", notes=[f"peer: {comm.describe}"])
+    results = run(comm, s, backends=[getattr(comm, "backend", comm)], title="peers bench",
+                  notes=[f"peer: {comm.describe}"])
     comm.close()
     return 1 if any(m.wrong for m in results) else 0
 
@@ -283,8 +331,8 @@ def run_thunderlink(args, json_path: str) -> int:
     cmd = [sys.executable, "-m", "thunderlink", "bench", "-n", str(args.ranks), "--sizes", args.sizes,
            "--warmup", str(args.warmup), "--iters", str(args.iters), "--json", json_path,
            "--timeout", str(int(args.timeout)),
-           "--transport", "shm" if args.peer in ("ompi-shm", "mlx-mpi") else "tcp"]
-    if args.peer == "mlx-mpi":
+           "--transport", {"ompi-shm": "shm", "mlx-mpi": "shm", "mlx-ring": "auto"}.get(args.peer, "tcp")]
+    if args.peer in ("mlx-mpi", "mlx-ring"):
         cmd += ["--via", "mlx"]
     print("# " + " ".join(cmd[1:]), flush=True)
     p = subprocess.Popen(cmd, start_new_session=True)
@@ -297,6 +345,8 @@ def run_thunderlink(args, json_path: str) -> int:
 def installed(peer: str) -> bool:
     import importlib.util
 
+    if peer == "mlx-ring":
+        return importlib.util.find_spec("mlx") is not None
     if peer == "gloo":
         if importlib.util.find_spec("torch") is None:
             return False
@@ -377,6 +427,20 @@ def launch(args) -> int:
         procs = [subprocess.Popen([sys.executable, script, "--rank-worker", "--rank", str(r), "--port", str(port)]
                                   + worker_args(args), env=env, start_new_session=True)
                  for r in range(args.ranks)]
+    elif args.peer == "mlx-ring":
+        import tempfile
+
+        fd, path = tempfile.mkstemp(prefix="peers-mlx-ring-", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump([[f"127.0.0.1:{_free_port()}"] for _ in range(args.ranks)], f)
+        env["MLX_HOSTFILE"] = path
+        try:
+            procs = [subprocess.Popen([sys.executable, script, "--rank-worker"] + worker_args(args),
+                                      env=dict(env, MLX_RANK=str(r)), start_new_session=True)
+                     for r in range(args.ranks)]
+            return _supervise(procs, args.timeout + 15)
+        finally:
+            os.unlink(path)
     else:
         cmd = (["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(args.ranks)] + MPIRUN_MCA[args.peer]
                + ["--timeout", str(int(args.timeout) + 5), sys.executable, script, "--rank-worker"] + worker_args(args))

@@ -23,6 +23,11 @@ RANKPROGS = os.path.join(HERE, "rankprogs.py")
 
 import thunderlink  # noqa: E402
 
+# Tests run hermetic: a tuning profile at the default path
+# (~/.config/thunderlink/tuning.json, from a `thunderlink tune` on this
+# machine) must not change what they run. Tests of profiles set the variable.
+os.environ.setdefault("THUNDERLINK_TUNING_FILE", "")
+
 # The folder holding the thunderlink package under test (site-packages once
 # installed, src/ in a development build), for subprocesses that need it on
 # their PYTHONPATH: never the source tree of an installed package, whose

@@ -360,3 +360,77 @@ def test_plot(tmp_path):
     p = bench("--sizes", "4,1K", "--iters", "3", "--warmup", "1", "--plot", str(png))
     assert p.returncode == 0, p.stderr
     assert png.stat().st_size > 1000
+
+
+def test_mlx_series_in_place_with_ring(tmp_path):
+    """--inplace both with --via mlx --vs mlx-ring: both MLX backends get an
+    in-place (donated) series, each compared with the ring's of its kind."""
+    pytest.importorskip("mlx.core")
+    out = tmp_path / "vs.json"
+    p = bench("--sizes", "4,64K", "--iters", "3", "--warmup", "1", "--vs", "mlx-ring", "--via", "mlx",
+              "--inplace", "both", "--json", str(out), timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    data = json.loads(out.read_text())
+    assert {(m["backend"], m["inplace"]) for m in data} == {
+        (b, v) for b in ("thunderlink", "thunderlink/mlx", "mlx-ring") for v in (False, True)}
+    assert all(m["wrong"] == 0 for m in data)
+    assert "mlx-group-in" in p.stdout and "malloc (THUNDERLINK_MALLOC_HEAP" in p.stdout
+
+
+DONATION_PROG = """
+import numpy as np, thunderlink
+from thunderlink.bench.worker import MLXBackend
+from thunderlink.mlx_backend import group_from_comm
+
+def address(a):
+    return np.asarray(memoryview(a)).__array_interface__["data"][0]
+
+with thunderlink.connect() as comm:
+    b = MLXBackend("thunderlink/mlx", group_from_comm(comm), ring=False)
+    x = np.ones(1 << 16, np.float32)
+    p = b.prepare("all_sum", x, x, "float32")
+    seen = set()
+    for _ in range(4):
+        seen.add(address(p["x"]))
+        b.run(p)
+    seen.add(address(p["x"]))
+    assert len(seen) == 1, f"MLX allocated new outputs: {len(seen)} buffers"
+    assert float(b.result(p)[0]) == 2.0 ** 4 * 1
+    print("DONATED", comm.rank)
+"""
+
+
+@pytest.mark.multiproc
+def test_mlx_in_place_series_donates(tmp_path):
+    """The bench's in-place MLX series runs x = all_sum(x) in one buffer: nothing
+    else may hold the input, or MLX allocates (the series would be out of place)."""
+    pytest.importorskip("mlx.core")
+    prog = tmp_path / "donate.py"
+    prog.write_text(DONATION_PROG)
+    p = subprocess.run([sys.executable, "-m", "thunderlink", "launch", "-n", "2", "--timeout", "60", str(prog)],
+                       env=env(), capture_output=True, text=True, timeout=90, stdin=subprocess.DEVNULL)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.count("DONATED") == 2, p.stdout
+
+
+def test_side_by_side_with_gloo(tmp_path):
+    """--vs gloo: torch.distributed's Gloo in the same processes, in place,
+    with the ratio column."""
+    pytest.importorskip("torch.distributed")
+    out = tmp_path / "gloo.json"
+    p = bench("--sizes", "4,64K", "--iters", "3", "--warmup", "1", "--vs", "gloo", "--json", str(out),
+              timeout=180)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "x gloo" in p.stdout and "# gloo: torch" in p.stdout
+    data = json.loads(out.read_text())
+    assert {(m["backend"], m["inplace"]) for m in data} == {("thunderlink", False), ("gloo", True)}
+    assert all(m["wrong"] == 0 for m in data)
+    rows = [line.split() for line in p.stdout.splitlines() if line.strip() and not line.startswith("#")]
+    assert len(rows) == 2 and all(float(r[-1]) > 0 for r in rows)
+
+
+def test_vs_gloo_refuses_a_hostfile(tmp_path):
+    hf = tmp_path / "h.json"
+    hf.write_text("[]")
+    p = bench("--vs", "gloo", "--hostfile", str(hf))
+    assert p.returncode == 2 and "local ranks only" in p.stderr, p.stderr

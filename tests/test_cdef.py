@@ -100,7 +100,8 @@ def compare(tl_h: str, cdef: str) -> list[str]:
 def test_the_parser_sees_the_header():
     d, s, f = parts(TL_H)
     assert {"TL_OK", "TL_ERR_INVALID", "TL_OPT_CHOICE", "TL_HOW_RING"} <= d
-    assert s["tl_options"][:2] == ["uint64_t job_id", "int32_t connect_timeout_ms"]
+    assert s["tl_options"][:4] == ["uint64_t job_id", "uint8_t token_key[32]", "int32_t token_set",
+                                   "int32_t connect_timeout_ms"]
     assert s["tl_stats"][0] == "uint64_t calls[8]"
     assert "int64_t min" in s["tl_option_info"]
     assert f["tl_all_reduce"] == ("int tl_all_reduce(tl_comm_t *comm,const void *in,void *out,uint64_t count,"

@@ -282,7 +282,7 @@ def core_defaults():
 
 def test_options_defaults_round_trip():
     d = Options.defaults()
-    assert set(d) == {f.name for f in dataclasses.fields(Options)} - {"job_id"}
+    assert set(d) == {f.name for f in dataclasses.fields(Options)} - {"job_id", "token"}
     assert c_dict(Options().to_c()) == core_defaults()
     assert c_dict(Options(**d).to_c()) == core_defaults()
     # Units: seconds and names.

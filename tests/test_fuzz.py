@@ -358,7 +358,7 @@ def stranger_payloads(draw):
     """What a stranger sends to a starting rank's port (job_id: the real one,
     which a stranger without the job's token may know; see the README)."""
     kind = draw(st.sampled_from(["garbage", "magic_then_garbage", "hello_wrong_job", "hello_wrong_version",
-                                 "truncated_real_hello", "oversized", "empty"]))
+                                 "truncated_real_hello", "oversized", "empty", "hello_right_job"]))
     v = _protocol_version()
     if kind == "garbage":
         return kind, draw(st.binary(max_size=200))
@@ -371,6 +371,12 @@ def stranger_payloads(draw):
         return kind, hello_bytes(draw(st.integers(0, 65535).filter(lambda x: x != v)), -1, draw(u32), 0, 0, 1, 2)
     if kind == "truncated_real_hello":
         return kind, None  # filled in with the job's id, cut short
+    if kind == "hello_right_job":
+        # The job's id and random ranks, sizes, flags: filled in with the id;
+        # sent only to a job with a token (without one, the id is the credential).
+        return kind, (draw(u32), draw(st.sampled_from([0, 1, 2, draw(u32)])), draw(u32), draw(u32),
+                      draw(st.sampled_from([2, draw(u32)])), draw(st.integers(0, 65535)),
+                      draw(u64), draw(st.binary(max_size=80)))
     if kind == "oversized":
         return kind, draw(st.binary(min_size=1, max_size=64)) * 8192  # up to 512 KiB
     return kind, b""
@@ -398,10 +404,15 @@ def _poke(port: int, payload: bytes, keep_open: bool) -> socket.socket | None:
     return None
 
 
-def target_handshake(payloads: list, keep_open: list) -> None:
+def target_handshake(payloads: list, keep_open: list, token: bool = False) -> None:
     """Rank 0 starts; strangers connect to its port and send the payloads;
-    then rank 1 starts. The job must connect and add correctly."""
+    then rank 1 starts. The job must connect and add correctly. With a job
+    token, strangers also send hellos that name the job's own id."""
+    from dataclasses import replace
+
     p, eps, opts = _fresh_job()
+    if token:
+        opts = replace(opts, token="fuzz-" + os.urandom(8).hex())
     out, errs = [None, None], []
     t0 = _start(0, eps, opts, out, errs)
     held = []
@@ -419,6 +430,12 @@ def target_handshake(payloads: list, keep_open: list) -> None:
             if data is None:
                 real = hello_bytes(_protocol_version(), opts.job_id, 1, 0)
                 data = real[:len(real) // 2]
+            elif isinstance(data, tuple):
+                if not token:
+                    continue
+                src, dst, conn, nconns, world, flags, digest, tail = data
+                data = hello_bytes(_protocol_version(), opts.job_id, src, dst, conn, nconns, world, digest,
+                                   flags=flags) + tail
             s = _poke(p[0], data, keep)
             if s is not None:
                 held.append(s)
@@ -444,9 +461,10 @@ def target_handshake(payloads: list, keep_open: list) -> None:
 
 
 @CI_LIVE
-@given(st.lists(stranger_payloads(), min_size=1, max_size=6), st.lists(st.booleans(), min_size=6, max_size=6))
-def test_fuzz_handshake_live(payloads, keep_open):
-    target_handshake(payloads, keep_open)
+@given(st.lists(stranger_payloads(), min_size=1, max_size=6), st.lists(st.booleans(), min_size=6, max_size=6),
+       st.booleans())
+def test_fuzz_handshake_live(payloads, keep_open, token):
+    target_handshake(payloads, keep_open, token)
 
 
 # ---- the JACCL coordinator: strangers while rank 0 collects the records ---------------
@@ -557,6 +575,10 @@ class FakePeer:
 
         self.p, self.eps, self.opts = _fresh_job("tcp", timeout=5.0, conns=1)
         self.opts = replace(self.opts, job_id=self.job_id)
+        if "heartbeat" in self.opts.__dataclass_fields__:
+            # One connection per link: with heartbeats a TCP link has a control
+            # connection too, which this fake peer does not play.
+            self.opts = replace(self.opts, heartbeat=0)
         self.hello = self.hellos.get(self.job_id)
         if self.hello is None:
             # Learn rank 1's hello: listen on rank 0's port, let a real rank 1

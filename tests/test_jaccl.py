@@ -88,7 +88,7 @@ def test_ports_close_on_return_without_hold(monkeypatch):
     real = jaccl._reserve_port
     monkeypatch.setattr(jaccl, "_reserve_port", lambda ip: opened.append(real(ip)) or opened[-1])
     other = {"host": "b", "addresses": [{"ip": "127.0.0.2", "port": 9, "peer": 0}]}
-    monkeypatch.setattr(jaccl, "_exchange", lambda m, r, c, mine, t: [mine, other])
+    monkeypatch.setattr(jaccl, "_exchange", lambda m, r, c, mine, t, key=None: [mine, other])
     jaccl.hostfile_from_matrix([[None, "rdma_lo"], ["rdma_lo", None]], 0, "127.0.0.1:1")
     assert opened and all(s.fileno() == -1 for s in opened)
 

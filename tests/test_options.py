@@ -34,7 +34,8 @@ def defaults():
 
 def test_table_covers_every_field_of_tl_options():
     struct_fields = [name for name, _ in ffi.typeof("tl_options_t").fields]
-    assert sorted(s.field for s in SPECS) == sorted(set(struct_fields) - {"job_id"})
+    assert sorted(s.field for s in SPECS) == sorted(
+        set(struct_fields) - {"job_id", "token_key", "token_set", "ntune", "tune"})
 
 
 def test_names_are_unique_and_well_formed():
@@ -52,8 +53,8 @@ def test_names_are_unique_and_well_formed():
 
 
 def test_options_fields_follow_the_table():
-    assert [f.name for f in dataclasses.fields(Options)] == ["job_id"] + [s.name for s in SPECS]
-    assert Options.defaults() == {s.name: s.value(s.default) for s in SPECS}
+    assert [f.name for f in dataclasses.fields(Options)] == ["job_id", "token"] + [s.name for s in SPECS] + ["tuning"]
+    assert Options.defaults() == {**{s.name: s.value(s.default) for s in SPECS}, "tuning": None}
 
 
 def test_shared_options_are_the_handshakes():
@@ -62,9 +63,9 @@ def test_shared_options_are_the_handshakes():
     or its order needs a new TL_PROTOCOL_VERSION."""
     assert [s.name for s in SPECS if s.shared] == [
         "conns_per_peer", "chunk_bytes", "algo_threshold", "algo", "stripe_min_bytes", "pipeline_depth",
-        "transport",
+        "transport", "heartbeat",
     ]
-    assert lib.TL_PROTOCOL_VERSION == 2
+    assert lib.TL_PROTOCOL_VERSION == 3
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
@@ -98,7 +99,7 @@ def test_core_check_messages():
     assert c_check(o) == "chunk_bytes (THUNDERLINK_CHUNK_BYTES) must be 4096..1073741824 B, not 5"
     o = defaults()
     o.algo = 7
-    assert c_check(o) == "algo (THUNDERLINK_ALGO) must be one of auto, ring, oneshot, not 7"
+    assert c_check(o) == "algo (THUNDERLINK_ALGO) must be one of auto, ring, oneshot, mesh, not 7"
     o = defaults()
     o.transport = lib.TL_TRANSPORT_RDMA
     assert c_check(o) == "transport (THUNDERLINK_TRANSPORT) rdma is not available in this build (auto, tcp, shm are)"

@@ -54,3 +54,17 @@ def test_ompi_shm_through_the_bench_loop(tmp_path):
         ("ompi-shm", 1024, False, 5, 0), ("ompi-shm", 1024, True, 5, 0)]
     cp = peers("--compare", str(out))
     assert cp.returncode == 0 and "ompi-shm-in p50" in cp.stdout, cp.stdout + cp.stderr
+
+
+def test_mlx_ring_alone(tmp_path):
+    """--peer mlx-ring: MLX's ring in processes of its own (no thunderlink
+    group, malloc as MLX leaves it), out of place and in place (donated)."""
+    pytest.importorskip("mlx.core")
+    out = tmp_path / "ring.json"
+    cp = peers("--peer", "mlx-ring", "--sizes", "4,64K", "--iters", "3", "--warmup", "1", "--json", str(out))
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+    assert "ring backend alone" in cp.stdout and "left alone: no thunderlink group here" in cp.stdout
+    ms = json.loads(out.read_text())
+    assert [(m["backend"], m["size"], m["inplace"], m["wrong"]) for m in ms] == [
+        ("mlx-ring", 4, False, 0), ("mlx-ring", 4, True, 0),
+        ("mlx-ring", 65536, False, 0), ("mlx-ring", 65536, True, 0)]

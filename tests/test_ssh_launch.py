@@ -11,6 +11,7 @@ every subprocess a timeout, and a SIGALRM watchdog fails a test past TEST_TIMEOU
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import re
@@ -442,3 +443,49 @@ def test_cli_options(sshd, tmp_path, capsys):
     args = p.parse_args(["--hostfile", str(bad), prog])
     assert from_cli_args(args, env=dict(os.environ), extra_env={}) == 2
     assert "thunderlink launch: hostfile" in capsys.readouterr().err
+
+
+TOKEN_PROG = """
+    import glob, hashlib, os
+    import numpy as np
+    import thunderlink
+    token = os.environ["THUNDERLINK_TOKEN"]
+    comm = thunderlink.connect()
+    y = comm.all_sum(np.ones(4, dtype=np.float32))
+    seen = []  # every command line on this machine (the ssh sessions, the wrappers, the ranks)
+    for path in glob.glob("/proc/[0-9]*/cmdline"):
+        try:
+            if token.encode() in open(path, "rb").read():
+                seen.append(path)
+        except OSError:
+            pass
+    print("RESULT", comm.rank, int(y[0]), hashlib.sha256(token.encode()).hexdigest(), len(seen),
+          "TOKEN_FILE" if "THUNDERLINK_TOKEN_FILE" in os.environ else "-")
+    comm.close()
+"""
+
+
+@needs_sshd
+@pytest.mark.parametrize("users_token", [None, "ssh-e2e-secret-4f1c"])
+def test_ssh_ranks_get_the_token_on_stdin(sshd, tmp_path, capsys, users_token):
+    """Over ssh every rank gets the job's token (the launcher's new one, or
+    the user's THUNDERLINK_TOKEN), connects with it, and finds it in no
+    command line on the machine while the job runs (ssh sessions, remote
+    shells, wrappers, ranks); the launcher prints it nowhere."""
+    prog = script(tmp_path, "tokenprog.py", TOKEN_PROG)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("THUNDERLINK_TOKEN")}
+    env.update(THUNDERLINK_CONNECT_TIMEOUT="20", THUNDERLINK_TIMEOUT="20")
+    if users_token:
+        env["THUNDERLINK_TOKEN"] = users_token
+    res = launch(sshd, write_hostfile(sshd, tmp_path), [prog], env=env)
+    out, err = capsys.readouterr()
+    assert res.status == 0, out + err
+    lines = sorted(line.split()[2:] for line in out.splitlines() if " RESULT " in line)
+    assert [(int(r), int(s)) for r, s, *_ in lines] == [(0, 3), (1, 3), (2, 3)], out + err
+    digests = {d for *_, d, _, _ in lines}
+    assert len(digests) == 1, lines
+    if users_token:
+        assert digests == {hashlib.sha256(users_token.encode()).hexdigest()}
+        assert users_token not in out + err
+    assert [n for *_, n, _ in lines] == ["0"] * 3, lines  # in no command line
+    assert [f for *_, f in lines] == ["-"] * 3

@@ -9,6 +9,8 @@ TOOLS = {
     "launch": ("thunderlink.launch.__main__", "start the ranks of a job"),
     "bench": ("thunderlink.bench.__main__", "measure collectives (nccl-tests style)"),
     "doctor": ("thunderlink.doctor.__main__", "check interfaces and a hostfile, with fixes"),
+    "probe": ("thunderlink.tune.probe", "measure every cable: bandwidth, latency, MTU, slow cables"),
+    "tune": ("thunderlink.tune.tuner", "sweep the knobs on the live cluster and write a tuning profile"),
     "cluster": ("thunderlink.testing.cluster", "emulate a Thunderbolt cluster with network namespaces"),
 }
 
@@ -39,6 +41,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.main(argv[1:]) or 0)
     except KeyboardInterrupt:
         return 130
+    except Exception as e:  # probe and tune: a configuration problem is one line, not a traceback
+        from .errors import ConfigError
+
+        if argv[0] not in ("probe", "tune") or not isinstance(e, ConfigError):
+            raise
+        sys.stderr.write(f"thunderlink {argv[0]}: {str(e).removeprefix('[thunderlink] ')}\n")
+        return 2
 
 
 if __name__ == "__main__":

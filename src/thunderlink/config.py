@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -20,7 +21,8 @@ from .bindings.options import Spec
 from .errors import ConfigError
 
 __all__ = ["Config", "from_env", "ENV", "OPTIONS", "HOSTFILE_VARS", "RANK_VARS", "parse_size", "parse_rate",
-           "cluster_state_dir", "readme_rows"]
+           "cluster_state_dir", "readme_rows", "read_token", "tuning_path",
+           "default_tuning_file"]
 
 # Where a hostfile and a rank are looked for, first set first.
 HOSTFILE_VARS = ("THUNDERLINK_HOSTFILE", "MLX_HOSTFILE", "MLX_IBV_DEVICES", "JACCL_IBV_DEVICES")
@@ -48,6 +50,28 @@ ENV = {
     "THUNDERLINK_WORLD_SIZE": ("unset", "if set, must equal the number of ranks in the hostfile"),
     "THUNDERLINK_IFNAME": ("unset", "bind this rank's sockets to this interface when the hostfile names none"),
     "THUNDERLINK_JOB_ID": ("hash of the hostfile", "job id checked in every handshake (set by thunderlink launch)"),
+    "THUNDERLINK_TOKEN": (
+        "unset (thunderlink launch makes one)",
+        "the job's secret: any non-empty text, the same on every rank; every connection proves it "
+        "holds it (HMAC challenge-response). Unset: no authentication (see Security)",
+    ),
+    "THUNDERLINK_TOKEN_FILE": (
+        "unset",
+        "a file holding the job's token (its first line), readable by its owner only (mode 0600 or 0400); "
+        "instead of THUNDERLINK_TOKEN",
+    ),
+    "THUNDERLINK_MALLOC_HEAP": (
+        "1G",
+        "thunderlink.init() tells glibc to keep blocks up to this size in the heap and to return free "
+        "heap to the system only past it (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD), so MLX's fresh arrays "
+        "reuse memory instead of faulting in new pages on every call; 0: leave malloc alone",
+    ),
+    "THUNDERLINK_TUNING_FILE": (
+        "~/.config/thunderlink/tuning.json",
+        "tuning profile applied at init (`thunderlink tune` writes it; explicit variables still win; the same on "
+        "every rank); set it empty to use none. The default is used only if it exists (under `$XDG_CONFIG_HOME` "
+        "if set)",
+    ),
     "THUNDERLINK_CLUSTER_STATE_DIR": (
         "/run/thunderlink/clusters",
         "where `thunderlink cluster` records the emulated clusters it made",
@@ -111,7 +135,15 @@ class Config:
     world_size: int | None = None
     ifname: str | None = None
     job_id: int | None = None
+    # The job's secret (THUNDERLINK_TOKEN): kept out of repr().
+    token: str | None = field(default=None, repr=False)
     coordinator: str | None = None  # a JACCL device matrix's rank 0, ip:port
+    # THUNDERLINK_MALLOC_HEAP: bytes glibc keeps in the heap (0: leave malloc
+    # alone; None: the user set glibc's own MALLOC_*_THRESHOLD_/GLIBC_TUNABLES).
+    malloc_heap: int | None = 1 << 30
+    tuning_file: str | None = None  # the tuning profile applied to options, if any
+    # The profile's measured cable rates: (rank, ip) -> Gbit/s, replacing the hostfile's.
+    cable_rates: dict = field(default_factory=dict)
     # Options for the core, as keyword arguments of bindings.Options.
     options: dict = field(default_factory=dict)
 
@@ -207,6 +239,40 @@ def _option(env: Mapping[str, str], spec: Spec):
     return _int(env, spec.env, spec.lo, spec.hi)
 
 
+def read_token(env: Mapping[str, str]) -> str | None:
+    """THUNDERLINK_TOKEN, or the first line of THUNDERLINK_TOKEN_FILE (a file
+    of this user's that no one else may read). Errors never show the token."""
+    token = env.get("THUNDERLINK_TOKEN") or None
+    path = env.get("THUNDERLINK_TOKEN_FILE") or None
+    if token is not None and path is not None:
+        raise ConfigError("[thunderlink] both THUNDERLINK_TOKEN and THUNDERLINK_TOKEN_FILE are set: set one")
+    if path is None:
+        return token
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as e:
+        raise ConfigError(f"[thunderlink] THUNDERLINK_TOKEN_FILE={path}: cannot open it: {e.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"[thunderlink] THUNDERLINK_TOKEN_FILE={path} is not a regular file")
+        if st.st_uid != os.getuid():
+            raise ConfigError(f"[thunderlink] THUNDERLINK_TOKEN_FILE={path} belongs to another user: the "
+                              f"token file must be this user's own")
+        if st.st_mode & 0o077:
+            raise ConfigError(
+                f"[thunderlink] THUNDERLINK_TOKEN_FILE={path} can be read or written by other users "
+                f"(mode {stat.S_IMODE(st.st_mode):04o}): a job's token must be secret; run "
+                f"`chmod 600 {path}`")
+        data = f.read(65537)
+    if len(data) > 65536:
+        raise ConfigError(f"[thunderlink] THUNDERLINK_TOKEN_FILE={path} is larger than 64 KiB: is it a token?")
+    first = data.split(b"\n", 1)[0].rstrip(b"\r")
+    if not first.strip():
+        raise ConfigError(f"[thunderlink] THUNDERLINK_TOKEN_FILE={path} holds no token (its first line is empty)")
+    return first.decode("utf-8", "surrogateescape")
+
+
 def readme_rows() -> list[str]:
     """The README's rows (variable, default, meaning) for the core's options,
     in the table's order. tests/test_options.py checks the README has them."""
@@ -241,6 +307,21 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
         except ValueError:
             raise ConfigError(f"[thunderlink] THUNDERLINK_JOB_ID={job!r} is not an integer") from None
     backend = env.get("MLX_DISTRIBUTED_BACKEND") or None
+    malloc_heap = _size(env, "THUNDERLINK_MALLOC_HEAP", 0, (1 << 31) - 1)  # mallopt takes an int
+    if malloc_heap is None:
+        own = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+        tunables = env.get("GLIBC_TUNABLES", "")
+        theirs = any(env.get(v) for v in own) or any(f"glibc.malloc.{t}_threshold" in tunables
+                                                     for t in ("mmap", "trim"))
+        malloc_heap = None if theirs else 1 << 30
+    tuning_file = tuning_path(env)
+    cable_rates = {}
+    if tuning_file is not None:
+        from .tune.profile import apply, load
+
+        prof = load(tuning_file)
+        options = apply(options, prof)
+        cable_rates = {(c["rank"], c["ip"]): c["gbps"] for c in prof.cables}
     return Config(
         backend=backend.strip().lower() if backend else None,
         transport=transport,
@@ -251,9 +332,33 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
         world_size=_int(env, "THUNDERLINK_WORLD_SIZE", 1),
         ifname=env.get("THUNDERLINK_IFNAME") or None,
         job_id=job_id,
+        token=read_token(env),
         coordinator=coordinator,
+        malloc_heap=malloc_heap,
+        tuning_file=tuning_file,
+        cable_rates=cable_rates,
         options=options,
     )
+
+
+def tuning_path(env: Mapping[str, str] | None = None) -> str | None:
+    """The tuning profile to apply: THUNDERLINK_TUNING_FILE (empty: none),
+    else the default path when a file is there."""
+    env = os.environ if env is None else env
+    explicit = env.get("THUNDERLINK_TUNING_FILE")
+    if explicit is not None:
+        return os.path.expanduser(explicit.strip()) or None
+    path = default_tuning_file(env)
+    return path if os.path.exists(path) else None
+
+
+def default_tuning_file(env: Mapping[str, str] | None = None) -> str:
+    """Where `thunderlink tune` writes and init looks when
+    THUNDERLINK_TUNING_FILE is unset: $XDG_CONFIG_HOME/thunderlink/tuning.json,
+    else ~/.config/thunderlink/tuning.json."""
+    env = os.environ if env is None else env
+    base = env.get("XDG_CONFIG_HOME") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".config")
+    return os.path.join(base, "thunderlink", "tuning.json")
 
 
 def cluster_state_dir(env: Mapping[str, str] | None = None) -> str:

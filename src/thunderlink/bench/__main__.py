@@ -134,14 +134,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", dest="json_path", metavar="PATH", help="also write every measurement as JSON")
     p.add_argument("--plot", dest="plot_path", metavar="PNG",
                    help="draw bus bandwidth and latency against size (needs thunderlink[plot])")
-    p.add_argument("--vs", choices=("mlx-ring",), action="append", default=[],
-                   help="also measure MLX's ring backend over the same hosts, interleaved, with the ratio")
+    p.add_argument("--vs", choices=("mlx-ring", "gloo"), action="append", default=[],
+                   help="also measure a peer, interleaved size by size, with the ratio of times: mlx-ring (MLX's "
+                        "ring backend over the same hosts) or gloo (torch.distributed, local ranks, in place; "
+                        "needs torch)")
+    p.add_argument("--skip-core", action="store_true",
+                   help="measure only the --vs/--via series (to compare with a run of the peer alone)")
+    p.add_argument("--gloo-port", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--via", choices=("core", "mlx"), action="append", default=[],
                    help="mlx: also measure through mx.distributed (thunderlink's Group), MLX overhead included")
     p.add_argument("--transport", choices=tuple(TRANSPORTS), default=None,
                    help="THUNDERLINK_TRANSPORT for thunderlink's ranks: auto (shared memory between ranks of one "
                         "host, TCP otherwise), tcp or shm (default: the environment's, else auto)")
     p.add_argument("--timeout", type=_seconds, default=None, help="stop the job after this many seconds")
+    p.add_argument("--profile", metavar="FILE",
+                   help="a tuning profile (thunderlink tune) against the defaults, side by side (--op, --sizes, "
+                        "--iters, -n, --hostfile apply)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     return p
 
@@ -150,7 +158,8 @@ def settings_of(args) -> Settings:
     inplace = args.inplace or ("out" if (args.vs or "mlx" in args.via) else "both")
     return Settings(op=args.op, sizes=args.sizes, dtype=args.dtype, warmup=args.warmup,
                     iters=args.iters, check=args.check, inplace=inplace, json_path=args.json_path,
-                    plot_path=args.plot_path, vs=tuple(args.vs), via_mlx="mlx" in args.via)
+                    plot_path=args.plot_path, vs=tuple(dict.fromkeys(args.vs)), via_mlx="mlx" in args.via,
+                    skip_core=args.skip_core, gloo_port=args.gloo_port)
 
 
 def run_worker(args) -> int:
@@ -169,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)  # every value is checked here, before anything starts
+    if args.profile:
+        from ..tune.compare import main as compare_profile
+
+        return compare_profile(argv)
     if args.plot_path:
         try:
             import matplotlib  # noqa: F401
@@ -180,6 +193,13 @@ def main(argv: list[str] | None = None) -> int:
         return run_worker(args)
     if args.hostfile and args.ranks is not None:
         parser.error("give -n N or --hostfile FILE, not both")
+    if "gloo" in args.vs:
+        if args.hostfile:
+            parser.error("--vs gloo runs on local ranks only (-n N), not across a hostfile")
+        import importlib.util
+
+        if importlib.util.find_spec("torch") is None:
+            raise SystemExit("thunderlink bench: --vs gloo needs PyTorch (CPU build is enough): pip install torch")
     ranks = 2 if args.ranks is None else args.ranks
 
     from ..launch import free_ports, launch_local, private_tempdir
@@ -215,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
                 with open(path, "w") as f:
                     json.dump([[f"127.0.0.1:{p}"] for p in free_ports(ranks)], f)
                 env["MLX_HOSTFILE"] = path
+            if "gloo" in args.vs:
+                env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+                cmd += ["--gloo-port", str(free_ports(1)[0])]
             return launch_local(ranks, cmd, env=env, timeout=args.timeout, on_line=on_line).status
         finally:
             progress.clear()

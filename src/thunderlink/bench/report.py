@@ -23,14 +23,36 @@ def series_name(backend: str, inplace: bool, variants) -> str:
 def _short(backend: str, inplace: bool) -> str:
     if backend == "thunderlink":
         return "core-in" if inplace else "core"
-    return "mlx-group" if backend == "thunderlink/mlx" else backend
+    if backend == "thunderlink/mlx":
+        return "mlx-group-in" if inplace else "mlx-group"
+    return backend
 
 
-def _ratio_names(series) -> list[str]:
-    """Columns "x ring": p50 time of MLX's ring over each other series'."""
-    if "mlx-ring" not in [b.name for b, _ in series]:
-        return []
-    return [_short(b.name, v) for b, v in series if b.name != "mlx-ring"]
+# Peers the other series are compared with: (backend, column title).
+_REFS = (("mlx-ring", "x ring"), ("gloo", "x gloo"))
+
+
+def _ratio_names(series) -> list[tuple[str, str]]:
+    """Columns "x ring", "x gloo": the peer's p50 time over each of our
+    series' (the peer's series of the same variant, else its only one)."""
+    names = [b.name for b, _ in series]
+    refs = [r for r in _REFS if r[0] in names]
+    return [(title, _short(b.name, v)) for _, title in refs for b, v in series
+            if b.name not in [r for r, _ in _REFS]]
+
+
+def _ratios(ms) -> list[float]:
+    out = []
+    for ref, _ in _REFS:
+        peers = [m for m in ms if m.backend == ref]
+        if not peers:
+            continue
+        for m in ms:
+            if m.backend in [r for r, _ in _REFS]:
+                continue
+            p = next((q for q in peers if q.inplace == m.inplace), peers[0])
+            out.append(p.p50_us / m.p50_us if (p.supported and m.supported and m.p50_us > 0) else float("nan"))
+    return out
 
 
 def header(out, s, n: int, series, links: dict | None = None, title: str = "thunderlink bench",
@@ -52,12 +74,14 @@ def header(out, s, n: int, series, links: dict | None = None, title: str = "thun
               f"# cpu = CPU time of all ranks / (wall time x ranks) over the timed loop\n")
     groups = [series_name(b.name, v, b.variants) for b, v in series]
     ratios = _ratio_names(series)
+    titles = [t for t in dict.fromkeys(t for t, _ in ratios)]
     if ratios:
-        out.write("# x ring = MLX ring's p50 time / this series' p50 time (above 1: faster than MLX's ring)\n")
+        out.write("# x ring / x gloo = the peer's p50 time / this series' p50 time, of the same variant where "
+                  "the peer has it (above 1: faster than the peer)\n")
     out.write("#" + " " * 34 + "".join(f"{g:^{_WIDTH}}" for g in groups)
-              + ("  " + "x ring" if ratios else "") + "\n")
+              + "".join(f"  {t:<{14 * sum(1 for tt, _ in ratios if tt == t) - 2}}" for t in titles) + "\n")
     out.write(f"# {'size':>12} {'count':>12} {'type':>8}" + ("  " + _COLS) * len(groups)
-              + "".join(f"  {r:>12}" for r in ratios) + "\n")
+              + "".join(f"  {r:>12}" for _, r in ratios) + "\n")
     out.write(f"# {'(B)':>12} {'(elements)':>12} {'':>8}" + ("  " + _UNITS) * len(groups) + "\n")
     out.flush()
 
@@ -75,13 +99,8 @@ def row(out, ms) -> None:
     line = f"  {m0.size:>12} {m0.count:>12} {m0.dtype:>8}"
     for m in ms:
         line += "  " + _cells(m)
-    ring = next((m for m in ms if m.backend == "mlx-ring"), None)
-    if ring is not None:
-        for m in ms:
-            if m.backend == "mlx-ring":
-                continue
-            r = ring.p50_us / m.p50_us if (ring.supported and m.supported and m.p50_us > 0) else float("nan")
-            line += f"  {'n/a' if math.isnan(r) else f'{r:.2f}':>12}"
+    for r in _ratios(ms):
+        line += f"  {'n/a' if math.isnan(r) else f'{r:.2f}':>12}"
     out.write(line + "\n")
     out.flush()
 
@@ -95,6 +114,14 @@ def footer(out, results, series) -> None:
             avg = sum(m.busbw for m in mine) / len(mine)
             out.write(f"# {series_name(b.name, v, b.variants)}: #wrong {sum(m.wrong for m in mine)}; "
                       f"avg bus bandwidth {avg:.3f} GB/s\n")
+    for ref, _ in _REFS:
+        peer = [m for m in results if m.backend == ref and m.supported and m.p50_us > 0]
+        jumpy = sorted({m.size for m in peer if m.p99_us > 3 * m.p50_us})
+        if jumpy:
+            out.write(f"# {ref}: p99 above 3x p50 at {len(jumpy)} of {len({m.size for m in peer})} sizes: its "
+                      f"calls vary this much, and its p50 varies from run to run by up to as much, alone as "
+                      f"beside thunderlink; read its ratios as the medians of repeated runs (bench/median.py), "
+                      f"and see `python bench/peers.py --peer {ref}` for it alone\n")
     wrong = sum(m.wrong for m in results)
     out.write(f"# {'OK' if wrong == 0 else 'WRONG RESULTS'}\n")
     out.flush()

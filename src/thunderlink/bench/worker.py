@@ -13,6 +13,13 @@ Backends:
   thunderlink/mlx  thunderlink's mx.distributed.Group (--via mlx): MLX's own
                 overhead (graph, eval, stream dispatch) included.
   mlx-ring      MLX's ring backend over the same hosts (--vs mlx-ring).
+  gloo          torch.distributed's Gloo over loopback TCP (--vs gloo; local
+                ranks, torch installed), in place: it has no out-of-place
+                all_reduce.
+
+The MLX series run out of place (a fresh output per call, as
+``y = all_sum(x)``) and in place (``x = all_sum(x)``: MLX donates the input
+buffer to the output, so nothing is allocated).
 """
 
 from __future__ import annotations
@@ -47,8 +54,10 @@ class Settings:
     inplace: str = "both"   # both | in | out
     json_path: str | None = None
     plot_path: str | None = None
-    vs: tuple = ()          # ("mlx-ring",)
+    vs: tuple = ()          # ("mlx-ring", "gloo")
     via_mlx: bool = False
+    skip_core: bool = False  # measure only the --vs/--via series (the core still runs the harness)
+    gloo_port: int = 0      # --vs gloo: rank 0's rendezvous port on 127.0.0.1
 
 
 @dataclass
@@ -134,7 +143,7 @@ class CoreBackend:
 class MLXBackend:
     """An mx.distributed.Group: thunderlink's (--via mlx) or MLX's ring."""
 
-    variants = (False,)  # MLX decides when to work in place (donation)
+    variants = (False, True)  # in place: the input is donated (x = all_sum(x))
 
     def __init__(self, name: str, group, ring: bool):
         import mlx.core as mx
@@ -154,11 +163,20 @@ class MLXBackend:
         if dtype == "bfloat16":
             a = mx.array(x.view(np.uint16)).view(mx.bfloat16)
         mx.eval(a)
-        return {"x": a, "op": op, "y": None, "dtype": dtype}
+        # In place: only the dict holds the input, so that MLX may donate its
+        # buffer to the output (x = all_sum(x)); the output replaces it.
+        return {"x": a, "op": op, "y": None, "dtype": dtype, "donate": out is x and op == "all_sum"}
 
     def run(self, prepared) -> None:
         mx, g, d = self.mx, self.group, self.mx.distributed
-        x, op = prepared["x"], prepared["op"]
+        op = prepared["op"]
+        if prepared["donate"]:
+            # Nothing but the graph may hold the input while it runs, or MLX
+            # allocates an output instead of donating (no copy in "y").
+            prepared["x"] = d.all_sum(prepared.pop("x"), group=g)
+            mx.eval(prepared["x"])
+            return
+        x = prepared["x"]
         if op == "all_sum":
             y = d.all_sum(x, group=g)
         elif op == "all_gather":
@@ -182,12 +200,46 @@ class MLXBackend:
         prepared["y"] = y
 
     def result(self, prepared) -> np.ndarray:
-        y = prepared["y"]
+        y = prepared["x"] if prepared["donate"] else prepared["y"]
         if y is None:
             return None
         if prepared["dtype"] == "bfloat16":
             return np.array(y.view(self.mx.uint16))
         return np.array(y)
+
+
+class GlooBackend:
+    """torch.distributed's Gloo (--vs gloo): all_reduce of a CPU tensor that
+    shares the numpy buffer, in place (torch.distributed has none out of
+    place). A process group of its own over loopback TCP, next to
+    thunderlink's communicator in the same processes."""
+
+    name = "gloo"
+    variants = (True,)
+
+    def __init__(self, rank: int, n: int, port: int, timeout: float = 300):
+        import datetime
+
+        import torch
+        import torch.distributed as dist
+
+        self.torch, self.dist = torch, dist
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=n,
+                                timeout=datetime.timedelta(seconds=timeout))
+        self.describe = f"gloo: torch {torch.__version__} torch.distributed.all_reduce, in place"
+
+    def supports(self, op: str) -> bool:
+        return op == "all_sum"
+
+    def prepare(self, op, x, out, dtype):
+        t = self.torch.from_numpy(x)  # shares x's memory
+        return {"t": t, "x": x}
+
+    def run(self, prepared) -> None:
+        self.dist.all_reduce(prepared["t"])
+
+    def result(self, prepared) -> np.ndarray:
+        return prepared["x"]
 
 
 # ---- measuring ----------------------------------------------------------------------
@@ -253,7 +305,7 @@ def measure(comm, backend, s: Settings, size: int, inplace: bool) -> Measurement
 
 
 def make_backends(comm, s: Settings) -> list:
-    backends = [CoreBackend(comm)]
+    backends = [] if s.skip_core and (s.via_mlx or s.vs) else [CoreBackend(comm)]
     if s.via_mlx:
         from ..mlx_backend import group_from_comm
 
@@ -277,6 +329,11 @@ def make_backends(comm, s: Settings) -> list:
         os.environ["MLX_RANK"] = str(comm.rank)  # MLX's ring reads its rank here
         ring = mx.distributed.init(strict=True, backend="ring")
         backends.append(MLXBackend("mlx-ring", ring, ring=True))
+    if "gloo" in s.vs:
+        if not s.gloo_port:
+            raise SystemExit("thunderlink bench: --vs gloo needs local ranks started by the bench: "
+                             "thunderlink bench -n N --vs gloo")
+        backends.append(GlooBackend(comm.rank, comm.size, s.gloo_port))
     return backends
 
 
@@ -293,9 +350,10 @@ def run(comm, s: Settings, backends=None, out=sys.stdout, *, title: str = "thund
     from . import report
 
     backends = backends or make_backends(comm, s)
+    notes = list(notes) + _notes(backends)
     wanted = {"both": (False, True), "out": (False,), "in": (True,)}[s.inplace]
-    series = ([(b, v) for b in backends for v in b.variants if v in wanted]
-              or [(backends[0], backends[0].variants[0])])
+    # A backend with none of the wanted variants runs its own (Gloo: in place only).
+    series = [(b, v) for b in backends for v in ([v for v in b.variants if v in wanted] or b.variants[:1])]
     rank0 = comm.rank == 0
     results: list[Measurement] = []
     if rank0:
@@ -315,6 +373,17 @@ def run(comm, s: Settings, backends=None, out=sys.stdout, *, title: str = "thund
 
             plot(results, s, s.plot_path)
     return results
+
+
+def _notes(backends) -> list[str]:
+    """Header lines on what the backends measured run under."""
+    notes = [b.describe for b in backends if getattr(b, "describe", None) and isinstance(b, GlooBackend)]
+    if any(isinstance(b, MLXBackend) for b in backends):
+        from .. import mlx_backend
+
+        notes.append(f"malloc (THUNDERLINK_MALLOC_HEAP, set by thunderlink's MLX group for the whole process, "
+                     f"MLX's ring included): {mlx_backend.malloc_state or 'left alone: no thunderlink group here'}")
+    return notes
 
 
 def _jsonable(d: dict) -> dict:

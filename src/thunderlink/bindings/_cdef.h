@@ -51,6 +51,7 @@
 #define TL_ALGO_AUTO ...
 #define TL_ALGO_RING ...
 #define TL_ALGO_ONESHOT ...
+#define TL_ALGO_MESH ...
 
 #define TL_TRANSPORT_AUTO ...
 #define TL_TRANSPORT_TCP ...
@@ -68,6 +69,7 @@
 #define TL_HOW_RING ...
 #define TL_HOW_CHAIN ...
 #define TL_HOW_FRAMES ...
+#define TL_HOW_MESH ...
 
 #define TL_LOG_NONE ...
 #define TL_LOG_WARN ...
@@ -76,8 +78,24 @@
 
 typedef struct tl_comm tl_comm_t;
 
+typedef struct tl_tune_row {
+  int32_t op;
+  int32_t nranks;
+  int32_t transport;
+  int32_t how;
+  uint64_t min_bytes;
+  uint64_t max_bytes;
+  int32_t depth;
+  int32_t lanes;
+  int64_t chunk_bytes;
+} tl_tune_row_t;
+
+#define TL_MAX_TUNE_ROWS ...
+
 typedef struct tl_options {
   uint64_t job_id;
+  uint8_t token_key[32];
+  int32_t token_set;
   int32_t connect_timeout_ms;
   int32_t timeout_ms;
   int32_t conns_per_peer;
@@ -90,6 +108,10 @@ typedef struct tl_options {
   int32_t sockbuf_bytes;
   int32_t log_level;
   int32_t transport;
+  int32_t heartbeat_ms;
+  int32_t listen_all;
+  int32_t ntune;
+  tl_tune_row_t tune[64];
 } tl_options_t;
 
 typedef struct tl_stats {
@@ -171,7 +193,15 @@ typedef struct tl_plan {
   int64_t spin_ns;
 } tl_plan_t;
 
+#define TL_MESH_CABLED ...
 int tl_select(const tl_options_t *opts, int op, uint64_t bytes, int dtype,
               int nranks, int mesh, int transport, tl_plan_t *out);
+int tl_comm_plan(tl_comm_t *comm, int op, uint64_t bytes, int dtype, tl_plan_t *out);
+
+void tl_interrupt(void);
+int tl_interrupt_hook(void);
 
 const tl_vtable_t *tl_get_vtable(void);
+
+int tl_sha256(const void *data, size_t n, uint8_t out[32]);
+int tl_hmac_sha256(const void *key, size_t klen, const void *data, size_t n, uint8_t out[32]);

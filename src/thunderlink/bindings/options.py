@@ -8,12 +8,13 @@ and :class:`Options` (the keyword arguments of a communicator).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field, make_dataclass
 
 from ..errors import ConfigError, InvalidArgumentError
 from ._core import ffi, lib
 
-__all__ = ["Spec", "SPECS", "Options"]
+__all__ = ["Spec", "SPECS", "Options", "token_key"]
 
 _KINDS = {lib.TL_OPT_INT: "int", lib.TL_OPT_BYTES: "bytes", lib.TL_OPT_MS: "seconds",
           lib.TL_OPT_CHOICE: "choice"}
@@ -115,12 +116,23 @@ SPECS: tuple[Spec, ...] = _read()
 _TYPES = {"int": "int | None", "bytes": "int | None", "seconds": "float | None", "choice": "str | None"}
 
 
+def token_key(token: str) -> bytes:
+    """The 32-byte key a job token stands for: SHA-256 of its UTF-8 text after
+    a label (any non-empty text is a token; every rank hashes it the same way)."""
+    if not isinstance(token, str) or not token:
+        raise ConfigError("[thunderlink] the job token must be a non-empty string")
+    return hashlib.sha256(b"thunderlink job token\0" + token.encode("utf-8", "surrogateescape")).digest()
+
+
 def _to_c(self):
     """A tl_options_t: the core's defaults, overridden by every field not None."""
     o = ffi.new("tl_options_t *")
     lib.tl_options_default(o)
     if self.job_id is not None:
         o.job_id = int(self.job_id) & 0xFFFFFFFFFFFFFFFF
+    if self.token is not None:
+        o.token_key = token_key(self.token)
+        o.token_set = 1
     for spec in SPECS:
         v = getattr(self, spec.name)
         if v is None:
@@ -129,6 +141,16 @@ def _to_c(self):
             setattr(o, spec.field, spec.raw(v))
         except OverflowError:
             raise ConfigError(f"[thunderlink] option {spec.name}={v} is out of range") from None
+    rows = self.tuning or ()
+    if len(rows) > lib.TL_MAX_TUNE_ROWS:
+        raise ConfigError(f"[thunderlink] a tuning profile has at most {lib.TL_MAX_TUNE_ROWS} rows, not {len(rows)}")
+    o.ntune = len(rows)
+    for i, row in enumerate(rows):  # tl_tune_row_t fields (thunderlink.tune.profile makes them)
+        for name, v in row.items():
+            try:
+                setattr(o.tune[i], name, v)
+            except (AttributeError, OverflowError, TypeError):
+                raise ConfigError(f"[thunderlink] tuning row {i}: bad {name}={v!r}") from None
     why = ffi.new("char[256]")
     if lib.tl_options_check(o, why, 256):
         raise ConfigError(f"[thunderlink] invalid options: {ffi.string(why).decode()}")
@@ -139,20 +161,27 @@ def _defaults() -> dict:
     """The core's defaults, in Options' units (seconds, names)."""
     o = ffi.new("tl_options_t *")
     lib.tl_options_default(o)
-    return {s.name: s.value(getattr(o, s.field)) for s in SPECS}
+    return {**{s.name: s.value(getattr(o, s.field)) for s in SPECS}, "tuning": None}
 
 
 Options = make_dataclass(
     "Options",
-    [("job_id", "int | None", field(default=None))]
-    + [(s.name, _TYPES[s.kind], field(default=None)) for s in SPECS],
+    [("job_id", "int | None", field(default=None)),
+     # A secret: kept out of repr() (and so out of logs and tracebacks).
+     ("token", "str | None", field(default=None, repr=False))]
+    + [(s.name, _TYPES[s.kind], field(default=None)) for s in SPECS]
+    # A tuning profile's rows, as tl_tune_row_t fields (thunderlink.tune.profile).
+    + [("tuning", "tuple | None", field(default=None))],
     namespace={"to_c": _to_c, "defaults": staticmethod(_defaults)},
 )
 Options.__module__ = __name__
 Options.__doc__ = (
     "Knobs of a communicator, one field per row of the core's options table "
     "(csrc/core/options.h, listed in SPECS); None keeps the core's default. "
-    "Times are in seconds; choices by name (algo: auto, ring, oneshot). "
-    "job_id is the job's identity, checked in every handshake.\n\nFields: "
-    + ", ".join(["job_id"] + [s.name for s in SPECS])
+    "Times are in seconds; choices by name (algo: auto, ring, oneshot, mesh). "
+    "job_id is the job's identity, checked in every handshake; token the job's "
+    "secret (THUNDERLINK_TOKEN), which every connection proves it holds (never shown "
+    "by repr). tuning holds a tuning profile's rows (thunderlink.tune.profile), also "
+    "checked.\n\nFields: "
+    + ", ".join(["job_id", "token"] + [s.name for s in SPECS] + ["tuning"])
 )

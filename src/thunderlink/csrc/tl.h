@@ -33,10 +33,10 @@ extern "C" {
 #endif
 
 /* Bumped whenever tl_vtable_t or the meaning of a function changes. */
-#define TL_ABI_VERSION 1
+#define TL_ABI_VERSION 2
 
 /* Wire protocol version, sent in every handshake. */
-#define TL_PROTOCOL_VERSION 2
+#define TL_PROTOCOL_VERSION 3
 
 /* ---- status codes ------------------------------------------------------ */
 
@@ -45,7 +45,8 @@ extern "C" {
 #define TL_ERR_CONFIG (-2)      /* bad configuration: addresses, ports ...  */
 #define TL_ERR_SYSTEM (-3)      /* an OS call failed (errno in the message) */
 #define TL_ERR_TIMEOUT (-4)     /* a deadline passed                         */
-#define TL_ERR_PEER (-5)        /* a peer closed, reset or aborted           */
+#define TL_ERR_PEER (-5)        /* a peer closed, reset, aborted or fell
+                                   silent (tl_options_t.heartbeat_ms)       */
 #define TL_ERR_PROTOCOL (-6)    /* bad handshake or frame on the wire        */
 #define TL_ERR_MISMATCH (-7)    /* ranks called different collectives        */
 #define TL_ERR_UNSUPPORTED (-8) /* operation not available in this build     */
@@ -95,6 +96,7 @@ extern "C" {
 #define TL_ALGO_AUTO 0    /* by size: one round up to algo_threshold, ring above */
 #define TL_ALGO_RING 1    /* pipelined ring: reduce-scatter + all-gather */
 #define TL_ALGO_ONESHOT 2 /* every rank sends its buffer to every other rank */
+#define TL_ALGO_MESH 3    /* every pair linked: direct reduce-scatter + all-gather */
 
 /* ---- transports ---------------------------------------------------------
  * tl_options_t.transport picks them: AUTO uses shared memory between ranks
@@ -121,6 +123,7 @@ extern "C" {
 #define TL_HOW_RING 2      /* the pipelined ring (ring.c)                   */
 #define TL_HOW_CHAIN 3     /* broadcast: chunks flow down the ring          */
 #define TL_HOW_FRAMES 4    /* send/recv: the message, in frames              */
+#define TL_HOW_MESH 5      /* every pair at once, pipelined (mesh.c)        */
 
 /* ---- log levels --------------------------------------------------------- */
 
@@ -132,6 +135,28 @@ extern "C" {
 typedef struct tl_comm tl_comm_t;
 
 /*
+ * One row of a tuning profile (thunderlink tune writes them; Python's
+ * thunderlink.tune.profile reads and checks them). For operation `op`
+ * (TL_OP_*) of min_bytes <= bytes < max_bytes (bytes as tl_select counts
+ * them) among `nranks` ranks over `transport`, the row's values replace the
+ * options' choice. The first row that matches applies. 0 (how: -1) keeps the
+ * options' choice.
+ */
+typedef struct tl_tune_row {
+  int32_t op;          /* TL_OP_*                                           */
+  int32_t nranks;      /* group size; 0: any                                */
+  int32_t transport;   /* TL_TRANSPORT_TCP, _SHM ...; 0 (AUTO): any          */
+  int32_t how;         /* TL_HOW_ONE_ROUND, _RING or _MESH; -1: by size     */
+  uint64_t min_bytes;  /* band, inclusive                                   */
+  uint64_t max_bytes;  /* band, exclusive; 0: no upper end                  */
+  int32_t depth;       /* pipeline depth; 0: pipeline_depth                 */
+  int32_t lanes;       /* ring instances (1 or 2); 0: from conns_per_peer   */
+  int64_t chunk_bytes; /* largest chunk; 0: chunk_bytes                     */
+} tl_tune_row_t;
+
+#define TL_MAX_TUNE_ROWS 64
+
+/*
  * Knobs of one communicator. Fill with tl_options_default() and override.
  * Every knob but job_id is declared once, in core/options.h: its default,
  * range, environment variable and whether every rank must use the same
@@ -139,6 +164,12 @@ typedef struct tl_comm tl_comm_t;
  */
 typedef struct tl_options {
   uint64_t job_id;            /* both ends of every connection must agree  */
+  /* The job token's key (a hash of THUNDERLINK_TOKEN, see
+   * thunderlink.config): with token_set, every connection proves it in the
+   * handshake (HMAC-SHA256 challenge-response, both ways). A secret: never
+   * logged, printed or sent. */
+  uint8_t token_key[32];
+  int32_t token_set;
   int32_t connect_timeout_ms; /* deadline of tl_comm_connect               */
   int32_t timeout_ms;         /* deadline of every collective call         */
   int32_t conns_per_peer;     /* TCP connections per cable to a peer   */
@@ -153,6 +184,13 @@ typedef struct tl_options {
                                  it in full, else autotuning; 0 = autotuning */
   int32_t log_level;          /* TL_LOG_*                                   */
   int32_t transport;          /* TL_TRANSPORT_AUTO, _TCP or _SHM        */
+  int32_t heartbeat_ms;       /* a peer silent this long while awaited is
+                                 lost; heartbeats every fifth; 0 = off      */
+  int32_t listen_all;         /* listen on every interface, not just the hostfile's addresses */
+  /* A tuning profile's rows (not in the options table: not knobs of their
+   * own). Checked by tl_options_check; in the handshake digest. */
+  int32_t ntune;
+  tl_tune_row_t tune[TL_MAX_TUNE_ROWS];
 } tl_options_t;
 
 /* Process-wide counters, also kept per communicator. */
@@ -370,8 +408,30 @@ typedef struct tl_plan {
   int64_t spin_ns;     /* poll this long before sleeping; 0: sleep at once */
 } tl_plan_t;
 
+/* mesh: 0 when some pair of ranks shares no link, 1 when every pair does,
+ * TL_MESH_CABLED when every pair does over its own cables (addresses that
+ * face the other rank), where the mesh algorithm pays. */
+#define TL_MESH_CABLED 2
+
 int tl_select(const tl_options_t *opts, int op, uint64_t bytes, int dtype,
               int nranks, int mesh, int transport, tl_plan_t *out);
+
+/* After tl_comm_connect: the plan this communicator's options, profile and
+ * links give operation `op` of `bytes` of `dtype` (what it would run now). */
+int tl_comm_plan(tl_comm_t *comm, int op, uint64_t bytes, int dtype, tl_plan_t *out);
+/* ---- interrupting waits (Ctrl-C) -------------------------------------------
+ *
+ * A collective waiting on the main thread fails with TL_ERR_INTERRUPTED when
+ * a signal interrupts its wait. One waiting on another thread (MLX runs
+ * collectives on its stream thread) is interrupted by tl_interrupt(): every
+ * collective of the process that is waiting then, and does not complete
+ * within 0.25 s, fails with TL_ERR_INTERRUPTED and poisons its
+ * communicator. tl_interrupt is async-signal-safe. tl_interrupt_hook makes
+ * SIGINT call it before the handler installed now (Python's), unless SIGINT
+ * is ignored or has its default action; cheap when already hooked, and
+ * hooks again when the handler was replaced since. */
+void tl_interrupt(void);
+int tl_interrupt_hook(void);
 
 /* ---- function table for the MLX shim ----------------------------------- */
 
@@ -390,10 +450,18 @@ typedef struct tl_vtable {
   int (*reduce_scatter)(tl_comm_t *, const void *, void *, uint64_t, int, int);
   int (*send)(tl_comm_t *, const void *, uint64_t, int, int);
   int (*recv)(tl_comm_t *, void *, uint64_t, int, int);
+  int (*interrupt_hook)(void);
 } tl_vtable_t;
 
 /* The core's table; lives as long as the process. */
 const tl_vtable_t *tl_get_vtable(void);
+
+/* ---- hashes (the handshake's token proof; exported for tests) ------------ */
+
+/* SHA-256 (FIPS 180-4) of n bytes at data into out. */
+int tl_sha256(const void *data, size_t n, uint8_t out[32]);
+/* HMAC-SHA256 (RFC 2104) of n bytes at data under a key of klen bytes. */
+int tl_hmac_sha256(const void *key, size_t klen, const void *data, size_t n, uint8_t out[32]);
 
 #ifdef __cplusplus
 }

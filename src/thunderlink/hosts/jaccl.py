@@ -9,15 +9,24 @@ network interface X, reads that interface's IPv4 address on its own host,
 and exchanges addresses and ports through the coordinator: every rank sends
 rank 0 its record over TCP, rank 0 answers with all of them. The result is
 an ordinary thunderlink hostfile, with one address per cable facing its peer.
+
+With a job token (THUNDERLINK_TOKEN), every record and rank 0's answer carry
+an HMAC-SHA256 of their content under the token's key: rank 0 drops a record
+without a right one (a stranger cannot take a rank's place nor plant an
+address), and a rank refuses an answer without one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import hmac
 import json
 import selectors
 import socket
 import time
 
+from ..bindings.options import token_key
 from ..errors import ConfigError
 from . import hostfile as hostfile_mod
 from .hostfile import is_device_matrix
@@ -116,6 +125,18 @@ def _send_json(sock: socket.socket, obj) -> None:
     sock.sendall(json.dumps(obj).encode() + b"\n")
 
 
+def _mac(key: bytes | None, label: str, obj) -> str | None:
+    """HMAC-SHA256 of obj (as canonical JSON) under key, labelled; None without a key."""
+    if key is None:
+        return None
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+    return hmac.new(key, b"thunderlink jaccl " + label.encode() + b"\0" + text, hashlib.sha256).hexdigest()
+
+
+def _mac_ok(key: bytes | None, label: str, obj, mac) -> bool:
+    return key is None or (isinstance(mac, str) and hmac.compare_digest(mac, _mac(key, label, obj)))
+
+
 # A connection to the coordinator that has not sent its whole record by then
 # is dropped, and at most this many wait at once (the oldest goes first): a
 # silent or slow stranger cannot hold rank 0 up, nor a flood of them lock
@@ -125,13 +146,14 @@ _MAX_PENDING = 256
 
 
 def _collect(srv: socket.socket, n: int, mine: dict, coordinator: str, timeout: float,
-             deadline: float) -> tuple[list, list[socket.socket]]:
+             deadline: float, key: bytes | None) -> tuple[list, list[socket.socket]]:
     """Rank 0: every rank's record, read from connections served side by
     side; returns the records and the ranks' connections (blocking again)."""
     records: list = [None] * n
     records[0] = mine
     peers: list[socket.socket] = []
-    pending: dict[socket.socket, list] = {}  # connection -> [bytes so far, accepted at]
+    refused: list[str] = []  # where records that did not prove the token came from
+    pending: dict[socket.socket, list] = {}  # connection -> [bytes so far, accepted at, address]
     sel = selectors.DefaultSelector()
     srv.setblocking(False)
     sel.register(srv, selectors.EVENT_READ)
@@ -146,27 +168,28 @@ def _collect(srv: socket.socket, n: int, mine: dict, coordinator: str, timeout: 
             now = time.monotonic()
             if now >= deadline:
                 missing = [r for r in range(n) if records[r] is None]
+                auth = (f"; authentication failed: {len(refused)} record(s), the latest from "
+                        f"{refused[-1]}, did not prove this job's token (every rank needs the same "
+                        f"THUNDERLINK_TOKEN)") if refused else ""
                 raise ConfigError(
                     f"[thunderlink] rank 0: ranks {missing} did not reach the coordinator {coordinator} "
-                    f"within {timeout:g} s (are they running, and can they reach that address?)")
-            for conn in [c for c, (_, t) in pending.items() if now - t > _RECORD_TIMEOUT]:
+                    f"within {timeout:g} s (are they running, and can they reach that address?){auth}")
+            for conn in [c for c, (_, t, _) in pending.items() if now - t > _RECORD_TIMEOUT]:
                 drop(conn)
-            for key, _ in sel.select(min(deadline - now, 0.25)):
-                if key.fileobj is srv:
+            for sk, _ in sel.select(min(deadline - now, 0.25)):
+                if sk.fileobj is srv:
                     while True:
                         try:
-                            conn, _ = srv.accept()
-                        except (BlockingIOError, InterruptedError):
-                            break
-                        except OSError:  # out of descriptors, an aborted connection
+                            conn, addr = srv.accept()
+                        except OSError:  # none left (EAGAIN), out of descriptors, an aborted connection
                             break
                         if len(pending) >= _MAX_PENDING:
                             drop(min(pending, key=lambda c: pending[c][1]))
                         conn.setblocking(False)
-                        pending[conn] = [b"", time.monotonic()]
+                        pending[conn] = [b"", time.monotonic(), f"{addr[0]}:{addr[1]}"]
                         sel.register(conn, selectors.EVENT_READ)
                     continue
-                conn = key.fileobj
+                conn = sk.fileobj
                 try:
                     chunk = conn.recv(65536)
                 except (BlockingIOError, InterruptedError):
@@ -190,6 +213,13 @@ def _collect(srv: socket.socket, n: int, mine: dict, coordinator: str, timeout: 
                 if not ok:
                     drop(conn)  # a stranger, or a rank of another job
                     continue
+                if not _mac_ok(key, "record", [r, n, msg.get("record")], msg.get("mac")):
+                    # Dropped, never fatal; told why (that is no secret).
+                    refused.append(entry[2])
+                    with contextlib.suppress(OSError):
+                        _send_json(conn, {"refused": "authentication failed"})
+                    drop(conn)
+                    continue
                 records[r] = msg["record"]
                 sel.unregister(conn)
                 del pending[conn]
@@ -206,17 +236,19 @@ def _collect(srv: socket.socket, n: int, mine: dict, coordinator: str, timeout: 
     return records, peers
 
 
-def _exchange(matrix: list, rank: int, coordinator: str, mine: dict, timeout: float) -> list[dict]:
+def _exchange(matrix: list, rank: int, coordinator: str, mine: dict, timeout: float,
+              key: bytes | None = None) -> list[dict]:
     n = len(matrix)
     host, port = _split(coordinator)
     deadline = time.monotonic() + timeout
     if rank == 0:
         with socket.create_server((host, port), reuse_port=False, backlog=128) as srv:
-            records, peers = _collect(srv, n, mine, coordinator, timeout, deadline)
+            records, peers = _collect(srv, n, mine, coordinator, timeout, deadline, key)
             try:
+                answer = records if key is None else {"records": records, "mac": _mac(key, "records", records)}
                 for conn in peers:
                     conn.settimeout(max(0.1, deadline - time.monotonic()))
-                    _send_json(conn, records)
+                    _send_json(conn, answer)
             finally:
                 for conn in peers:
                     conn.close()
@@ -224,8 +256,12 @@ def _exchange(matrix: list, rank: int, coordinator: str, mine: dict, timeout: fl
     while True:
         try:
             with socket.create_connection((host, port), timeout=max(0.1, deadline - time.monotonic())) as s:
-                _send_json(s, {"rank": rank, "size": n, "record": mine})
-                return _recv_json(s, deadline)
+                msg = {"rank": rank, "size": n, "record": mine}
+                if key is not None:
+                    msg["mac"] = _mac(key, "record", [rank, n, mine])
+                _send_json(s, msg)
+                answer = _recv_json(s, deadline)
+            break
         except (OSError, ValueError) as e:
             if time.monotonic() >= deadline:
                 raise ConfigError(
@@ -233,10 +269,23 @@ def _exchange(matrix: list, rank: int, coordinator: str, mine: dict, timeout: fl
                     f"{coordinator} within {timeout:g} s ({e}); is rank 0 running, and is that its address?"
                 ) from None
             time.sleep(0.1)
+    if isinstance(answer, dict) and "refused" in answer:
+        raise ConfigError(
+            f"[thunderlink] rank {rank}: authentication failed: the coordinator {coordinator} refused this "
+            f"rank's record: it holds another job token (every rank needs the same THUNDERLINK_TOKEN"
+            f"{'' if key else '; this rank has none'})")
+    if key is None:
+        return answer
+    if isinstance(answer, dict) and _mac_ok(key, "records", answer.get("records"), answer.get("mac")):
+        return answer["records"]
+    raise ConfigError(
+        f"[thunderlink] rank {rank}: authentication failed: the coordinator {coordinator} answered without "
+        f"proving this job's token (does rank 0 hold the same THUNDERLINK_TOKEN?)")
 
 
 def hostfile_from_matrix(matrix: list, rank: int, coordinator: str | None, *, timeout: float = 60.0,
-                         path: str | None = None, hold: list | None = None) -> hostfile_mod.Hostfile:
+                         path: str | None = None, hold: list | None = None,
+                         token: str | None = None) -> hostfile_mod.Hostfile:
     """The hostfile of a JACCL device matrix: this rank's addresses from its
     interfaces, everyone's through the coordinator. (``connect`` calls it once
     ``hostfile.is_device_matrix`` has said what the file is.)
@@ -244,7 +293,8 @@ def hostfile_from_matrix(matrix: list, rank: int, coordinator: str | None, *, ti
     This rank's ports are the kernel's choice, and stay bound while the
     records travel so no other process can take them. With ``hold`` (a list)
     the sockets holding them are appended there, for the caller to close just
-    before the core listens on those ports; without it they close on return."""
+    before the core listens on those ports; without it they close on return.
+    ``token``: the job's secret, which records and the answer prove."""
     if not is_device_matrix(matrix):
         raise ConfigError(f"[thunderlink] {path or 'device file'} is not a JACCL device matrix")
     if not 0 <= rank < len(matrix):
@@ -255,7 +305,8 @@ def hostfile_from_matrix(matrix: list, rank: int, coordinator: str | None, *, ti
             "MLX_JACCL_COORDINATOR (mlx.launch --backend jaccl sets it)")
     held: list[socket.socket] = []
     try:
-        records = _exchange(matrix, rank, coordinator, _my_record(matrix, rank, held), timeout)
+        key = token_key(token) if token else None
+        records = _exchange(matrix, rank, coordinator, _my_record(matrix, rank, held), timeout, key)
         hf = hostfile_mod.parse_addresses({"version": 1, "ranks": records}, path)
         hf.format = "jaccl"
     except BaseException:

@@ -65,9 +65,15 @@ def _connect(cfg: Config, obj, path: str, rank: int, rank_var: str | None, kind:
     if hostfile_mod.is_device_matrix(obj):  # the one place the format is told apart
         timeout = (options.connect_timeout if options and options.connect_timeout else None) or \
             cfg.options.get("connect_timeout") or Options.defaults()["connect_timeout"]
-        hf = jaccl.hostfile_from_matrix(obj, rank, cfg.coordinator, timeout=timeout, path=path, hold=held)
+        token = (options.token if options is not None and options.token is not None else None) or cfg.token
+        hf = jaccl.hostfile_from_matrix(obj, rank, cfg.coordinator, timeout=timeout, path=path, hold=held,
+                                        token=token)
     else:
         hf = hostfile_mod.parse_addresses(obj, path)
+    if cfg.cable_rates:  # a tuning profile's measured rates replace the hostfile's, for striping
+        from ..tune.profile import with_cable_rates
+
+        hf = with_cable_rates(hf, cfg.cable_rates)
     via = f" ({rank_var})" if rank_var else ""
     if not 0 <= rank < hf.size:
         raise ConfigError(
@@ -85,6 +91,8 @@ def _connect(cfg: Config, obj, path: str, rank: int, rank_var: str | None, kind:
                 setattr(opts, name, value)
     if opts.job_id is None:
         opts.job_id = cfg.job_id if cfg.job_id is not None else hf.job_id()
+    if opts.token is None:
+        opts.token = cfg.token
     opts.transport = kind
     jaccl.release(held)  # the core binds these ports now
     return Comm.create(rank, hf.size, hf.endpoints(cfg.ifname, rank), opts, ring=hf.ring)

@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from ..errors import ConfigError
 from .local import launch_local
 from .ssh import add_cli_arguments, from_cli_args
 
@@ -19,7 +20,10 @@ def build_parser() -> argparse.ArgumentParser:
         "exit status is that rank's).",
         epilog="A Python script runs with this interpreter; after --, any command runs as is. "
         "Each rank gets THUNDERLINK_HOSTFILE, THUNDERLINK_RANK, THUNDERLINK_WORLD_SIZE, "
-        "THUNDERLINK_JOB_ID and MLX_DISTRIBUTED_BACKEND=thunderlink.",
+        "THUNDERLINK_JOB_ID and MLX_DISTRIBUTED_BACKEND=thunderlink, and the job's secret, "
+        "THUNDERLINK_TOKEN: a new random one, or yours when THUNDERLINK_TOKEN (or "
+        "THUNDERLINK_TOKEN_FILE) is set. The token is never printed nor put on a command line: "
+        "ranks over ssh read it on their standard input.",
     )
     p.add_argument("-n", "--ranks", type=int, default=None, help="number of ranks to start on this host")
     p.add_argument("--timeout", type=float, default=None, help="stop every rank after this many seconds (status 124)")
@@ -69,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         sys.stderr.write(f"thunderlink launch: {e.strerror or e}\n")
         return 127
+    except ConfigError as e:
+        sys.stderr.write(f"thunderlink launch: {str(e).removeprefix('[thunderlink] ')}\n")
+        return 2
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import secrets
 import shutil
 import socket
 import subprocess
@@ -14,7 +15,7 @@ from typing import Callable, Iterator, Sequence
 from ..hosts.hostfile import local_hostfile, write
 from .job import Job, JobResult
 
-__all__ = ["free_ports", "rank_env", "launch_local", "private_tempdir"]
+__all__ = ["free_ports", "rank_env", "launch_local", "private_tempdir", "job_token"]
 
 # The guard of private_tempdir, run by /bin/sh with the pipe as stdin: keep the
 # pipe as fd 3 and, in a background subshell that outlives this shell (so that
@@ -69,9 +70,24 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
     return ports
 
 
-def rank_env(base: dict | None, rank: int, size: int, hostfile: str, job_id: int) -> dict:
-    """The environment of one rank: base plus the variables that place it."""
+def job_token(env) -> str:
+    """The job's secret: THUNDERLINK_TOKEN or THUNDERLINK_TOKEN_FILE's when the
+    user set one (ConfigError for a token file others can read), else a new
+    random 256-bit token. Never printed, never put on a command line."""
+    from ..config import read_token
+
+    return read_token(os.environ if env is None else env) or secrets.token_urlsafe(32)
+
+
+def rank_env(base: dict | None, rank: int, size: int, hostfile: str, job_id: int,
+             token: str | None = None) -> dict:
+    """The environment of one rank: base plus the variables that place it
+    (and the job's token, when given: a process's environment is readable by
+    its user only, unlike its command line)."""
     env = dict(os.environ if base is None else base)
+    if token is not None:
+        env.pop("THUNDERLINK_TOKEN_FILE", None)
+        env["THUNDERLINK_TOKEN"] = token
     env.update(
         THUNDERLINK_HOSTFILE=hostfile,
         THUNDERLINK_RANK=str(rank),
@@ -100,5 +116,6 @@ def launch_local(
         path = os.path.join(tmp, "hostfile.json")
         write(local_hostfile(n, free_ports(n, host), host), path)
         job_id = random.getrandbits(63)
-        envs = [rank_env(env, r, n, path, job_id) for r in range(n)]
+        token = job_token(env)
+        envs = [rank_env(env, r, n, path, job_id, token) for r in range(n)]
         return Job([argv] * n, envs, on_line=on_line, capture=capture, timeout=timeout).run()

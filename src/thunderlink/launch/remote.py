@@ -1,8 +1,11 @@
 """The rank wrapper that ``thunderlink launch`` runs on a remote host over ssh.
 
-    python -m thunderlink.launch.remote HOSTFILE_PATH HOSTFILE_TEXT MODE MARKER ARGV...
+    python -m thunderlink.launch.remote [--token-on-stdin] HOSTFILE_PATH HOSTFILE_TEXT MODE MARKER ARGV...
 
-MODE "python" runs ARGV with this interpreter, "exec" runs ARGV as is. The
+With --token-on-stdin the wrapper first reads one line from its stdin: the
+job's token, which the program gets as THUNDERLINK_TOKEN in its environment
+(never on a command line, where ``ps`` would show it to every user; an
+empty line: no token). MODE "python" runs ARGV with this interpreter, "exec" runs ARGV as is. The
 wrapper writes the hostfile to HOSTFILE_PATH (O_EXCL, mode 0600), prints
 MARKER on stderr (so the launcher knows ssh got this far), runs the program in
 its own session (process group), and removes the hostfile when it is done.
@@ -31,9 +34,39 @@ import signal  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 
-__all__ = ["GRACE", "main"]
+__all__ = ["GRACE", "TOKEN_FLAG", "main", "read_token_line"]
 
 GRACE = 2.0  # seconds between SIGTERM and SIGKILL
+TOKEN_FLAG = "--token-on-stdin"
+TOKEN_WAIT = 60.0  # seconds to wait for the token line (ssh forwards it at once)
+_TOKEN_MAX = 65536
+
+
+def read_token_line(fd: int = 0, timeout: float = TOKEN_WAIT, stop=()) -> str | None:
+    """The first line of ``fd``, read a byte at a time so that what follows
+    (the launcher's "i" for Ctrl-C) stays unread; None at end of file, after
+    ``timeout`` seconds without a whole line, or once ``stop`` (the signals
+    caught) is not empty."""
+    data = bytearray()
+    end = time.monotonic() + timeout
+    while len(data) <= _TOKEN_MAX:
+        left = end - time.monotonic()
+        if left <= 0 or stop:
+            return None
+        try:
+            if not select.select([fd], [], [], min(left, 0.2))[0]:
+                continue
+            b = os.read(fd, 1)
+        except InterruptedError:
+            continue
+        except OSError:
+            return None
+        if not b:
+            return None
+        if b == b"\n":
+            return data.decode("utf-8", "surrogateescape").rstrip("\r")
+        data += b
+    return None
 
 
 def killpg(pgid: int, sig: int) -> bool:
@@ -95,9 +128,12 @@ def _stop(pgid: int, grace: float, alive) -> None:
 
 def main(args: list[str] | None = None) -> int:
     args = sys.argv[1:] if args is None else args
+    token_on_stdin = bool(args) and args[0] == TOKEN_FLAG
+    if token_on_stdin:
+        args = args[1:]
     if len(args) < 5:
-        sys.stderr.write("usage: python -m thunderlink.launch.remote HOSTFILE_PATH HOSTFILE_TEXT "
-                         "python|exec MARKER ARGV... (run by thunderlink launch over ssh)\n")
+        sys.stderr.write(f"usage: python -m thunderlink.launch.remote [{TOKEN_FLAG}] HOSTFILE_PATH "
+                         "HOSTFILE_TEXT python|exec MARKER ARGV... (run by thunderlink launch over ssh)\n")
         return 2
     path, text, mode, marker = args[:4]
     argv = args[4:]
@@ -110,6 +146,21 @@ def main(args: list[str] | None = None) -> int:
 
     for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(s, on_signal)
+    env = None
+    if token_on_stdin:
+        token = read_token_line(0, stop=stop)
+        if stop:
+            return 128 + stop[0]
+        if token is None:
+            sys.stderr.write("thunderlink launch: the rank wrapper did not receive the job's token on its "
+                             "standard input (the launcher went away?)\n")
+            return 71
+        env = dict(os.environ)
+        env.pop("THUNDERLINK_TOKEN_FILE", None)
+        if token:
+            env["THUNDERLINK_TOKEN"] = token
+        else:
+            env.pop("THUNDERLINK_TOKEN", None)
     why = _write_hostfile(path, text)
     if why is not None:
         sys.stderr.write(f"thunderlink launch: cannot write the hostfile {path} on this host: {why}\n")
@@ -123,7 +174,7 @@ def main(args: list[str] | None = None) -> int:
         except OSError:  # the session is gone already
             return 141
         try:
-            child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True)
+            child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True, env=env)
         except OSError as e:
             sys.stderr.write(f"thunderlink launch: cannot run {argv[0]}: {e.strerror}\n")
             return 127

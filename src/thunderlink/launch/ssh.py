@@ -24,9 +24,17 @@ What the remote shell does (POSIX sh, whatever the login shell is):
 3. picks the interpreter: ``python`` if given (``--python``), else the
    launcher's ``sys.executable`` path if it is executable there, else ``python3``;
 4. execs the *rank wrapper* (``python -m thunderlink.launch.remote``, so
-   thunderlink must be installed for that interpreter) that writes the hostfile to ``/tmp/thunderlink-<job>-r<rank>.json``
-   (O_EXCL, mode 0600), runs the program in its own session (process group),
-   and removes the hostfile when the program is done.
+   thunderlink must be installed for that interpreter) that reads the job's
+   token (THUNDERLINK_TOKEN) from its standard input, writes the hostfile to ``/tmp/thunderlink-<job>-r<rank>.json``
+   (O_EXCL, mode 0600), runs the program in its own session (process group)
+   with the token in its environment, and removes the hostfile when the
+   program is done.
+
+The job's token never travels on a command line (which ``ps`` shows every
+user of a host): THUNDERLINK_TOKEN and THUNDERLINK_TOKEN_FILE are not copied
+into the remote command; the launcher writes the token as the first line of
+each ssh client's stdin, through ssh's encrypted channel, and the wrapper
+hands it to the program in its environment (readable by the same user only).
 
 How remote ranks are stopped (killing a local ssh client does not kill the
 remote command: without a tty sshd sends no SIGHUP):
@@ -80,8 +88,9 @@ from ..testing.netns import command_in, namespace_of
 from ..hosts import hostfile as hostfile_mod
 from ..hosts.hostfile import Hostfile, RankSpec
 from .job import GRACE_SECONDS, Job, JobResult, exit_status
-from .local import private_tempdir, rank_env
+from .local import job_token, private_tempdir, rank_env
 from .remote import GRACE as REMOTE_GRACE
+from .remote import TOKEN_FLAG
 
 __all__ = [
     "launch_hostfile",
@@ -105,14 +114,16 @@ LABEL = "thunderlink launch"
 # job: never copied from the launcher's environment.
 _PLACEMENT = frozenset({
     "THUNDERLINK_HOSTFILE", "THUNDERLINK_RANK", "THUNDERLINK_WORLD_SIZE", "THUNDERLINK_JOB_ID",
+    # The job's secret travels on stdin, never on the remote command line.
+    "THUNDERLINK_TOKEN", "THUNDERLINK_TOKEN_FILE",
     "MLX_HOSTFILE", "MLX_RANK", "MLX_WORLD_SIZE", "MLX_JACCL_COORDINATOR", "MLX_IBV_DEVICES",
 })
 _PROPAGATED_PREFIXES = ("THUNDERLINK_", "MLX_")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 # The remote rank wrapper is the module thunderlink.launch.remote, run by the
-# remote interpreter as ``python -m thunderlink.launch.remote HOSTFILE_PATH
-# HOSTFILE_TEXT MODE MARKER ARGV...``.
+# remote interpreter as ``python -m thunderlink.launch.remote --token-on-stdin
+# HOSTFILE_PATH HOSTFILE_TEXT MODE MARKER ARGV...``.
 REMOTE_MODULE = "thunderlink.launch.remote"
 
 
@@ -201,7 +212,7 @@ def remote_command(
     assigns = [f"{_check_name(k, 'variable')}={shlex.quote(str(v))}" for k, v in env.items()]
     assigns.append(f"THUNDERLINK_HOSTFILE={shlex.quote(hostfile_path)}")
     parts.append("export " + " ".join(assigns))
-    args = [hostfile_path, hostfile_text, "python" if is_script else "exec", marker, *argv]
+    args = [TOKEN_FLAG, hostfile_path, hostfile_text, "python" if is_script else "exec", marker, *argv]
     parts.append(f'exec "$TL_PY" -m {REMOTE_MODULE} ' + " ".join(shlex.quote(a) for a in args))
     return "exec /bin/sh -c " + shlex.quote("; ".join(parts))
 
@@ -235,12 +246,13 @@ class LaunchPlan:
     hostfile: Hostfile
     job_id: int
     commands: list[list[str]]
-    envs: list[dict | None]
+    envs: list[dict | None] = field(repr=False)  # local ranks' hold the job's token
     destinations: list[str]
     remote: list[bool]
     remote_hostfiles: list[str | None]
     marker: str
     local_hostfile_json: str
+    token: str = field(default="", repr=False)  # the job's secret: remote ranks read it on stdin
 
 
 def plan_hostfile(
@@ -258,12 +270,16 @@ def plan_hostfile(
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     force_ssh: bool = False,
     job_id: int | None = None,
+    token: str | None = None,
 ) -> LaunchPlan:
     """Build every rank's command (nothing is started). ``local_hostfile`` is
-    the path of the hostfile for ranks that run on this machine."""
+    the path of the hostfile for ranks that run on this machine. ``token``:
+    the job's secret (default: :func:`~thunderlink.launch.local.job_token`
+    of ``env``), in local ranks' environment and on remote ranks' stdin."""
     argv, is_script = split_program(program)
     default_python = default_python or sys.executable or "python3"
     job_id = random.getrandbits(63) if job_id is None else job_id
+    token = job_token(env) if token is None else token
     extra = {_check_name(k, "--env name"): str(v) for k, v in (extra_env or {}).items()}
     n = hf.size
     text = json.dumps(hf.to_json(), separators=(",", ":"))
@@ -271,7 +287,7 @@ def plan_hostfile(
     commands, envs, dests, remote, paths = [], [], [], [], []
     for r, spec in enumerate(hf.ranks):
         dest = destination(spec)
-        base = rank_env(env, r, n, local_hostfile, job_id)
+        base = rank_env(env, r, n, local_hostfile, job_id, token)
         dests.append(dest)
         # An emulated host's namespace, unless the entry names an ssh destination.
         netns = namespace_of(spec) if not (force_ssh or spec.ssh) else None
@@ -302,12 +318,15 @@ def plan_hostfile(
         cmd = remote_command(argv=argv, is_script=is_script, env=renv, hostfile_path=path, hostfile_text=text,
                              marker=marker, cwd=cwd, python=python, default_python=default_python)
         commands.append(ssh_argv(dest, cmd, ssh=ssh, connect_timeout=connect_timeout, ssh_options=ssh_options))
-        # The ssh client itself runs with the launcher's environment (agent, HOME).
-        envs.append(dict(env) if env is not None else None)
+        # The ssh client itself runs with the launcher's environment (agent,
+        # HOME), less the token (an ssh_config's SendEnv must not send it).
+        envs.append({k: v for k, v in (os.environ if env is None else env).items()
+                     if k not in ("THUNDERLINK_TOKEN", "THUNDERLINK_TOKEN_FILE")})
         remote.append(True)
         paths.append(path)
     return LaunchPlan(hostfile=hf, job_id=job_id, commands=commands, envs=envs, destinations=dests,
-                      remote=remote, remote_hostfiles=paths, marker=marker, local_hostfile_json=text)
+                      remote=remote, remote_hostfiles=paths, marker=marker, local_hostfile_json=text,
+                      token=token)
 
 
 # --------------------------------------------------------------------------- the job
@@ -317,9 +336,11 @@ class SshJob(Job):
     """A Job whose remote ranks get a pipe as stdin (see the module docstring):
     closing it stops the remote program."""
 
-    def __init__(self, commands, envs=None, *, remote: Sequence[bool], started: list[bool] | None = None, **kw):
+    def __init__(self, commands, envs=None, *, remote: Sequence[bool], started: list[bool] | None = None,
+                 token: str | None = None, **kw):
         super().__init__(commands, envs, **kw)
         self.remote = list(remote)
+        self._token = token  # the first line of every remote rank's stdin
         # started[r]: rank r's remote wrapper runs (set by the caller's line
         # filter); stop() waits only for those, the others are still in ssh.
         self.started = started if started is not None else [True] * len(self.remote)
@@ -328,6 +349,19 @@ class SshJob(Job):
     def _stdin(self, rank: int):
         # A remote rank's wrapper stops its program when this pipe closes.
         return subprocess.PIPE if self.remote[rank] else subprocess.DEVNULL
+
+    def start(self) -> None:
+        super().start()
+        # The wrapper reads the token before anything else (see remote.py);
+        # the pipe holds it until ssh has connected.
+        line = ((self._token or "") + "\n").encode("utf-8", "surrogateescape")
+        for rank, p in enumerate(self.procs):
+            if self.remote[rank] and p.stdin is not None:
+                try:
+                    p.stdin.write(line)
+                    p.stdin.flush()
+                except OSError:  # ssh is gone already: its status says why
+                    pass
 
     def _signal(self, p: subprocess.Popen, sig: int) -> None:
         # Ctrl-C: a remote rank gets SIGINT through its wrapper ("i" on stdin);
@@ -464,8 +498,8 @@ def _run(plan: LaunchPlan, *, timeout, on_line, capture, cwd) -> HostfileJobResu
             output[rank].append(text)
         show(rank, stream, text)
 
-    job = SshJob(plan.commands, plan.envs, remote=plan.remote, started=started, on_line=line, capture=False,
-                 timeout=timeout, cwd=cwd if os.path.isdir(cwd) else None, label=LABEL)
+    job = SshJob(plan.commands, plan.envs, remote=plan.remote, started=started, token=plan.token,
+                 on_line=line, capture=False, timeout=timeout, cwd=cwd if os.path.isdir(cwd) else None, label=LABEL)
     res = job.run()
     out = HostfileJobResult(status=res.status, returncodes=res.returncodes, failed_rank=res.failed_rank,
                             timed_out=res.timed_out, output=output, job_id=plan.job_id,

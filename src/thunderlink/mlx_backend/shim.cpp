@@ -21,6 +21,7 @@
 //  - An exception thrown by the task reaches Python as RuntimeError at
 //    mx.eval, and the stream stays usable.
 
+#include <cstring>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -65,6 +66,13 @@ int tl_dtype(mx::Dtype dt) {
   }
   throw std::invalid_argument("[thunderlink] unsupported MLX dtype");
 }
+
+// A collective that Ctrl-C interrupted (TL_ERR_INTERRUPTED) fails with a
+// message that starts with this. MLX carries a task's exception from its
+// stream thread to mx.eval as a RuntimeError with the same text (not the
+// same C++ type); the translator registered below turns it into what the
+// program's SIGINT handler raises.
+constexpr const char kInterrupted[] = "[thunderlink] interrupted: ";
 
 class ThunderlinkGroup : public md::detail::GroupImpl,
                          public std::enable_shared_from_this<ThunderlinkGroup> {
@@ -119,6 +127,7 @@ class ThunderlinkGroup : public md::detail::GroupImpl,
   }
 
   void send(const mx::array& in, int dst, mx::Stream s) override {
+    hook_sigint();
     auto& enc = mx::cpu::get_command_encoder(s);
     enc.set_input_array(in);
     enc.dispatch([self = shared_from_this(), src = in.data<char>(), n = in.size(),
@@ -128,6 +137,7 @@ class ThunderlinkGroup : public md::detail::GroupImpl,
   }
 
   void recv(mx::array& out, int src, mx::Stream s) override {
+    hook_sigint();
     auto& enc = mx::cpu::get_command_encoder(s);
     enc.set_output_array(out);
     enc.dispatch([self = shared_from_this(), dst = out.data<char>(), n = out.size(),
@@ -138,6 +148,7 @@ class ThunderlinkGroup : public md::detail::GroupImpl,
 
  private:
   mx::cpu::CommandEncoder& begin(const mx::array& in, mx::array& out, mx::Stream s) {
+    hook_sigint();
     auto& enc = mx::cpu::get_command_encoder(s);
     enc.set_input_array(in);
     enc.set_output_array(out);
@@ -154,7 +165,15 @@ class ThunderlinkGroup : public md::detail::GroupImpl,
     });
   }
 
+  // The task runs on MLX's stream thread, which SIGINT does not interrupt;
+  // the core's hook makes Ctrl-C wake it (tl_interrupt_hook, in tl.h). Called
+  // at every dispatch, on the thread that evaluates: it hooks again if the
+  // program replaced the SIGINT handler since (one sigaction call when not).
+  void hook_sigint() { vt_->interrupt_hook(); }
+
   void check(int rc) {
+    if (rc == TL_ERR_INTERRUPTED)
+      throw std::runtime_error(std::string(kInterrupted) + vt_->comm_last_error(comm_));
     if (rc != TL_OK)
       throw std::runtime_error(std::string("[thunderlink] ") + vt_->comm_last_error(comm_));
   }
@@ -178,6 +197,24 @@ const tl_vtable_t* checked_vtable(uintptr_t addr) {
 
 NB_MODULE(_shim, m) {
   m.doc() = "thunderlink's MLX distributed backend (GroupImpl over the C core)";
+
+  // An interrupted collective (kInterrupted) reaches mx.eval as whatever the
+  // program's SIGINT handler raises: Python has the signal pending (the
+  // core's hook ran before Python's C handler), so running the handlers now
+  // raises KeyboardInterrupt by default -- once, not a RuntimeError and then
+  // a KeyboardInterrupt at the next line. A handler of the program's own
+  // that does not raise has run; the error is then the RuntimeError. Off the
+  // main thread Python runs no handlers: RuntimeError as well. Every other
+  // exception goes on to the next translator untouched.
+  nb::register_exception_translator([](const std::exception_ptr& p, void*) {
+    try {
+      std::rethrow_exception(p);
+    } catch (const std::runtime_error& e) {
+      if (std::strncmp(e.what(), kInterrupted, sizeof kInterrupted - 1) != 0) throw;
+      if (PyErr_CheckSignals() < 0) return;  // the handler's exception is set
+      throw;
+    }
+  });
 
   m.def("abi_ok", []() { return nb::type<md::Group>().is_valid(); },
         "True when mx.distributed.Group is visible from this module, i.e. the "

@@ -61,6 +61,8 @@ int tl_all_reduce(tl_comm_t *c, const void *in, void *out, uint64_t count,
     if (in != out && bytes) memcpy(out, in, bytes);
   } else if (c->cur.plan.how == TL_HOW_RING) {
     rc = tl__ring_run(c, TL_RING_ALL_REDUCE, in, out, count, dtype, op);
+  } else if (c->cur.plan.how == TL_HOW_MESH) {
+    rc = tl__mesh_run(c, TL_RING_ALL_REDUCE, in, out, count, dtype, op);
   } else {
     rc = tl__oneshot_all_reduce(c, in, out, count, dtype, op);
   }
@@ -83,6 +85,8 @@ int tl_all_gather(tl_comm_t *c, const void *in, void *out, uint64_t count,
     if (in != out && bytes) memcpy(out, in, bytes);
   } else if (c->cur.plan.how == TL_HOW_RING) {
     rc = tl__ring_run(c, TL_RING_ALL_GATHER, in, out, count, dtype, 0xff);
+  } else if (c->cur.plan.how == TL_HOW_MESH) {
+    rc = tl__mesh_run(c, TL_RING_ALL_GATHER, in, out, count, dtype, 0xff);
   } else {
     rc = tl__oneshot_all_gather(c, in, out, bytes);
   }
@@ -104,6 +108,8 @@ int tl_reduce_scatter(tl_comm_t *c, const void *in, void *out, uint64_t count,
     if (in != out && bytes) memcpy(out, in, bytes);
   } else if (c->cur.plan.how == TL_HOW_RING) {
     rc = tl__ring_run(c, TL_RING_REDUCE_SCATTER, in, out, count, dtype, op);
+  } else if (c->cur.plan.how == TL_HOW_MESH) {
+    rc = tl__mesh_run(c, TL_RING_REDUCE_SCATTER, in, out, count, dtype, op);
   } else {
     rc = tl__direct_reduce_scatter(c, in, out, count, dtype, op);
   }

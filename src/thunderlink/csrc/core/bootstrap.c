@@ -7,12 +7,14 @@
  * version, the job id, both ranks, the connection index, a digest of the
  * options that decide how messages are cut, and each side's host identity,
  * so that a stranger, another job, another version or a rank with other
- * settings is refused with a message that says which. A link gets
- * conns_per_peer connections per cable (what TCP stripes over), or one when
- * the job runs on shared memory only. Once every link has its connections,
- * comm.c hands them to each link's transport, which exchanges its own
- * connection data over them (shared memory: the segment) and keeps what it
- * needs. A transport never opens a listening socket of its own.
+ * settings is refused with a message that says which. When the job has a
+ * token (THUNDERLINK_TOKEN), both ends also prove they hold it (see "the
+ * token proof" below) before anything the dialler says can end the job. A
+ * link gets conns_per_peer connections per cable (what TCP stripes over), or
+ * one when the job runs on shared memory only. Once every link has its
+ * connections, comm.c hands them to each link's transport, which exchanges
+ * its own connection data over them (shared memory: the segment) and keeps
+ * what it needs. A transport never opens a listening socket of its own.
  *
  * Everything is non-blocking and driven by poll(2) from the calling thread,
  * under the connect deadline.
@@ -46,6 +48,8 @@
 
 #define HELLO_MAGIC 0x4b4e4c54u /* "TLNK" */
 #define ACK_MAGIC 0x4b414c54u   /* "TLAK" */
+#define PROOF_MAGIC 0x46504c54u /* "TLPF" */
+#define HELLO_TOKEN 1u          /* hello.flags: the dialler holds a job token */
 /* An accepted connection that has not said hello by then is dropped: a real
  * rank sends its hello as soon as its connection is up, and one that lost
  * its connection this way dials again (see P_RECV_ACK). Kept short so that
@@ -63,6 +67,9 @@ enum {
   ACK_WRONG_SIZE = 4,
   ACK_WRONG_OPTIONS = 5,
   ACK_DUPLICATE = 6,
+  ACK_AUTH_FAILED = 7, /* the dialler's proof of the token is wrong */
+  ACK_NEED_TOKEN = 8,  /* this job has a token; the dialler offers none */
+  ACK_NO_TOKEN = 9,    /* the dialler offers a token; this rank has none */
 };
 
 /* The handshake. Fixed layout, little-endian; magic and version stay at the
@@ -81,7 +88,7 @@ typedef struct hello {
   uint32_t world_size;
   uint32_t reserved;
   uint64_t host_id;  /* see tl__host_id: same value, same host */
-  uint8_t proof[32]; /* reserved for the job-token proof (HMAC challenge) */
+  uint8_t nonce[32]; /* the dialler's challenge (random; zero without a token) */
 } hello_t;
 
 typedef struct ack {
@@ -92,16 +99,31 @@ typedef struct ack {
   uint32_t reserved;
   /* From version 2 on. */
   uint64_t host_id;
-  uint8_t proof[32]; /* reserved for the job-token proof */
+  uint8_t nonce[32]; /* the listener's challenge (random; zero without a token) */
 } ack_t;
+
+/* With a token, after hello and ack: the dialler's proof, then the
+ * listener's verdict (status) with its own proof. */
+typedef struct proof {
+  uint32_t magic;
+  uint16_t version;
+  uint16_t status; /* the verdict: ACK_OK or ACK_AUTH_FAILED; 0 in the dialler's */
+  uint8_t mac[32];
+} proof_t;
 
 #define ACK_V1_BYTES 16
 
 _Static_assert(sizeof(hello_t) == 88, "hello layout");
 _Static_assert(sizeof(ack_t) == 56, "ack layout");
+_Static_assert(sizeof(proof_t) == 40, "proof layout");
 
-/* A connection being set up. */
-enum { P_WAIT, P_CONNECTING, P_SEND_HELLO, P_RECV_ACK, P_RECV_HELLO, P_SEND_ACK };
+/* A connection being set up. Dialler: CONNECTING, SEND_HELLO, RECV_ACK, then
+ * with a token SEND_PROOF, RECV_VERDICT. Listener: RECV_HELLO, SEND_ACK, then
+ * with a token RECV_PROOF, SEND_VERDICT. */
+enum {
+  P_WAIT, P_CONNECTING, P_SEND_HELLO, P_RECV_ACK, P_SEND_PROOF, P_RECV_VERDICT,
+  P_RECV_HELLO, P_SEND_ACK, P_RECV_PROOF, P_SEND_VERDICT
+};
 
 typedef struct pending {
   int fd;
@@ -110,11 +132,10 @@ typedef struct pending {
   int peer, index; /* outgoing: target; incoming: from the hello */
   int ep;          /* outgoing: endpoint index in c->eps */
   int src_ep;      /* outgoing: our endpoint to bind to, or -1 */
-  union {
-    hello_t hello;
-    ack_t ack;
-    char raw[sizeof(hello_t)];
-  } buf;
+  hello_t hello; /* sent (dialler) or received (listener) */
+  ack_t ack;     /* received (dialler) or sent (listener) */
+  proof_t proof; /* the message of the token proof in flight */
+  int status;    /* listener with a token: its answer to the hello, until proven */
   size_t done;
   int64_t retry_at;
   int64_t started;
@@ -133,6 +154,8 @@ typedef struct listener {
 typedef struct boot {
   listener_t *ls;
   int nls;
+  int auth_failures;                  /* connections refused for their token */
+  char auth_from[TL_HOST_LEN + 16];   /* the latest one's address */
 } boot_t;
 
 static boot_t *B(tl_comm_t *c) { return (boot_t *)c->boot; }
@@ -272,6 +295,8 @@ int tl__boot_listen(tl_comm_t *c) {
     for (int j = 0; j < t->nls; j++) {
       tl_endpoint_t *o = &c->eps[t->ls[j].ep];
       if (strcmp(o->host, e->host) == 0 && (e->port == 0 || o->port == e->port)) dup = j;
+      /* Listening on every interface: one socket per port. */
+      if (c->opts.listen_all && e->port != 0 && o->port == e->port) dup = j;
     }
     if (dup >= 0) {
       if (e->port == 0) e->port = c->eps[t->ls[dup].ep].port;
@@ -283,6 +308,15 @@ int tl__boot_listen(tl_comm_t *c) {
     host_port(e, e->port, where, sizeof where);
     if (resolve(e->host, e->port, 1, &ss, &sl, why, sizeof why))
       return tl__error(c, TL_ERR_CONFIG, "cannot listen on %s: %s", where, why);
+    /* Only on the hostfile's address, unless asked for every interface
+     * (THUNDERLINK_LISTEN_ALL): the port is then open on every network this
+     * host is on. */
+    if (c->opts.listen_all) {
+      if (ss.ss_family == AF_INET6)
+        ((struct sockaddr_in6 *)&ss)->sin6_addr = in6addr_any;
+      else
+        ((struct sockaddr_in *)&ss)->sin_addr.s_addr = htonl(INADDR_ANY);
+    }
     int fd = new_socket(ss.ss_family);
     if (fd < 0)
       return tl__error(c, TL_ERR_SYSTEM, "socket() for %s: %s", where, strerror(errno));
@@ -360,7 +394,8 @@ int tl__boot_conns(const tl_comm_t *c, int peer) {
   if (peer == c->rank || tl__link_plan(c->eps, c->neps, c->rank, peer, tg, &nt) < 0) return 0;
   if (c->opts.transport == TL_TRANSPORT_SHM) return 1;
   int n = c->opts.conns_per_peer * nt;
-  return n > TL_MAX_CONNS ? TL_MAX_CONNS : n;
+  /* and, with heartbeats, a control connection (tcp.c, heartbeat.c) */
+  return (n > TL_MAX_CONNS ? TL_MAX_CONNS : n) + tl__tcp_has_ctl(c);
 }
 
 static void pending_close(pending_t *p) {
@@ -431,11 +466,17 @@ static void schedule_retry(pending_t *p, int64_t now) {
   pending_close(p);
 }
 
-static void fill_hello(tl_comm_t *c, pending_t *p) {
-  hello_t *h = &p->buf.hello;
+static int fill_hello(tl_comm_t *c, pending_t *p) {
+  hello_t *h = &p->hello;
   memset(h, 0, sizeof *h);
   h->magic = HELLO_MAGIC;
   h->version = TL_PROTOCOL_VERSION;
+  if (c->opts.token_set) {
+    h->flags = HELLO_TOKEN;
+    if (tl__random(h->nonce, sizeof h->nonce) < 0)
+      return tl__error(c, TL_ERR_SYSTEM, "cannot read random bytes for the handshake's "
+                       "challenge: %s", strerror(errno));
+  }
   h->job_id = c->comm_id;
   h->options_digest = tl__options_digest(&c->opts);
   h->src_rank = (uint32_t)c->rank;
@@ -445,14 +486,16 @@ static void fill_hello(tl_comm_t *c, pending_t *p) {
   h->world_size = (uint32_t)c->size;
   h->host_id = c->host_id;
   p->done = 0;
+  return TL_OK;
 }
 
 /* Non-blocking partial I/O on a pending connection: 1 done, 0 again later,
  * -1 closed, -2 error (errno). */
-static int pio(pending_t *p, size_t want, int is_send) {
+static int pio(pending_t *p, void *buf, size_t want, int is_send) {
+  char *raw = buf;
   while (p->done < want) {
-    ssize_t n = is_send ? send(p->fd, p->buf.raw + p->done, want - p->done, MSG_NOSIGNAL)
-                        : recv(p->fd, p->buf.raw + p->done, want - p->done, 0);
+    ssize_t n = is_send ? send(p->fd, raw + p->done, want - p->done, MSG_NOSIGNAL)
+                        : recv(p->fd, raw + p->done, want - p->done, 0);
     if (n > 0) { p->done += (size_t)n; continue; }
     if (n == 0 && !is_send) return -1;
     if (errno == EINTR) continue;
@@ -470,6 +513,9 @@ static const char *refusal(int status) {
   case ACK_WRONG_SIZE: return "the world sizes differ (hostfiles differ between hosts)";
   case ACK_WRONG_OPTIONS: return tl__options_differ;
   case ACK_DUPLICATE: return "it already has that connection (two processes started with the same rank?)";
+  case ACK_AUTH_FAILED: return "authentication failed: it does not hold this job's token";
+  case ACK_NEED_TOKEN: return "authentication failed: the job has a token (THUNDERLINK_TOKEN) and the dialler has none";
+  case ACK_NO_TOKEN: return "authentication failed: the dialler has a token (THUNDERLINK_TOKEN) and this rank has none";
   default: return "unknown reason";
   }
 }
@@ -502,6 +548,11 @@ static int check_hello(tl_comm_t *c, const hello_t *h, int *fatal) {
    * the refusal's reason). */
   if (h->version != TL_PROTOCOL_VERSION) return ACK_WRONG_VERSION;
   if (h->job_id != c->comm_id) return ACK_WRONG_JOB;
+  /* Token or none: the listener does not know yet whether this is one of
+   * its ranks, so neither is fatal here (the dialler's side fails). */
+  int offers = (h->flags & HELLO_TOKEN) != 0;
+  if (c->opts.token_set && !offers) return ACK_NEED_TOKEN;
+  if (!c->opts.token_set && offers) return ACK_NO_TOKEN;
   *fatal = 1;
   if (h->world_size != (uint32_t)c->size) return ACK_WRONG_SIZE;
   int tg[TL_MAX_CONNS], nt;
@@ -531,6 +582,81 @@ static void adopt(tl_comm_t *c, int peer, int index, int fd, const char *remote,
           remote);
 }
 
+/* ---- the token proof --------------------------------------------------------------
+ *
+ * With a job token (c->opts.token_set; the key is a hash of
+ * THUNDERLINK_TOKEN), a connection is set up in four messages:
+ *
+ *   dialler  -> hello   (its ranks, the job id, connection index, nonce Nd)
+ *   listener -> ack     (its answer, host id, nonce Nl)
+ *   dialler  -> proof   HMAC(key, "dialler" | hello | ack)
+ *   listener -> verdict ACK_OK and HMAC(key, "listener" | hello | ack),
+ *                       or ACK_AUTH_FAILED and no proof
+ *
+ * Both proofs cover both nonces (fresh from the kernel on each side, for
+ * every connection), the job id, both ranks and the connection index, so a
+ * proof recorded on one connection is worth nothing on another, and the
+ * labels keep one side's proof from being reflected as the other's. The
+ * listener proves itself only to a dialler that has proved itself first: a
+ * stranger gets no MAC of anything. Proofs are compared in constant time.
+ *
+ * Nothing a dialler says counts before its proof: a failed proof, a missing
+ * token or any refusal from an unproven dialler is dropped and logged (and
+ * counted: the connect deadline's error names the address the failures came
+ * from), never fatal, so that a stranger cannot end a starting job. A rank
+ * of the job holding another token learns from the verdict that its proof
+ * was refused and fails at once, saying that authentication failed. Without
+ * a token the handshake is hello and ack, as in protocol version 2.
+ */
+
+static void token_mac(const tl_comm_t *c, const char *role, const hello_t *h, const ack_t *a,
+                      uint8_t out[32]) {
+  tl_hmac_t m;
+  tl__hmac_init(&m, c->opts.token_key, sizeof c->opts.token_key);
+  tl__hmac_update(&m, "thunderlink v3 ", 15);
+  tl__hmac_update(&m, role, strlen(role) + 1);
+  tl__hmac_update(&m, h, sizeof *h);
+  tl__hmac_update(&m, a, sizeof *a);
+  tl__hmac_final(&m, out);
+}
+
+static void fill_proof(pending_t *p, int status) {
+  memset(&p->proof, 0, sizeof p->proof);
+  p->proof.magic = PROOF_MAGIC;
+  p->proof.version = TL_PROTOCOL_VERSION;
+  p->proof.status = (uint16_t)status;
+  p->done = 0;
+}
+
+/* A connection refused for its token, on the listener's side: logged,
+ * counted, dropped. */
+static void auth_refused(tl_comm_t *c, pending_t *p, const char *why) {
+  boot_t *t = B(c);
+  t->auth_failures++;
+  snprintf(t->auth_from, sizeof t->auth_from, "%s", p->remote);
+  tl__log(c, TL_LOG_WARN, "refused a connection from %s (it says it is rank %u): "
+          "authentication failed: %s", p->remote, p->hello.src_rank, why);
+  pending_close(p);
+}
+
+static const char *const token_hint =
+    "every rank of a job needs the same THUNDERLINK_TOKEN (or THUNDERLINK_TOKEN_FILE); "
+    "thunderlink launch gives its ranks one";
+
+/* What the connect deadline's error adds when tokens were refused: a
+ * prefix and a note. */
+static void auth_note(tl_comm_t *c, const char **prefix, char *buf, size_t cap) {
+  boot_t *t = B(c);
+  buf[0] = 0;
+  *prefix = "";
+  if (t && t->auth_failures) {
+    *prefix = "authentication failed: ";
+    snprintf(buf, cap, "; %d connection%s to this rank, the latest from %s, did not prove "
+             "this job's token (%s)", t->auth_failures, t->auth_failures == 1 ? "" : "s",
+             t->auth_from, token_hint);
+  }
+}
+
 /* Advance one pending connection after poll said it is ready. Returns 1 when
  * it became a connection, 0 to keep waiting, <0 fatal. */
 static int advance(tl_comm_t *c, pending_t *p, int64_t now) {
@@ -545,11 +671,12 @@ static int advance(tl_comm_t *c, pending_t *p, int64_t now) {
       return tl__error(c, TL_ERR_SYSTEM, "connect to rank %d at %s: %s", p->peer,
                        p->remote, strerror(err));
     }
-    fill_hello(c, p);
+    int rc = fill_hello(c, p);
+    if (rc) return rc;
     p->state = P_SEND_HELLO;
   }
   if (p->state == P_SEND_HELLO) {
-    int r = pio(p, sizeof(hello_t), 1);
+    int r = pio(p, &p->hello, sizeof(hello_t), 1);
     if (r < 0) {
       p->last_errno = errno;
       p->last_why = NULL;
@@ -558,13 +685,14 @@ static int advance(tl_comm_t *c, pending_t *p, int64_t now) {
     }
     if (r == 0) return 0;
     p->done = 0;
+    memset(&p->ack, 0, sizeof p->ack);
     p->state = P_RECV_ACK;
     return 0;
   }
   if (p->state == P_RECV_ACK) {
-    int r = pio(p, sizeof(ack_t), 0);
+    int r = pio(p, &p->ack, sizeof(ack_t), 0);
     if (r == 0) return 0;
-    ack_t *a = &p->buf.ack;
+    ack_t *a = &p->ack;
     if (p->done >= sizeof a->magic && a->magic != ACK_MAGIC)
       return tl__error(c, TL_ERR_PROTOCOL, "%s answered the handshake with bytes "
                        "that are not thunderlink's: something other than rank %d "
@@ -584,19 +712,87 @@ static int advance(tl_comm_t *c, pending_t *p, int64_t now) {
       schedule_retry(p, now);
       return 0;
     }
-    if (a->status != ACK_OK)
-      return tl__error(c, TL_ERR_CONFIG, "rank %d at %s refused our connection: %s",
-                       p->peer, p->remote, refusal(a->status));
-    adopt(c, p->peer, p->index, p->fd, p->remote, a->host_id);
+    if (a->status == ACK_NEED_TOKEN || a->status == ACK_NO_TOKEN)
+      return tl__error(c, TL_ERR_CONFIG, "authentication failed with rank %d at %s: %s "
+                       "(%s)", p->peer, p->remote,
+                       a->status == ACK_NEED_TOKEN
+                           ? "that rank has a job token and this one has none"
+                           : "this rank has a job token and that one has none",
+                       token_hint);
+    if (c->opts.token_set && r == 1 && a->version == TL_PROTOCOL_VERSION) {
+      /* Prove the token, even to a refusal: the listener counts a refusal
+       * as this job's problem only from a rank that proved itself. */
+      fill_proof(p, 0);
+      token_mac(c, "dialler", &p->hello, a, p->proof.mac);
+      if (a->status != ACK_OK) {
+        pio(p, &p->proof, sizeof(proof_t), 1); /* best effort: we fail anyway */
+        return tl__error(c, TL_ERR_CONFIG, "rank %d at %s refused our connection: %s",
+                         p->peer, p->remote, refusal(a->status));
+      }
+      p->state = P_SEND_PROOF;
+    } else {
+      if (a->status != ACK_OK)
+        return tl__error(c, TL_ERR_CONFIG, "rank %d at %s refused our connection: %s",
+                         p->peer, p->remote, refusal(a->status));
+      if (c->opts.token_set)
+        return tl__error(c, TL_ERR_PROTOCOL, "authentication failed with rank %d at %s: it "
+                         "accepted the connection without asking this rank to prove the "
+                         "job token (not a thunderlink rank of this version?)", p->peer,
+                         p->remote);
+      adopt(c, p->peer, p->index, p->fd, p->remote, a->host_id);
+      p->fd = -1;
+      return 1;
+    }
+  }
+  if (p->state == P_SEND_PROOF) {
+    int r = pio(p, &p->proof, sizeof(proof_t), 1);
+    if (r < 0) {
+      p->last_errno = errno;
+      p->last_why = "it closed the connection during the handshake";
+      schedule_retry(p, now);
+      return 0;
+    }
+    if (r == 0) return 0;
+    memset(&p->proof, 0, sizeof p->proof);
+    p->done = 0;
+    p->state = P_RECV_VERDICT;
+    return 0;
+  }
+  if (p->state == P_RECV_VERDICT) {
+    int r = pio(p, &p->proof, sizeof(proof_t), 0);
+    if (r == 0) return 0;
+    proof_t *v = &p->proof;
+    if (p->done >= sizeof v->magic && v->magic != PROOF_MAGIC)
+      return tl__error(c, TL_ERR_PROTOCOL, "%s answered this rank's proof of the job token "
+                       "with bytes that are not thunderlink's", p->remote);
+    if (p->done >= 8 && v->status == ACK_AUTH_FAILED)
+      return tl__error(c, TL_ERR_CONFIG, "authentication failed: rank %d at %s refused this "
+                       "rank's proof of the job token, so the two hold different tokens (%s)",
+                       p->peer, p->remote, token_hint);
+    if (r < 0) {
+      p->last_errno = r == -2 ? errno : 0;
+      p->last_why = "it closed the connection during the handshake";
+      schedule_retry(p, now);
+      return 0;
+    }
+    uint8_t want[32];
+    token_mac(c, "listener", &p->hello, &p->ack, want);
+    int ok = v->status == ACK_OK && tl__ct_equal(want, v->mac, sizeof want);
+    tl__wipe(want, sizeof want);
+    if (!ok)
+      return tl__error(c, TL_ERR_CONFIG, "authentication failed: rank %d at %s accepted "
+                       "this rank but did not prove that it holds the job token (%s)",
+                       p->peer, p->remote, token_hint);
+    adopt(c, p->peer, p->index, p->fd, p->remote, p->ack.host_id);
     p->fd = -1;
     return 1;
   }
   if (p->state == P_RECV_HELLO) {
-    int r = pio(p, sizeof(hello_t), 0);
+    int r = pio(p, &p->hello, sizeof(hello_t), 0);
     /* Nothing here has proved anything: whatever is wrong is the sender's
      * problem, dropped and logged, never this job's. Bytes that are not a
      * hello are dropped as soon as the magic shows it. */
-    if (p->done >= sizeof p->buf.hello.magic && p->buf.hello.magic != HELLO_MAGIC) {
+    if (p->done >= sizeof p->hello.magic && p->hello.magic != HELLO_MAGIC) {
       tl__log(c, TL_LOG_WARN, "refused a connection from %s: not a thunderlink peer "
               "(bad magic)", p->remote);
       pending_close(p);
@@ -615,33 +811,99 @@ static int advance(tl_comm_t *c, pending_t *p, int64_t now) {
       return 0;
     }
     int fatal;
-    hello_t h = p->buf.hello;
-    int st = check_hello(c, &h, &fatal);
-    p->peer = (int)h.src_rank;
-    p->index = (int)h.conn_index;
-    memset(&p->buf.ack, 0, sizeof p->buf.ack);
-    p->buf.ack.magic = ACK_MAGIC;
-    p->buf.ack.version = TL_PROTOCOL_VERSION;
-    p->buf.ack.status = (uint16_t)st;
-    p->buf.ack.rank = (uint32_t)c->rank;
-    p->buf.ack.host_id = c->host_id;
+    const hello_t *h = &p->hello;
+    int st = check_hello(c, h, &fatal);
+    p->peer = (int)h->src_rank;
+    p->index = (int)h->conn_index;
+    memset(&p->ack, 0, sizeof p->ack);
+    p->ack.magic = ACK_MAGIC;
+    p->ack.version = TL_PROTOCOL_VERSION;
+    p->ack.status = (uint16_t)st;
+    p->ack.rank = (uint32_t)c->rank;
+    p->ack.host_id = c->host_id;
     p->done = 0;
     p->state = P_SEND_ACK;
-    p->peer_host = h.host_id;
-    if (st != ACK_OK) {
+    p->peer_host = h->host_id;
+    p->status = st;
+    if (st == ACK_NEED_TOKEN || st == ACK_NO_TOKEN) {
+      pio(p, &p->ack, sizeof(ack_t), 1); /* best effort: tell it why */
+      auth_refused(c, p, st == ACK_NEED_TOKEN ? "it has no token"
+                                              : "it has a token and this rank has none");
+      return 0;
+    }
+    /* With a token, a refusal that would end the job waits for the proof:
+     * from a stranger it is only dropped. */
+    if (st != ACK_OK && !(fatal && c->opts.token_set)) {
       /* Best effort: tell it why, then drop it. */
-      pio(p, sizeof(ack_t), 1);
+      pio(p, &p->ack, sizeof(ack_t), 1);
       pending_close(p);
       if (!fatal) {
         tl__log(c, TL_LOG_WARN, "refused a connection from %s: %s", p->remote, refusal(st));
         return 0;
       }
       return tl__error(c, TL_ERR_CONFIG, "rank %u connected from %s but %s",
-                       h.src_rank, p->remote, refusal(st));
+                       h->src_rank, p->remote, refusal(st));
     }
+    if (c->opts.token_set && tl__random(p->ack.nonce, sizeof p->ack.nonce) < 0)
+      return tl__error(c, TL_ERR_SYSTEM, "cannot read random bytes for the handshake's "
+                       "challenge: %s", strerror(errno));
   }
   if (p->state == P_SEND_ACK) {
-    int r = pio(p, sizeof(ack_t), 1);
+    int r = pio(p, &p->ack, sizeof(ack_t), 1);
+    if (r == 0) return 0;
+    if (r < 0) {
+      tl__log(c, TL_LOG_WARN, "connection from rank %d (%s) dropped during the "
+              "handshake", p->peer, p->remote);
+      pending_close(p);
+      return 0;
+    }
+    if (!c->opts.token_set) {
+      adopt(c, p->peer, p->index, p->fd, p->remote, p->peer_host);
+      p->fd = -1;
+      return 1;
+    }
+    memset(&p->proof, 0, sizeof p->proof);
+    p->done = 0;
+    p->state = P_RECV_PROOF;
+  }
+  if (p->state == P_RECV_PROOF) {
+    int r = pio(p, &p->proof, sizeof(proof_t), 0);
+    if (p->done >= sizeof p->proof.magic && p->proof.magic != PROOF_MAGIC) {
+      auth_refused(c, p, "it sent no proof of the job token");
+      return 0;
+    }
+    if (r == 0) return 0;
+    if (r < 0) {
+      tl__log(c, TL_LOG_WARN, "refused a connection from %s (it says it is rank %u): it "
+              "closed before proving the job token", p->remote, p->hello.src_rank);
+      pending_close(p);
+      return 0;
+    }
+    uint8_t want[32];
+    token_mac(c, "dialler", &p->hello, &p->ack, want);
+    int ok = tl__ct_equal(want, p->proof.mac, sizeof want);
+    tl__wipe(want, sizeof want);
+    if (!ok) {
+      fill_proof(p, ACK_AUTH_FAILED);
+      pio(p, &p->proof, sizeof(proof_t), 1); /* best effort: the verdict */
+      auth_refused(c, p, "its proof of the job token is wrong");
+      return 0;
+    }
+    /* Proven: one of this job's ranks. What was wrong with its hello is now
+     * this job's problem, as without a token. */
+    if (p->status == ACK_OK && c->links[p->peer].boot_fds[p->index] >= 0)
+      p->status = ACK_DUPLICATE;
+    if (p->status != ACK_OK) {
+      pending_close(p);
+      return tl__error(c, TL_ERR_CONFIG, "rank %u connected from %s but %s",
+                       p->hello.src_rank, p->remote, refusal(p->status));
+    }
+    fill_proof(p, ACK_OK);
+    token_mac(c, "listener", &p->hello, &p->ack, p->proof.mac);
+    p->state = P_SEND_VERDICT;
+  }
+  if (p->state == P_SEND_VERDICT) {
+    int r = pio(p, &p->proof, sizeof(proof_t), 1);
     if (r == 0) return 0;
     if (r < 0) {
       tl__log(c, TL_LOG_WARN, "connection from rank %d (%s) dropped during the "
@@ -656,13 +918,15 @@ static int advance(tl_comm_t *c, pending_t *p, int64_t now) {
   return 0;
 }
 /* Make room for a newcomer: drop the incoming connection that has waited
- * longest without completing its hello (one that has, is one of our ranks
- * being answered, and stays). Returns its slot, or -1 when none can go. */
+ * longest without completing its hello or, with a token, its proof (one
+ * that has, is one of our ranks being answered, and stays). Returns its
+ * slot, or -1 when none can go. */
 static int evict_oldest(tl_comm_t *c, pending_t *ps, int np, int *evicted) {
   int old = -1;
   for (int j = 0; j < np; j++) {
     pending_t *q = &ps[j];
-    if (q->outgoing || q->fd < 0 || q->state != P_RECV_HELLO) continue;
+    if (q->outgoing || q->fd < 0 || (q->state != P_RECV_HELLO && q->state != P_RECV_PROOF))
+      continue;
     if (old < 0 || q->started < ps[old].started) old = j;
   }
   if (old < 0) return -1;
@@ -753,7 +1017,8 @@ int tl__boot_connect(tl_comm_t *c) {
         wake = q->started + STRANGER_TIMEOUT_NS;
       pf[n].fd = q->fd;
       pf[n].events = (q->state == P_CONNECTING || q->state == P_SEND_HELLO ||
-                      q->state == P_SEND_ACK) ? POLLOUT : POLLIN;
+                      q->state == P_SEND_ACK || q->state == P_SEND_PROOF ||
+                      q->state == P_SEND_VERDICT) ? POLLOUT : POLLIN;
       pidx[n++] = i;
     }
     if (t->nls && listen_after > now && listen_after < wake) wake = listen_after;
@@ -839,17 +1104,20 @@ int tl__boot_connect(tl_comm_t *c) {
     /* Name what is missing: the first outgoing connection not up, else the
      * first peer that never dialled in. */
     double secs = (double)c->opts.connect_timeout_ms / 1000.0;
+    char note[TL_HOST_LEN + 300];
+    const char *prefix;
+    auth_note(c, &prefix, note, sizeof note);
     for (int i = 0; i < np; i++) {
       pending_t *q = &ps[i];
       if (!q->outgoing || q->retry_at == -1) continue;
       rc = tl__error(c, TL_ERR_TIMEOUT,
-                     "could not connect to rank %d at %s within %.0f s (%d attempts, "
+                     "%scould not connect to rank %d at %s within %.0f s (%d attempts, "
                      "last error: %s). Is rank %d running, and is %s its address "
                      "on a link this host can reach? (thunderlink doctor checks "
-                     "a hostfile)", q->peer, q->remote, secs, q->attempts,
+                     "a hostfile)%s", prefix, q->peer, q->remote, secs, q->attempts,
                      q->last_why ? q->last_why
                      : q->last_errno ? strerror(q->last_errno) : "still connecting",
-                     q->peer, q->remote);
+                     q->peer, q->remote, note);
       goto out;
     }
     for (int p = 0; p < c->size; p++)
@@ -858,12 +1126,13 @@ int tl__boot_connect(tl_comm_t *c) {
           char where[TL_HOST_LEN + 16] = "?";
           if (t->nls) host_port(&c->eps[t->ls[0].ep], c->eps[t->ls[0].ep].port, where, sizeof where);
           rc = tl__error(c, TL_ERR_TIMEOUT,
-                         "rank %d never connected to this rank (listening at %s) "
+                         "%srank %d never connected to this rank (listening at %s) "
                          "within %.0f s: is rank %d running, and can it reach "
-                         "this address?", p, where, secs, p);
+                         "this address?%s", prefix, p, where, secs, p, note);
           goto out;
         }
-    rc = tl__error(c, TL_ERR_TIMEOUT, "connection set-up did not finish in time");
+    rc = tl__error(c, TL_ERR_TIMEOUT, "%sconnection set-up did not finish in time%s", prefix,
+                   note);
   }
 out:
   for (int i = 0; i < np; i++) pending_close(&ps[i]);

@@ -169,7 +169,9 @@ int tl_comm_link_info(tl_comm_t *c, int peer, int *transport, int *nchannels) {
  * has cables between neighbours only), which rules out the one-round
  * algorithms that need every pair. */
 static int check_links(tl_comm_t *c) {
-  c->mesh = 1;
+  /* From the endpoint table, so that every rank sees the same (a rank
+   * linked to all others is no mesh while two others share no link). */
+  c->mesh = tl__mesh_kind(c->eps, c->neps, c->size);
   for (int p = 0; p < c->size; p++)
     if (p != c->rank && c->links[p].nchans == 0) c->mesh = 0;
   int n = c->size;
@@ -258,6 +260,7 @@ static int connect_links(tl_comm_t *c) {
     }
   }
   if (!rc) rc = check_links(c);
+  if (!rc) rc = tl__hb_register(c);
   if (rc) return rc;
   c->transport = TL_TRANSPORT_AUTO;
   for (int p = 0, first = 1; p < c->size; p++) {
@@ -313,6 +316,7 @@ int tl_comm_close(tl_comm_t *c) {
   }
   if (!c->closed) {
     c->closed = 1;
+    tl__hb_unregister(c); /* before its control connections close */
     tl__links_close(c);
     tl__boot_close(c);
   }
@@ -340,6 +344,7 @@ int tl_comm_release(tl_comm_t *c) {
   free(c->eps);
   free(c->links);
   free(c->ring);
+  tl__wipe(c->opts.token_key, sizeof c->opts.token_key); /* the job's secret */
   free(c);
   return TL_OK;
 }
@@ -562,6 +567,7 @@ static const tl_vtable_t g_vtable = {
     .reduce_scatter = tl_reduce_scatter,
     .send = tl_send,
     .recv = tl_recv,
+    .interrupt_hook = tl_interrupt_hook,
 };
 
 const tl_vtable_t *tl_get_vtable(void) { return &g_vtable; }

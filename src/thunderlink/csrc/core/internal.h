@@ -48,6 +48,11 @@ typedef struct tl_endpoint {
 #define TL_FRAME_DATA 1
 #define TL_FRAME_ABORT 2
 #define TL_FRAME_WAKE 3 /* control channels only: the peer may have work */
+/* Single bytes that travel on control channels between frames: a wake-up
+ * (shared memory: the peer left work in a ring) and a heartbeat (the peer is
+ * alive; heartbeat.c). The reader skips both. */
+#define TL_WAKE_BYTE 'w'
+#define TL_HEARTBEAT_BYTE 'h'
 
 typedef struct tl_frame {
   uint32_t magic;
@@ -210,6 +215,9 @@ struct tl_link {
   int *boot_fds;
   char remote[TL_HOST_LEN + 16]; /* "host:port" of connection 0, for messages */
   void *t;                       /* the transport's per-link state */
+  /* When the progress loop last saw bytes from the peer (any channel,
+   * heartbeats included); see tl_options_t.heartbeat_ms. */
+  int64_t heard_ns;
 };
 
 /* What the communicator is doing now, for error messages and for checking
@@ -274,6 +282,10 @@ struct tl_comm {
   size_t scratch_cap;
 
   tl_stats_t stats;
+
+  int hb_registered;  /* heartbeat.c sends on this communicator's links */
+  uint64_t intr_gen;  /* tl_interrupt()s counted when the operation began */
+  int64_t intr_ns;    /* when the operation first saw a later one, or 0 */
 };
 
 /* ---- options (options.c, from the table in options.h) ---------------------- */
@@ -292,6 +304,10 @@ extern const char tl__options_differ[];
  * acceptor's endpoints to dial (one per cable) in tg (*nt of them, at most
  * TL_MAX_CONNS). */
 int tl__link_plan(const tl_endpoint_t *eps, int neps, int a, int b, int *tg, int *nt);
+/* Whether every pair of the n ranks shares a link: 0 when not, 1 when they
+ * do, TL_MESH_CABLED when moreover every pair's link runs over addresses
+ * that face the other rank (its own cables). The same on every rank. */
+int tl__mesh_kind(const tl_endpoint_t *eps, int neps, int n);
 /* `rank`'s own endpoint on cable `which` to `peer` (its which-th endpoint
  * facing peer), or -1. */
 int tl__source_ep(const tl_endpoint_t *eps, int neps, int rank, int peer, int which);
@@ -299,6 +315,33 @@ int tl__source_ep(const tl_endpoint_t *eps, int neps, int rank, int peer, int wh
  * else searched (bounded). TL_ERR_CONFIG with the reason when none. */
 int tl__find_ring(const tl_endpoint_t *eps, int neps, int n, int32_t *order, char *why,
                   size_t cap);
+
+/* ---- the job token's proof (auth.c) --------------------------------------------- */
+
+typedef struct tl_sha256 {
+  uint32_t h[8];
+  uint64_t len;
+  uint8_t buf[64];
+  size_t nbuf;
+} tl_sha256_t;
+
+typedef struct tl_hmac {
+  tl_sha256_t inner, outer;
+} tl_hmac_t;
+
+void tl__sha256_init(tl_sha256_t *s);
+void tl__sha256_update(tl_sha256_t *s, const void *data, size_t n);
+void tl__sha256_final(tl_sha256_t *s, uint8_t out[32]); /* wipes s */
+void tl__hmac_init(tl_hmac_t *m, const void *key, size_t klen);
+void tl__hmac_update(tl_hmac_t *m, const void *data, size_t n);
+void tl__hmac_final(tl_hmac_t *m, uint8_t out[32]); /* wipes m */
+/* 1 when the n bytes at a and b are equal, in a time that does not depend
+ * on where they differ. */
+int tl__ct_equal(const void *a, const void *b, size_t n);
+/* Zero memory in a way the compiler keeps (keys, pads). */
+void tl__wipe(void *p, size_t n);
+/* n bytes from the kernel's random generator; 0, or -1 with errno. */
+int tl__random(void *buf, size_t n);
 
 /* ---- bootstrap (bootstrap.c) ---------------------------------------------------- */
 
@@ -345,6 +388,30 @@ void tl__links_close(tl_comm_t *c);
 /* Wake the peer of a shared-memory channel through the link's control
  * channel. */
 void tl__ctl_wake(tl_link_t *l);
+
+/* ---- heartbeats (heartbeat.c) and interrupts (progress.c) --------------------
+ *
+ * A link with a control channel (tl__link_init's ctl_fd: TCP's extra
+ * bootstrap connection, shared memory's first; an RDMA link should keep its
+ * first bootstrap connection the same way) gets heartbeats and hung-peer
+ * detection with nothing more to do: the heartbeat thread writes
+ * TL_HEARTBEAT_BYTE on it, and the progress loop, which polls every control
+ * channel while it waits, reads them and fails a wait on a peer silent for
+ * heartbeat_ms. A transport whose data channels have no descriptor should
+ * wake a sleeping peer through the control channel (tl__ctl_wake). */
+
+/* Start sending heartbeats on c's control channels (no-op when heartbeats
+ * are off or c has none); tl__hb_unregister before they close. */
+int tl__hb_register(tl_comm_t *c);
+void tl__hb_unregister(tl_comm_t *c);
+/* Does a TCP link keep a control connection (one bootstrap connection more
+ * than its data channels)? Both ends agree: heartbeat_ms is shared. */
+static inline int tl__tcp_has_ctl(const tl_comm_t *c) { return c->opts.heartbeat_ms > 0; }
+/* tl_interrupt()s so far; the pipe a wait polls to hear of the next (-1
+ * until tl_interrupt_hook made it), and emptying it (interrupt.c). */
+uint64_t tl__intr_count(void);
+int tl__intr_fd(void);
+void tl__intr_drain(void);
 
 /* ---- errors and logging --------------------------------------------------- */
 
@@ -431,6 +498,10 @@ int tl__gather_bytes(tl_comm_t *c, const void *in, void *out, size_t bytes);
  * (c->cur.plan: lanes, depth, chunk size). */
 enum { TL_RING_ALL_REDUCE, TL_RING_REDUCE_SCATTER, TL_RING_ALL_GATHER };
 int tl__ring_run(tl_comm_t *c, int kind, const void *in, void *out,
+                 uint64_t count, int dtype, int redop);
+/* The same operations by direct exchange with every peer at once (mesh.c),
+ * where every pair of ranks shares a link. */
+int tl__mesh_run(tl_comm_t *c, int kind, const void *in, void *out,
                  uint64_t count, int dtype, int redop);
 
 /* The algorithm choice (select.c; tl_select in tl.h). Ring instances, each

@@ -37,6 +37,8 @@ int tl__op_begin(tl_comm_t *c, int op, int dtype, int redop, uint64_t total,
                      name, op, dtype);
   c->cur.seq = op == TL_OP_SEND ? 0 : ++c->coll_seq;
   c->deadline_ns = tl__now_ns() + (int64_t)c->opts.timeout_ms * 1000000;
+  c->intr_gen = tl__intr_count(); /* only later interrupts concern it */
+  c->intr_ns = 0;
   /* Paired with tl_comm_close: either it sees this call in flight and wakes
    * it, or this call sees the close and does not start. */
   atomic_store(&c->in_op, 1);

@@ -120,6 +120,35 @@ static int check(const tl_options_t *o, char *why, size_t cap) {
   return 0;
 }
 
+/* 0, or 1 with the first bad row of the tuning profile described in why. */
+static int check_tune(const tl_options_t *o, char *why, size_t cap) {
+  if (o->ntune < 0 || o->ntune > TL_MAX_TUNE_ROWS) {
+    snprintf(why, cap, "a tuning profile has at most %d rows, not %d", TL_MAX_TUNE_ROWS,
+             (int)o->ntune);
+    return 1;
+  }
+  for (int i = 0; i < o->ntune; i++) {
+    const tl_tune_row_t *r = &o->tune[i];
+    const char *bad = NULL;
+    if (r->op < 1 || r->op >= TL_NUM_OPS) bad = "op is not a collective";
+    else if (r->nranks < 0) bad = "nranks is negative";
+    else if (r->transport < 0 || r->transport >= TL_NUM_TRANSPORTS) bad = "unknown transport";
+    else if (r->how != -1 && r->how != TL_HOW_ONE_ROUND && r->how != TL_HOW_RING &&
+             r->how != TL_HOW_MESH)
+      bad = "how must be one round, ring or mesh";
+    else if (r->max_bytes && r->max_bytes <= r->min_bytes) bad = "empty size band";
+    else if (r->depth < 0 || r->depth > 64) bad = "depth must be 0..64";
+    else if (r->lanes < 0 || r->lanes > 2) bad = "lanes must be 0..2";
+    else if (r->chunk_bytes && (r->chunk_bytes < 4096 || r->chunk_bytes > (int64_t)TL_MAX_FRAME))
+      bad = "chunk_bytes must be 0 or 4096..1 GiB";
+    if (bad) {
+      snprintf(why, cap, "tuning profile row %d: %s", i, bad);
+      return 1;
+    }
+  }
+  return 0;
+}
+
 int tl_options_check(const tl_options_t *o, char *why, size_t cap) {
   char scratch[8];
   if (!why || cap == 0) {
@@ -128,7 +157,7 @@ int tl_options_check(const tl_options_t *o, char *why, size_t cap) {
   }
   why[0] = 0;
   if (!o) return snprintf(why, cap, "no options"), TL_ERR_INVALID;
-  return check(o, why, cap) ? TL_ERR_CONFIG : TL_OK;
+  return check(o, why, cap) || check_tune(o, why, cap) ? TL_ERR_CONFIG : TL_OK;
 }
 
 /* The refusal of a rank whose shared options differ names them all. */
@@ -139,18 +168,28 @@ int tl_options_check(const tl_options_t *o, char *why, size_t cap) {
 const char tl__options_differ[] =
     "tuning options differ (set these the same on every rank:"
 #include "options.h"
-    ")";
+    ", and the same tuning profile, THUNDERLINK_TUNING_FILE)";
 #undef TL_OPTION
 
+static uint64_t fnv(uint64_t h, int64_t v) {
+  const unsigned char *b = (const unsigned char *)&v;
+  for (size_t k = 0; k < sizeof v; k++) h = (h ^ b[k]) * 1099511628211ull;
+  return h;
+}
+
 /* FNV-1a over the shared options, each as 8 little-endian bytes, in table
- * order (the same digest as protocol version 2's hand-written list). */
+ * order (the same digest as protocol version 2's hand-written list), then
+ * over the tuning profile's rows, field by field, when there are any. */
 uint64_t tl__options_digest(const tl_options_t *o) {
   uint64_t h = 1469598103934665603ull;
-  for (int i = 0; i < NROWS; i++) {
-    if (!ROWS[i].info.shared) continue;
-    int64_t v = get(o, &ROWS[i]);
-    const unsigned char *b = (const unsigned char *)&v;
-    for (size_t k = 0; k < sizeof v; k++) h = (h ^ b[k]) * 1099511628211ull;
+  for (int i = 0; i < NROWS; i++)
+    if (ROWS[i].info.shared) h = fnv(h, get(o, &ROWS[i]));
+  if (o->ntune > 0) h = fnv(h, o->ntune);
+  for (int i = 0; i < o->ntune && i < TL_MAX_TUNE_ROWS; i++) {
+    const tl_tune_row_t *r = &o->tune[i];
+    int64_t f[] = {r->op, r->nranks, r->transport, r->how, (int64_t)r->min_bytes,
+                   (int64_t)r->max_bytes, r->depth, r->lanes, r->chunk_bytes};
+    for (size_t k = 0; k < sizeof f / sizeof f[0]; k++) h = fnv(h, f[k]);
   }
   return h;
 }

@@ -53,8 +53,10 @@ TL_OPTION(algo_threshold, "algo_threshold", "THUNDERLINK_ALGO_THRESHOLD", TL_OPT
           "with `auto`, one round of messages while each rank sends at most this much (for "
           "all_reduce, its buffer times ranks \u2212 1); the ring above")
 TL_OPTION(algo, "algo", "THUNDERLINK_ALGO", TL_OPT_CHOICE, "",
-          TL_ALGO_AUTO, TL_ALGO_AUTO, TL_ALGO_ONESHOT, 1, "auto,ring,oneshot",
-          "`auto`, `ring` or `oneshot`: the all_reduce algorithm")
+          TL_ALGO_AUTO, TL_ALGO_AUTO, TL_ALGO_MESH, 1, "auto,ring,oneshot,mesh",
+          "`auto`, `ring`, `oneshot` or `mesh` (direct exchange with every peer at once, each over "
+          "its own cable; needs a link between every pair): the algorithm of all_reduce, "
+          "all_gather and reduce_scatter")
 TL_OPTION(spin_us, "spin_us", "THUNDERLINK_SPIN_US", TL_OPT_INT, "us",
           50, 0, 1000000, 0, NULL,
           "microseconds to poll before sleeping, for small operations; over shared memory every "
@@ -80,3 +82,14 @@ TL_OPTION(transport, "transport", "THUNDERLINK_TRANSPORT", TL_OPT_CHOICE, "",
           "everywhere; `shm`: shared memory everywhere, an error if two linked ranks are on "
           "different hosts. `rdma` is refused with an error (not implemented yet). Same on every "
           "rank")
+TL_OPTION(heartbeat_ms, "heartbeat", "THUNDERLINK_HEARTBEAT", TL_OPT_MS, "ms",
+          10 * 1000, 0, 3600 * 1000, 1, NULL,
+          "seconds of silence after which a peer that a collective waits on is declared lost "
+          "(stopped, hung, or its cable pulled): every process sends each peer a heartbeat "
+          "every fifth of this, even while its program computes elsewhere; `0`: off (a hung "
+          "peer is then found only by `THUNDERLINK_TIMEOUT`)")
+TL_OPTION(listen_all, "listen_all", "THUNDERLINK_LISTEN_ALL", TL_OPT_INT, "",
+          0, 0, 1, 0, NULL,
+          "`1`: listen on every interface of this host (at the hostfile's port), not only on "
+          "this rank's hostfile addresses; for hosts whose hostfile address is not one of their "
+          "own (NAT, a name that resolves elsewhere)")

@@ -33,7 +33,9 @@
 #endif
 
 #define ABORT_MAX 900    /* bytes of reason carried by an abort frame */
-#define WAKE_BYTE 'w'    /* on control channels, between frames */
+/* A Ctrl-C lets a collective that is about to finish finish (see
+ * interrupted()). */
+#define INTERRUPT_GRACE_NS 250000000ll
 
 static void push(tl_slice_t **head, tl_slice_t **tail, tl_slice_t *s) {
   s->next = NULL;
@@ -60,7 +62,11 @@ static void where(const tl_chan_t *k, char *buf, size_t cap) {
 
 /* A channel failed while we needed it. `what` is "sending to" or
  * "receiving from"; err 0 means the peer closed it. */
+static int told(tl_comm_t *c, tl_chan_t *k);
+
 static int lost(tl_comm_t *c, tl_chan_t *k, const char *what, int err) {
+  int said = told(c, k);
+  if (said) return said;
   char w[TL_HOST_LEN + 64];
   where(k, w, sizeof w);
   int peer = k->link->peer;
@@ -234,20 +240,54 @@ static int recv_some(tl_comm_t *c, tl_chan_t *k) {
   return completed;
 }
 
-/* Consume the wake-up bytes at the head of a control channel. */
+/* Consume the wake-up and heartbeat bytes at the head of a control
+ * channel. */
 static void skip_wakes(tl_chan_t *k) {
-  char b[64];
+  char b[256];
   for (;;) {
     struct iovec iov = {b, sizeof b};
     long r = k->ops->recv(k, &iov, 1, 1);
     if (r <= 0) return;
     long w = 0;
-    while (w < r && b[w] == WAKE_BYTE) w++;
+    while (w < r && (b[w] == TL_WAKE_BYTE || b[w] == TL_HEARTBEAT_BYTE)) w++;
     if (w == 0) return;
     iov.iov_len = (size_t)w;
     k->ops->recv(k, &iov, 1, 0);
     if (w < r) return;
   }
+}
+
+/*
+ * A peer that fails sends its reason before it shuts its connections
+ * (tl__abort_all: the control channel first, then every socket at a frame
+ * boundary). When a channel breaks, that reason says more than "closed" or
+ * "broken pipe": look for it where the next bytes start a frame -- the
+ * control channel (waiting up to 50 ms for it), and this channel if no
+ * frame is half read there. Returns the failure, or 0 when the peer said
+ * nothing (or failed in a later collective: kept for the next call).
+ */
+static int told(tl_comm_t *c, tl_chan_t *k) {
+  tl_chan_t *at[2] = {k->link->ctl, k};
+  for (int i = 0; i < 2; i++) {
+    tl_chan_t *w = at[i];
+    if (!w || w->fd < 0 || (i == 1 && (w == at[0] || w->peeked || (w->rq && w->rq->done))))
+      continue;
+    tl_frame_t f;
+    struct iovec iov = {&f, sizeof f};
+    long r = 0;
+    for (int tries = 0; tries < 2; tries++) {
+      if (w->index < 0) skip_wakes(w);
+      r = w->ops->recv(w, &iov, 1, 1);
+      if (r == (long)sizeof f || r < 0 || i == 1 || tries) break;
+      struct pollfd p = {w->fd, POLLIN, 0};
+      poll(&p, 1, 50);
+    }
+    if (r != (long)sizeof f || f.magic != TL_FRAME_MAGIC || f.type != TL_FRAME_ABORT) continue;
+    w->ops->recv(w, &iov, 1, 0);
+    int rc = peer_aborted(c, w, &f, NULL, 0);
+    if (rc) return rc;
+  }
+  return 0;
 }
 
 /* Look at the next frame on a channel with no receive queued. */
@@ -350,6 +390,69 @@ static int service(tl_comm_t *c, tl_chan_t *k, short re) {
   return completed;
 }
 
+/* ---- hung peers and interrupts -------------------------------------------------
+ *
+ * A peer this rank waits on (a channel of its link has a slice queued) must
+ * show signs of life: bytes on any of the link's sockets, heartbeats on its
+ * control channel (heartbeat.c: a fifth of the bound apart, sent while the
+ * peer is alive, whatever its program is doing). Silence is counted from
+ * the later of the last sign and the start of this operation: heartbeats
+ * that waited in the buffer between operations say nothing about now, and
+ * the first poll of a wait reads them all. Only links with a control
+ * channel are judged (every link, when heartbeats are on), and not one whose
+ * control channel the peer has shut (it failed, and said why there).
+ */
+
+static int64_t op_start(const tl_comm_t *c) {
+  return c->deadline_ns - (int64_t)c->opts.timeout_ms * 1000000;
+}
+
+static int judged(const tl_chan_t *k) {
+  return (k->sq || k->rq) && k->link->ctl && !k->link->ctl->eof;
+}
+
+/* When the first awaited peer's silence reaches the bound (INT64_MAX: never). */
+static int64_t quiet_until(const tl_comm_t *c) {
+  int64_t bound = (int64_t)c->opts.heartbeat_ms * 1000000, t = INT64_MAX, start = op_start(c);
+  if (bound <= 0) return t;
+  for (int i = 0; i < c->nchans; i++) {
+    const tl_chan_t *k = c->chans[i];
+    if (!judged(k)) continue;
+    int64_t since = k->link->heard_ns > start ? k->link->heard_ns : start;
+    if (since + bound < t) t = since + bound;
+  }
+  return t;
+}
+
+static int silent_peer(tl_comm_t *c, int64_t now) {
+  int64_t bound = (int64_t)c->opts.heartbeat_ms * 1000000, start = op_start(c);
+  if (bound <= 0) return TL_OK;
+  for (int i = 0; i < c->nchans; i++) {
+    tl_chan_t *k = c->chans[i];
+    if (!judged(k)) continue;
+    tl_link_t *l = k->link;
+    int64_t since = l->heard_ns > start ? l->heard_ns : start;
+    if (now - since < bound) continue;
+    return tl__fail(c, TL_ERR_PEER, "rank %d (%s) silent for %.1f s while this rank waits "
+                    "on it: it is stopped or hung, its machine froze, or the cable to it "
+                    "was pulled (no heartbeat within THUNDERLINK_HEARTBEAT=%g s)", l->peer,
+                    l->remote, (double)(now - since) / 1e9, c->opts.heartbeat_ms / 1000.0);
+  }
+  return TL_OK;
+}
+
+/* A tl_interrupt() (Ctrl-C, through tl_interrupt_hook) since the operation
+ * began fails it, unless it completes within INTERRUPT_GRACE_NS: the program
+ * asked to stop, and a collective a moment from done is worth finishing
+ * (the program's own handler then decides), one whose peer hangs is not. */
+static int interrupted(tl_comm_t *c, int64_t now) {
+  if (tl__intr_count() == c->intr_gen) return TL_OK;
+  if (!c->intr_ns) c->intr_ns = now;
+  if (now - c->intr_ns < INTERRUPT_GRACE_NS) return TL_OK;
+  return tl__fail(c, TL_ERR_INTERRUPTED, "Ctrl-C (SIGINT) while waiting: the collective "
+                  "did not finish, and the communicator is no longer usable");
+}
+
 int tl__progress(tl_comm_t *c) {
   /* Spin first (small operations, and anything over shared memory): try the
    * channels directly, without poll, and yield the core between tries, so
@@ -399,10 +502,22 @@ int tl__progress(tl_comm_t *c) {
       for (int i = 0; i < n; i++) c->pchan[i]->ops->disarm(c->pchan[i]);
       return tl__fail(c, TL_ERR_INVALID, "internal error: waiting with nothing queued");
     }
-    int64_t left = c->deadline_ns - tl__now_ns();
+    /* Sleep until the deadline, a peer's silence reaches the bound, or an
+     * interrupt's grace ends, whichever comes first (at most 1 s). */
+    int64_t now = tl__now_ns(), wake = c->deadline_ns;
+    int64_t q = quiet_until(c), g = c->intr_ns ? c->intr_ns + INTERRUPT_GRACE_NS : wake;
+    wake = q < wake ? q : wake;
+    wake = g < wake ? g : wake;
+    int64_t left = wake - now;
     int timeout = ready || left <= 0 ? 0
                                      : (int)tl__min((size_t)((left + 999999) / 1000000), 1000);
-    int r = poll(c->pfds, (nfds_t)n, timeout);
+    int npoll = n, ipipe = tl__intr_fd();
+    if (ipipe >= 0) {
+      c->pfds[npoll].fd = ipipe;
+      c->pfds[npoll].events = POLLIN;
+      c->pfds[npoll++].revents = 0;
+    }
+    int r = poll(c->pfds, (nfds_t)npoll, timeout);
     int err = errno;
     for (int i = 0; i < n; i++) c->pchan[i]->ops->disarm(c->pchan[i]);
     if (r < 0) {
@@ -411,17 +526,28 @@ int tl__progress(tl_comm_t *c) {
         return tl__fail(c, TL_ERR_INTERRUPTED, "interrupted by a signal");
       continue;
     }
+    now = tl__now_ns();
+    if (npoll > n && c->pfds[n].revents) tl__intr_drain();
     int completed = 0;
     for (int i = 0; i < n; i++) {
       /* A channel without a descriptor (shared memory) is simply tried. */
       short re = c->pfds[i].fd < 0 ? (POLLIN | POLLOUT) : c->pfds[i].revents;
       if (!re) continue;
+      /* Bytes from the peer, heartbeats included: it is alive. (A channel
+       * without a descriptor shows it by the bytes it gave.) */
+      tl_link_t *l = c->pchan[i]->link;
+      uint64_t got = c->stats.bytes_received;
+      if (c->pfds[i].fd >= 0 && (re & POLLIN)) l->heard_ns = now;
       int x = service(c, c->pchan[i], re);
       if (x < 0) return x;
+      if (c->stats.bytes_received != got) l->heard_ns = now;
       completed += x;
     }
     if (completed) return TL_OK;
-    if (tl__now_ns() >= c->deadline_ns) {
+    int rc = silent_peer(c, now);
+    if (!rc) rc = interrupted(c, now);
+    if (rc) return rc;
+    if (now >= c->deadline_ns) {
       char what[600] = "";
       describe_wait(c, what, sizeof what);
       return tl__fail(c, TL_ERR_TIMEOUT, "timed out after %.1f s waiting%s. A peer "
@@ -438,7 +564,8 @@ static int add_chan(tl_comm_t *c, tl_chan_t *k) {
   tl_chan_t **all = realloc(c->chans, (size_t)(c->nchans + 1) * sizeof *all);
   if (!all) return TL_ERR_NOMEM;
   c->chans = all;
-  struct pollfd *pf = realloc(c->pfds, (size_t)(c->nchans + 1) * sizeof *pf);
+  /* one slot more than channels: the interrupt pipe */
+  struct pollfd *pf = realloc(c->pfds, (size_t)(c->nchans + 2) * sizeof *pf);
   if (!pf) return TL_ERR_NOMEM;
   c->pfds = pf;
   tl_chan_t **pc = realloc(c->pchan, (size_t)(c->nchans + 1) * sizeof *pc);
@@ -476,7 +603,7 @@ int tl__link_init(tl_comm_t *c, tl_link_t *l, const tl_transport_ops_t *ops, int
 }
 
 void tl__ctl_wake(tl_link_t *l) {
-  char b = WAKE_BYTE;
+  char b = TL_WAKE_BYTE;
   if (l->ctl && l->ctl->fd >= 0) {
     ssize_t w = send(l->ctl->fd, &b, 1, MSG_NOSIGNAL | MSG_DONTWAIT);
     (void)w; /* a full buffer already holds a wake-up */
@@ -497,13 +624,17 @@ void tl__abort_all(tl_comm_t *c, const char *why) {
   f.op = (uint8_t)c->cur.op; /* where we failed: see peer_aborted */
   f.seq = c->cur.seq;
   f.len = (uint32_t)len;
-  for (int i = 0; i < c->nchans; i++) {
-    tl_chan_t *k = c->chans[i];
+  for (int i = 0; i < 2 * c->nchans; i++) {
+    /* Control channels first: the peer looks there for the reason when
+     * another channel breaks (see told()). */
+    tl_chan_t *k = c->chans[i % c->nchans];
+    if ((i < c->nchans) != (k->index < 0)) continue;
     /* The notice goes where the peer reads frames between operations: the
-     * control channel if the link has one, else every channel, and only at
-     * a frame boundary (a half-sent frame cannot be interrupted). */
+     * control channel if the link has one, and every channel that is a
+     * socket (the peer may read one of those first), only at a frame
+     * boundary (a half-sent frame cannot be interrupted). */
     int tell = !k->eof && (!k->sq || k->sq->done == 0) &&
-               (k->index < 0 || !k->link->ctl);
+               (k->index < 0 || !k->link->ctl || k->fd >= 0);
     k->ops->abort(k, tell ? &f : NULL, why, len);
     k->eof = 1;
     drop_queues(c, k);

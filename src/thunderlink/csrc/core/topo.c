@@ -37,6 +37,19 @@ int tl__source_ep(const tl_endpoint_t *eps, int neps, int rank, int peer, int wh
   return -1;
 }
 
+int tl__mesh_kind(const tl_endpoint_t *eps, int neps, int n) {
+  int kind = TL_MESH_CABLED, tg[TL_MAX_CONNS], nt;
+  for (int a = 0; a < n; a++)
+    for (int b = a + 1; b < n; b++) {
+      int acc = tl__link_plan(eps, neps, a, b, tg, &nt);
+      if (acc < 0) return 0;
+      /* An address facing the other rank is that pair's own cable. */
+      for (int i = 0; i < nt; i++)
+        if (eps[tg[i]].facing < 0) kind = 1;
+    }
+  return kind;
+}
+
 /* ---- the ring order -----------------------------------------------------------
  *
  * A ring whose neighbours share links is a Hamiltonian cycle of the link

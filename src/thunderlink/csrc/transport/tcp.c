@@ -9,6 +9,9 @@
  * the cables' speeds. Both ends compute the shares from the common endpoint
  * table.
  *
+ * With heartbeats on (THUNDERLINK_HEARTBEAT), the link has one bootstrap
+ * connection more, kept as its control channel (heartbeat.c).
+ *
  * All sockets are non-blocking; the core's progress loop sleeps in poll(2)
  * on them. poll rather than epoll/kqueue: the set of sockets with pending
  * work changes at almost every wait and holds a handful of descriptors, so
@@ -72,8 +75,18 @@ static void conn_setup(tl_comm_t *c, int fd) {
 
 static int tcp_setup(tl_comm_t *c, tl_link_t *l, int phase) {
   if (phase != 0) return TL_OK;
-  int rc = tl__link_init(c, l, &tl__tcp_ops, l->nboot, -1);
-  if (rc) return rc;
+  /* With heartbeats, the last bootstrap connection is the link's control
+   * channel: heartbeats and abort notices, never data. */
+  int ctl = -1, ndata = l->nboot;
+  if (tl__tcp_has_ctl(c) && l->nboot > 1) {
+    ctl = l->boot_fds[--ndata];
+    l->boot_fds[ndata] = -1;
+  }
+  int rc = tl__link_init(c, l, &tl__tcp_ops, ndata, ctl);
+  if (rc) {
+    if (ctl >= 0 && !l->ctl) close(ctl);
+    return rc;
+  }
   int tg[TL_MAX_CONNS], nt;
   tl__link_plan(c->eps, c->neps, c->rank, l->peer, tg, &nt);
   for (int k = 0; k < l->nchans; k++) {
