@@ -19,6 +19,7 @@ import os
 import sys
 import tempfile
 import time
+import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
@@ -48,7 +49,8 @@ def _targets(tmp: str) -> dict:
                                 st.lists(st.booleans(), min_size=8, max_size=8), st.booleans()),
                       lambda a: T.target_handshake(*a)),
         "frames": (T.frame_mutations(), T.target_frames),
-        "coordinator_live": (st.lists(T.coordinator_payloads(), min_size=1, max_size=8), T.target_coordinator_live),
+        "coordinator_live": (st.tuples(st.lists(T.coordinator_payloads(), min_size=1, max_size=8), st.booleans()),
+                             lambda a: T.target_coordinator_live(*a)),
     }
 
 
@@ -69,8 +71,8 @@ def run(name: str, strategy, target, seconds: float, batch: int = 50) -> tuple[i
     while time.monotonic() - start < seconds:
         try:
             body()
-        except Exception as e:  # noqa: BLE001 -- the finding
-            return count, time.monotonic() - start, f"{type(e).__name__}: {e}"
+        except Exception as e:  # noqa: BLE001 -- the finding, with every sub-exception and input
+            return count, time.monotonic() - start, "".join(traceback.format_exception(e))[-12000:]
     return count, time.monotonic() - start, None
 
 
@@ -100,7 +102,7 @@ def main(argv=None) -> int:
             print(f"{name:<20} {n:>9} {secs:>8.0f}  {'ok' if problem is None else 'FAIL'}", flush=True)
             if problem:
                 failed += 1
-                print("    " + problem.replace("\n", "\n    ")[:6000], flush=True)
+                print("    " + problem.replace("\n", "\n    "), flush=True)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(rows, f, indent=1)

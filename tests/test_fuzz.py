@@ -478,7 +478,7 @@ def coordinator_payloads(draw):
     if kind == "json":
         return json.dumps(draw(json_values)).encode() + b"\n"
     if kind == "record_like":
-        msg = {"rank": draw(st.one_of(st.integers(-2, 4), st.sampled_from([True, "1", None]))),
+        msg = {"rank": draw(st.one_of(st.integers(-2, 4), st.sampled_from([True, "1", None, 1]))),
                "size": draw(st.one_of(st.integers(0, 4), st.sampled_from([True, "2"]))),
                "record": draw(json_values)}
         if draw(st.booleans()):
@@ -493,11 +493,27 @@ def coordinator_payloads(draw):
     return b""
 
 
-def target_coordinator_live(payloads: list) -> None:
+def _impersonates(data: bytes) -> bool:
+    """Is this rank 1's record, well formed? Without a token anyone may send
+    one (the README says so); only a job with a token must refuse it."""
+    try:
+        msg = json.loads(data)
+    except (ValueError, RecursionError):
+        return False
+    r = msg.get("rank") if isinstance(msg, dict) else None
+    return type(r) is int and r == 1 and msg.get("size") == 2 and "record" in msg
+
+
+def target_coordinator_live(payloads: list, token: bool = False) -> None:
     """Rank 0 collects the records of a two-rank JACCL job while strangers
     connect and send the payloads (some then stay silent); rank 1 then
     sends its record. Both must get both records within the time."""
+    from thunderlink.bindings.options import token_key
     from thunderlink.launch import free_ports
+
+    key = token_key("fuzz-" + os.urandom(8).hex()) if token else None
+    if not token:
+        payloads = [p for p in payloads if not _impersonates(p)]
 
     port = free_ports(1)[0]
     coord = f"127.0.0.1:{port}"
@@ -506,7 +522,7 @@ def target_coordinator_live(payloads: list) -> None:
 
     def rank0():
         try:
-            res[0] = jaccl._exchange(matrix, 0, coord, {"me": 0}, 10.0)
+            res[0] = jaccl._exchange(matrix, 0, coord, {"me": 0}, 10.0, key)
         except Exception as e:  # noqa: BLE001 -- checked below
             res[0] = e
 
@@ -528,7 +544,7 @@ def target_coordinator_live(payloads: list) -> None:
                 pass
             held.append(s)
         t0 = time.monotonic()
-        res[1] = jaccl._exchange(matrix, 1, coord, {"me": 1}, 10.0)
+        res[1] = jaccl._exchange(matrix, 1, coord, {"me": 1}, 10.0, key)
         t.join(15)
         assert not t.is_alive(), "rank 0 hung"
         assert res[0] == [{"me": 0}, {"me": 1}] and res[1] == res[0], (res, payloads)
@@ -540,9 +556,9 @@ def target_coordinator_live(payloads: list) -> None:
 
 
 @CI_LIVE
-@given(st.lists(coordinator_payloads(), min_size=1, max_size=5))
-def test_fuzz_jaccl_coordinator_live(payloads):
-    target_coordinator_live(payloads)
+@given(st.lists(coordinator_payloads(), min_size=1, max_size=5), st.booleans())
+def test_fuzz_jaccl_coordinator_live(payloads, token):
+    target_coordinator_live(payloads, token)
 
 
 # ---- frames: a fake rank 1 in the middle of a collective ------------------------------
