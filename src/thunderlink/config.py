@@ -100,7 +100,10 @@ def parse_size(text: str, what: str = "size") -> int:
     if not m:
         raise ConfigError(f"[thunderlink] {what}: {text!r} is not a size (examples: 4096, 64K, 1M, 1GiB)")
     mult = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
-    return int(float(m.group(1)) * mult)
+    value = float(m.group(1)) * mult
+    if not math.isfinite(value):  # hundreds of digits
+        raise ConfigError(f"[thunderlink] {what}: {text!r} is far too large")
+    return int(value)
 
 
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:([kmgt]i?|)(bit|bps|b/s)|([kmgt]?))\s*$", re.IGNORECASE)
@@ -127,6 +130,8 @@ def parse_rate(value, what: str = "rate") -> float:
         prefix = bare or "g"
     power = _RATE_POWER[prefix[:1].lower()]
     bits = float(number) * (1024 ** power if prefix.lower().endswith("i") else 10 ** (3 * power))
+    if not math.isfinite(bits):  # hundreds of digits
+        raise ConfigError(f"[thunderlink] {what}: {value!r} is far too large for a rate")
     return bits / 1e9
 
 

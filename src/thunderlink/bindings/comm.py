@@ -137,11 +137,36 @@ class Comm:
     """A connected communicator; create one with :meth:`Comm.create`.
 
     Calls on one Comm from several threads are serialised by the core;
-    distinct communicators (e.g. from :meth:`split`) run concurrently."""
+    distinct communicators (e.g. from :meth:`split`) run concurrently.
+    :meth:`close` may come from any thread: a call in flight on another
+    thread then fails at once with :class:`ClosedError`, and the core frees
+    the communicator only once the last such call has returned."""
 
     def __init__(self, handle):
         self._h = handle
         self._lock = threading.Lock()
+        self._busy = 0        # calls in flight (between _begin and _end)
+        self._orphan = None   # closed while busy: the last call releases it
+        self._rank = int(lib.tl_comm_rank(handle))
+        self._size = int(lib.tl_comm_size(handle))
+
+    def _begin(self):
+        """The handle, held for one call: close() cannot free it until the
+        matching _end."""
+        with self._lock:
+            h = self._h
+            if h is None:
+                raise ClosedError("[thunderlink] the communicator is closed")
+            self._busy += 1
+        return h
+
+    def _end(self) -> None:
+        with self._lock:
+            self._busy -= 1
+            if self._busy or self._orphan is None:
+                return
+            h, self._orphan = self._orphan, None
+        lib.tl_comm_release(h)
 
     # ---- life cycle -------------------------------------------------------
 
@@ -183,9 +208,22 @@ class Comm:
         return comm
 
     def close(self) -> None:
-        """Close the connections and free the communicator (idempotent)."""
+        """Close the connections and free the communicator (idempotent).
+        From another thread, it makes a call in flight on this Comm fail
+        with ClosedError (it waits the few milliseconds that call takes to
+        notice); the memory is freed after that call has returned. An MLX
+        group made from this Comm keeps its connections unless a call was
+        in flight."""
         with self._lock:
             h, self._h = self._h, None
+            busy = self._busy
+        if h is None:
+            return
+        if busy:
+            lib.tl_comm_close(h)  # wakes the calls in flight: they fail, closed
+        with self._lock:
+            if self._busy:
+                self._orphan, h = h, None  # the last call to end releases it
         if h is not None:
             lib.tl_comm_release(h)
 
@@ -210,17 +248,20 @@ class Comm:
     def handle_address(self) -> int:
         """A new reference to the communicator, as an integer, for the MLX
         shim (which releases it)."""
-        h = self.handle
-        lib.tl_comm_retain(h)
-        return int(ffi.cast("uintptr_t", h))
+        h = self._begin()
+        try:
+            lib.tl_comm_retain(h)
+            return int(ffi.cast("uintptr_t", h))
+        finally:
+            self._end()
 
     @property
     def rank(self) -> int:
-        return lib.tl_comm_rank(self.handle)
+        return self._rank
 
     @property
     def size(self) -> int:
-        return lib.tl_comm_size(self.handle)
+        return self._size
 
     def __repr__(self):
         if self._h is None:
@@ -231,14 +272,18 @@ class Comm:
 
     def all_reduce(self, x, out=None, op: str = "sum", dtype=None):
         """out = op over ranks of x (in place when out is x). Returns out."""
-        h = self.handle
         src, n, code, arr = _view(x, dtype, False, "all_reduce input")
         if out is None:
             out = np.empty_like(arr)
         dst, m, code2, _ = _view(out, dtype, True, "all_reduce output")
         if (m, code2) != (n, code):
             raise InvalidArgumentError("[thunderlink] all_reduce: output must match the input's size and dtype")
-        check(lib.tl_all_reduce(h, src, dst, n, code, _choice(REDUCTIONS, op, "op")), h)
+        redop = _choice(REDUCTIONS, op, "op")
+        h = self._begin()
+        try:
+            check(lib.tl_all_reduce(h, src, dst, n, code, redop), h)
+        finally:
+            self._end()
         return out
 
     def all_sum(self, x, out=None, dtype=None):
@@ -252,9 +297,8 @@ class Comm:
 
     def all_gather(self, x, out=None, dtype=None):
         """out = concatenation over ranks of x along the first axis."""
-        h = self.handle
         src, n, code, arr = _view(x, dtype, False, "all_gather input")
-        size = self.size
+        size = self._size
         if out is None:
             shape = (arr.shape[0] * size,) + arr.shape[1:] if arr.ndim else (size,)
             out = np.empty(shape, dtype=arr.dtype)
@@ -263,15 +307,18 @@ class Comm:
             raise InvalidArgumentError(
                 f"[thunderlink] all_gather: output must hold {size} x {n} elements of the input's dtype"
             )
-        check(lib.tl_all_gather(h, src, dst, n, code), h)
+        h = self._begin()
+        try:
+            check(lib.tl_all_gather(h, src, dst, n, code), h)
+        finally:
+            self._end()
         return out
 
     def reduce_scatter(self, x, out=None, op: str = "sum", dtype=None):
         """Rank r gets op over ranks of block r of x (x's first axis is cut
         into size blocks; it must be divisible by size)."""
-        h = self.handle
         src, n, code, arr = _view(x, dtype, False, "reduce_scatter input")
-        size = self.size
+        size = self._size
         if n % size:
             raise InvalidArgumentError(
                 f"[thunderlink] reduce_scatter: {n} elements cannot be cut into {size} equal blocks"
@@ -284,54 +331,81 @@ class Comm:
         dst, m, code2, _ = _view(out, dtype, True, "reduce_scatter output")
         if (m, code2) != (n // size, code):
             raise InvalidArgumentError("[thunderlink] reduce_scatter: output must hold one block of the input")
-        check(lib.tl_reduce_scatter(h, src, dst, n // size, code, _choice(REDUCTIONS, op, "op")), h)
+        redop = _choice(REDUCTIONS, op, "op")
+        h = self._begin()
+        try:
+            check(lib.tl_reduce_scatter(h, src, dst, n // size, code, redop), h)
+        finally:
+            self._end()
         return out
 
     def send(self, x, peer: int, dtype=None) -> None:
-        h = self.handle
         src, n, code, _ = _view(x, dtype, False, "send")
-        check(lib.tl_send(h, src, n, code, peer), h)
+        h = self._begin()
+        try:
+            check(lib.tl_send(h, src, n, code, peer), h)
+        finally:
+            self._end()
 
     def recv(self, out, peer: int, dtype=None):
-        h = self.handle
         dst, n, code, _ = _view(out, dtype, True, "recv")
-        check(lib.tl_recv(h, dst, n, code, peer), h)
+        h = self._begin()
+        try:
+            check(lib.tl_recv(h, dst, n, code, peer), h)
+        finally:
+            self._end()
         return out
 
     def broadcast(self, x, root: int = 0, dtype=None):
         """Copy x of ``root`` into x of every rank (in place). Returns x."""
-        h = self.handle
         buf, n, code, _ = _view(x, dtype, True, "broadcast")
-        check(lib.tl_broadcast(h, buf, n, code, root), h)
+        h = self._begin()
+        try:
+            check(lib.tl_broadcast(h, buf, n, code, root), h)
+        finally:
+            self._end()
         return x
 
     def barrier(self) -> None:
-        h = self.handle
-        check(lib.tl_barrier(h), h)
+        h = self._begin()
+        try:
+            check(lib.tl_barrier(h), h)
+        finally:
+            self._end()
 
     def split(self, color: int, key: int = -1) -> "Comm | None":
         """Collective: ranks with the same color form a new communicator,
         ordered by key. A negative color returns None."""
-        h = self.handle
         out = ffi.new("tl_comm_t **")
-        check(lib.tl_comm_split(h, color, key, out), h)
+        h = self._begin()
+        try:
+            check(lib.tl_comm_split(h, color, key, out), h)
+        finally:
+            self._end()
         return Comm(out[0]) if out[0] != ffi.NULL else None
 
     def stats(self) -> dict:
         """Counters: calls per operation, payload bytes sent and received
         (in all and per transport: ``bytes_sent_by["shm"]`` ...)."""
-        return _stats(self.handle)
+        h = self._begin()
+        try:
+            return _stats(h)
+        finally:
+            self._end()
 
     def links(self) -> dict[int, tuple[str, int]]:
         """Every peer this rank shares a link with -> (its transport, its
         number of channels: TCP connections, or shared-memory rings)."""
-        h = self.handle
         kind, nch = ffi.new("int *"), ffi.new("int *")
         out = {}
-        for peer in range(self.size):
-            check(lib.tl_comm_link_info(h, peer, kind, nch), h)
-            if nch[0]:
-                out[peer] = (_TRANSPORT_NAMES[kind[0]], nch[0])
+        h = self._begin()
+        try:
+            for peer in range(self._size):
+                check(lib.tl_comm_link_info(h, peer, kind, nch), h)
+                if nch[0]:
+                    out[peer] = (_TRANSPORT_NAMES[kind[0]], nch[0])
+        finally:
+            self._end()
         return out
 
 

@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import hmac
 import json
+import selectors
 import socket
 import time
 
@@ -136,52 +137,117 @@ def _mac_ok(key: bytes | None, label: str, obj, mac) -> bool:
     return key is None or (isinstance(mac, str) and hmac.compare_digest(mac, _mac(key, label, obj)))
 
 
+# A connection to the coordinator that has not sent its whole record by then
+# is dropped, and at most this many wait at once (the oldest goes first): a
+# silent or slow stranger cannot hold rank 0 up, nor a flood of them lock
+# the ranks out.
+_RECORD_TIMEOUT = 2.0
+_MAX_PENDING = 256
+
+
+def _collect(srv: socket.socket, n: int, mine: dict, coordinator: str, timeout: float,
+             deadline: float, key: bytes | None) -> tuple[list, list[socket.socket]]:
+    """Rank 0: every rank's record, read from connections served side by
+    side; returns the records and the ranks' connections (blocking again)."""
+    records: list = [None] * n
+    records[0] = mine
+    peers: list[socket.socket] = []
+    refused: list[str] = []  # where records that did not prove the token came from
+    pending: dict[socket.socket, list] = {}  # connection -> [bytes so far, accepted at, address]
+    sel = selectors.DefaultSelector()
+    srv.setblocking(False)
+    sel.register(srv, selectors.EVENT_READ)
+
+    def drop(conn: socket.socket) -> None:
+        sel.unregister(conn)
+        pending.pop(conn, None)
+        conn.close()
+
+    try:
+        while any(r is None for r in records):
+            now = time.monotonic()
+            if now >= deadline:
+                missing = [r for r in range(n) if records[r] is None]
+                auth = (f"; authentication failed: {len(refused)} record(s), the latest from "
+                        f"{refused[-1]}, did not prove this job's token (every rank needs the same "
+                        f"THUNDERLINK_TOKEN)") if refused else ""
+                raise ConfigError(
+                    f"[thunderlink] rank 0: ranks {missing} did not reach the coordinator {coordinator} "
+                    f"within {timeout:g} s (are they running, and can they reach that address?){auth}")
+            for conn in [c for c, (_, t, _) in pending.items() if now - t > _RECORD_TIMEOUT]:
+                drop(conn)
+            for sk, _ in sel.select(min(deadline - now, 0.25)):
+                if sk.fileobj is srv:
+                    while True:
+                        try:
+                            conn, addr = srv.accept()
+                        except OSError:  # none left (EAGAIN), out of descriptors, an aborted connection
+                            break
+                        if len(pending) >= _MAX_PENDING:
+                            drop(min(pending, key=lambda c: pending[c][1]))
+                        conn.setblocking(False)
+                        pending[conn] = [b"", time.monotonic(), f"{addr[0]}:{addr[1]}"]
+                        sel.register(conn, selectors.EVENT_READ)
+                    continue
+                conn = sk.fileobj
+                try:
+                    chunk = conn.recv(65536)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError:
+                    chunk = b""
+                entry = pending[conn]
+                entry[0] += chunk
+                if not chunk or len(entry[0]) > _MAX_RECORD:
+                    drop(conn)
+                    continue
+                if not entry[0].endswith(b"\n"):
+                    continue
+                try:
+                    msg = hostfile_mod.decode_json(entry[0], "JACCL rendezvous record")
+                    r = msg.get("rank")
+                    ok = (msg.get("size") == n and isinstance(r, int) and not isinstance(r, bool)
+                          and 0 < r < n and records[r] is None and "record" in msg)
+                except (ConfigError, AttributeError):
+                    ok = False
+                if not ok:
+                    drop(conn)  # a stranger, or a rank of another job
+                    continue
+                if not _mac_ok(key, "record", [r, n, msg.get("record")], msg.get("mac")):
+                    # Dropped, never fatal; told why (that is no secret).
+                    refused.append(entry[2])
+                    with contextlib.suppress(OSError):
+                        _send_json(conn, {"refused": "authentication failed"})
+                    drop(conn)
+                    continue
+                records[r] = msg["record"]
+                sel.unregister(conn)
+                del pending[conn]
+                conn.setblocking(True)
+                peers.append(conn)
+    except BaseException:
+        for conn in peers:
+            conn.close()
+        raise
+    finally:
+        for conn in list(pending):
+            drop(conn)
+        sel.close()
+    return records, peers
+
+
 def _exchange(matrix: list, rank: int, coordinator: str, mine: dict, timeout: float,
               key: bytes | None = None) -> list[dict]:
     n = len(matrix)
     host, port = _split(coordinator)
     deadline = time.monotonic() + timeout
     if rank == 0:
-        records: list = [None] * n
-        records[0] = mine
-        with socket.create_server((host, port), reuse_port=False, backlog=n) as srv:
-            peers = []
-            refused: list[str] = []  # where records that did not prove the token came from
+        with socket.create_server((host, port), reuse_port=False, backlog=128) as srv:
+            records, peers = _collect(srv, n, mine, coordinator, timeout, deadline, key)
             try:
-                while any(r is None for r in records):
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        missing = [r for r in range(n) if records[r] is None]
-                        auth = (f"; authentication failed: {len(refused)} record(s), the latest from "
-                                f"{refused[-1]}, did not prove this job's token (every rank needs the same "
-                                f"THUNDERLINK_TOKEN)") if refused else ""
-                        raise ConfigError(
-                            f"[thunderlink] rank 0: ranks {missing} did not reach the coordinator {coordinator} "
-                            f"within {timeout:g} s (are they running, and can they reach that address?){auth}")
-                    srv.settimeout(left)
-                    try:
-                        conn, addr = srv.accept()
-                    except socket.timeout:
-                        continue
-                    try:
-                        msg = _recv_json(conn, deadline)
-                        r = msg.get("rank")
-                        if msg.get("size") != n or not isinstance(r, int) or not 0 < r < n or records[r]:
-                            conn.close()  # a stranger, or a rank of another job
-                            continue
-                        if not _mac_ok(key, "record", [r, n, msg.get("record")], msg.get("mac")):
-                            # Dropped, never fatal; told why (that is no secret).
-                            refused.append(f"{addr[0]}:{addr[1]}")
-                            with contextlib.suppress(OSError):
-                                _send_json(conn, {"refused": "authentication failed"})
-                            conn.close()
-                            continue
-                        records[r] = msg["record"]
-                        peers.append(conn)
-                    except (OSError, ValueError, KeyError, AttributeError):
-                        conn.close()
                 answer = records if key is None else {"records": records, "mac": _mac(key, "records", records)}
                 for conn in peers:
+                    conn.settimeout(max(0.1, deadline - time.monotonic()))
                     _send_json(conn, answer)
             finally:
                 for conn in peers:

@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 
 #include "internal.h"
 
@@ -315,9 +316,25 @@ int tl_comm_connect(tl_comm_t *c) {
   return rc;
 }
 
+/* tl_comm_close found the lock held. If a call is in flight (another thread
+ * holds a reference, see tl_comm_release), wake it: shutting the reading
+ * side of every connection makes its poll return and its channels report
+ * end-of-stream, and tl__vfail turns that into "closed". Only the first
+ * closer does this, before taking the lock, and the channels are freed only
+ * under the lock, so the table read here stays valid. A call that has not
+ * begun yet sees `closing` in tl__op_begin. */
+static void interrupt_call(tl_comm_t *c) {
+  if (atomic_exchange(&c->closing, 1) || !atomic_load(&c->in_op)) return;
+  for (int i = 0; i < c->nchans; i++)
+    if (c->chans[i]->fd >= 0) shutdown(c->chans[i]->fd, SHUT_RD);
+}
+
 int tl_comm_close(tl_comm_t *c) {
   if (!c) return TL_ERR_INVALID;
-  pthread_mutex_lock(&c->lock);
+  if (pthread_mutex_trylock(&c->lock) != 0) {
+    interrupt_call(c);
+    pthread_mutex_lock(&c->lock);
+  }
   if (!c->closed) {
     c->closed = 1;
     tl__hb_unregister(c); /* before its control connections close */

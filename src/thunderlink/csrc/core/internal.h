@@ -245,6 +245,10 @@ struct tl_comm {
   uint64_t host_id;   /* this process's host (see tl__host_id) */
   atomic_int refs;
   pthread_mutex_t lock;
+  /* Set by tl_comm_close when it finds the lock held: a call in flight on
+   * another thread fails at once (closed) instead of at its deadline. */
+  atomic_int closing;
+  atomic_int in_op;   /* between tl__op_begin and tl__op_end */
 
   int status;         /* sticky failure; 0 while healthy */
   int closed;

@@ -75,6 +75,13 @@ static void vrecord(tl_comm_t *c, const char *fmt, va_list ap) {
   vsnprintf(c->err + n, sizeof c->err - (size_t)n, fmt, ap);
 }
 
+static void record(tl_comm_t *c, const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  vrecord(c, fmt, ap);
+  va_end(ap);
+}
+
 int tl__error(tl_comm_t *c, int status, const char *fmt, ...) {
   if (!c) return status;
   va_list ap;
@@ -86,7 +93,15 @@ int tl__error(tl_comm_t *c, int status, const char *fmt, ...) {
 
 int tl__vfail(tl_comm_t *c, int status, const char *fmt, va_list ap) {
   if (c->status) return c->status; /* keep the first failure */
-  vrecord(c, fmt, ap);
+  if (atomic_load(&c->closing)) {
+    /* tl_comm_close woke this call by shutting its connections: that, not
+     * what the channels saw, is why it fails (and what the peers are told). */
+    status = TL_ERR_CLOSED;
+    record(c, "the communicator was closed (close() on another thread) while "
+           "this call was in flight");
+  } else {
+    vrecord(c, fmt, ap);
+  }
   c->status = status;
   tl__log(c, TL_LOG_INFO, "communicator failed: %s", c->err);
   tl__abort_all(c, c->err);

@@ -39,11 +39,23 @@ int tl__op_begin(tl_comm_t *c, int op, int dtype, int redop, uint64_t total,
   c->deadline_ns = tl__now_ns() + (int64_t)c->opts.timeout_ms * 1000000;
   c->intr_gen = tl__intr_count(); /* only later interrupts concern it */
   c->intr_ns = 0;
+  /* Paired with tl_comm_close: either it sees this call in flight and wakes
+   * it, or this call sees the close and does not start. */
+  atomic_store(&c->in_op, 1);
+  if (atomic_load(&c->closing)) {
+    int rc = tl__error(c, TL_ERR_CLOSED, "the communicator is being closed "
+                       "(close() on another thread)");
+    tl__op_end(c);
+    return rc;
+  }
   if (op >= 0 && op < TL_NUM_OPS) c->stats.calls[op]++;
   return TL_OK;
 }
 
-void tl__op_end(tl_comm_t *c) { c->cur.op = 0; }
+void tl__op_end(tl_comm_t *c) {
+  c->cur.op = 0;
+  atomic_store(&c->in_op, 0);
+}
 
 tl_frame_t tl__frame(tl_comm_t *c, uint32_t unit, uint32_t lane) {
   tl_frame_t f;
@@ -207,6 +219,10 @@ int tl__check_frame(tl_comm_t *c, int peer, const tl_frame_t *want,
                     "rank %d (%s) sent bytes that are not a thunderlink frame "
                     "(magic 0x%08x); the stream is corrupt", peer, where,
                     got->magic);
+  if (got->type != TL_FRAME_DATA)
+    return tl__fail(c, TL_ERR_PROTOCOL,
+                    "rank %d (%s) sent a frame of type %u where data was expected; "
+                    "the stream is corrupt", peer, where, got->type);
   if (got->op == want->op && got->seq == want->seq && got->dtype == want->dtype &&
       got->redop == want->redop && got->total == want->total) {
     if (got->len == want->len && got->unit == want->unit &&

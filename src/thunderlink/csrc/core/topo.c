@@ -127,15 +127,27 @@ int tl__find_ring(const tl_endpoint_t *eps, int neps, int n, int32_t *order, cha
                   size_t cap) {
   for (int i = 0; i < n; i++) order[i] = i;
   if (n <= 2) return TL_OK;
+  /* Rank order first: n link plans, whatever n. The n x n table below (and
+   * its n^2 link plans, each a scan of the endpoints) is built only for a
+   * search, so a hostfile of many thousand ranks costs neither n^2 memory
+   * nor n^3 time. */
+  int tg[TL_MAX_CONNS], nt;
+  int ok = 1;
+  for (int i = 0; i < n && ok; i++) ok = tl__link_plan(eps, neps, i, (i + 1) % n, tg, &nt) >= 0;
+  if (ok) return TL_OK;
+  if (n > TL_RING_SEARCH_MAX_RANKS) {
+    snprintf(why, cap, "ranks 0..%d in order do not form a ring along the links, and "
+             "thunderlink searches for one only up to %d ranks: give the order "
+             "explicitly (\"ring\" in a thunderlink hostfile)", n - 1,
+             TL_RING_SEARCH_MAX_RANKS);
+    return TL_ERR_CONFIG;
+  }
   uint8_t *adj = calloc((size_t)n * (size_t)n + (size_t)n, 1);
   if (!adj) return snprintf(why, cap, "out of memory"), TL_ERR_NOMEM;
-  int tg[TL_MAX_CONNS], nt;
   for (int a = 0; a < n; a++)
     for (int b = a + 1; b < n; b++)
       adj[a * n + b] = adj[b * n + a] = tl__link_plan(eps, neps, a, b, tg, &nt) >= 0;
-  int rc = TL_OK, ok = 1;
-  for (int i = 0; i < n && ok; i++) ok = adj[i * n + (i + 1) % n];
-  if (ok) goto done;
+  int rc = TL_OK;
   for (int v = 0; v < n; v++) {
     int d = 0, only = -1;
     for (int w = 0; w < n; w++)
@@ -151,14 +163,6 @@ int tl__find_ring(const tl_endpoint_t *eps, int neps, int n, int32_t *order, cha
                  "second rank", v, only);
       goto done;
     }
-  }
-  if (n > TL_RING_SEARCH_MAX_RANKS) {
-    rc = TL_ERR_CONFIG;
-    snprintf(why, cap, "ranks 0..%d in order do not form a ring along the links, and "
-             "thunderlink searches for one only up to %d ranks: give the order "
-             "explicitly (\"ring\" in a thunderlink hostfile)", n - 1,
-             TL_RING_SEARCH_MAX_RANKS);
-    goto done;
   }
   search_t S = {n, adj, order, adj + (size_t)n * (size_t)n, NULL, NULL, 0};
   S.cand = malloc(2 * (size_t)n * (size_t)n * sizeof *S.cand);
