@@ -118,6 +118,9 @@ static void sleep_until(int64_t until) {
 
 static void *run(void *arg) {
   uint64_t gen = (uint64_t)(uintptr_t)arg;
+#if defined(__APPLE__)
+  pthread_setname_np("tl-heartbeat"); /* macOS names only the calling thread */
+#endif
   pthread_mutex_lock(&g_mu);
   while (g_gen == gen) {
     int64_t now = tl__now_ns(), wake = now + 1000000000;
@@ -169,6 +172,10 @@ int tl__hb_register(tl_comm_t *c) {
     pthread_sigmask(SIG_SETMASK, &all, &old);
     int e = pthread_create(&g_thread, NULL, run, (void *)(uintptr_t)gen);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
+#if defined(__linux__)
+    /* Named, for `top -H`, gdb and the tests (which count it). */
+    if (!e) pthread_setname_np(g_thread, "tl-heartbeat");
+#endif
     if (e) {
       g_n--;
       rc = tl__error(c, TL_ERR_SYSTEM, "cannot start the heartbeat thread: %s "
