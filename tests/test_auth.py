@@ -135,7 +135,8 @@ def _hostfile(tmp_path, ports, name="hosts.json"):
 
 def _env(hostfile, rank, token=None, **extra):
     """A rank's environment, started directly (not by the launcher)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("THUNDERLINK_")}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("THUNDERLINK_") or k == "THUNDERLINK_IBV_LIB"}  # rdma: softverbs
     env.update(THUNDERLINK_HOSTFILE=hostfile, THUNDERLINK_RANK=str(rank), THUNDERLINK_JOB_ID="4242", CT="20",
                THUNDERLINK_TIMEOUT="20")
     if token is not None:

@@ -1,12 +1,13 @@
-"""Collectives over loopback with N = 2, 3, 4 ranks, over TCP and over shared
-memory: every dtype and op, the awkward sizes, in place and out of place,
-both algorithms; results equal to the numpy reference (exact for integers)
-and bit-identical on every rank."""
+"""Collectives over loopback with N = 2, 3, 4 ranks, over TCP, shared memory
+and RDMA (softverbs, plainly and with jitter): every dtype and op, the
+awkward sizes, in place and out of place, both algorithms; results equal to
+the numpy reference (exact for integers) and bit-identical on every rank."""
 
 import os
 
 import pytest
 
+from conftest import with_jitter
 from rankprogs import DTYPES
 
 pytestmark = pytest.mark.multiproc
@@ -31,6 +32,7 @@ def check(r, n):
         assert {k: c["hash"] for k, c in v.items()} == {k: c["hash"] for k, c in first.items()}
 
 
+@with_jitter
 @pytest.mark.parametrize("algo", ["auto", "ring"])
 @pytest.mark.parametrize("n", [2, 3, 4])
 def test_all_sum_every_dtype(ranks, transport, n, algo):
@@ -39,6 +41,7 @@ def test_all_sum_every_dtype(ranks, transport, n, algo):
     check(ranks(n, "reductions", cases, env=env, timeout=120), n)
 
 
+@with_jitter
 @pytest.mark.parametrize("algo", ["auto", "ring", "oneshot"])
 @pytest.mark.parametrize("n", [2, 3, 4])
 def test_every_op(ranks, transport, n, algo):
@@ -48,6 +51,7 @@ def test_every_op(ranks, transport, n, algo):
     check(ranks(n, "reductions", cases, env=env, timeout=120), n)
 
 
+@with_jitter
 @pytest.mark.parametrize("n", [2, 3, 4])
 def test_large(ranks, transport, n):
     big = (16 << 20) // 4  # 16 MiB of float32
@@ -56,6 +60,7 @@ def test_large(ranks, transport, n):
     check(ranks(n, "reductions", cases, env={"THUNDERLINK_TRANSPORT": transport}, timeout=180), n)
 
 
+@with_jitter
 @pytest.mark.parametrize("algo", ["auto", "ring"])
 @pytest.mark.parametrize("n", [2, 3, 4])
 def test_gather_scatter_broadcast(ranks, transport, n, algo):
@@ -73,6 +78,7 @@ def test_gather_scatter_broadcast(ranks, transport, n, algo):
     assert all(h == hashes[0] for h in hashes)
 
 
+@with_jitter
 @pytest.mark.parametrize("n", [2, 3, 4])
 def test_send_recv_between_any_ranks(ranks, transport, n):
     r = ranks(n, "p2p", [0, 1, 1000, (3 << 20) + 5], env={"THUNDERLINK_TRANSPORT": transport}, timeout=120)
@@ -81,6 +87,7 @@ def test_send_recv_between_any_ranks(ranks, transport, n):
     assert all(v["stats"]["send"] == 4 * 2 * (n - 1) for v in r.values)
 
 
+@with_jitter
 @pytest.mark.parametrize("n", [3, 4])
 def test_split(ranks, transport, n):
     r = ranks(n, "split", None, env={"THUNDERLINK_TRANSPORT": transport})
@@ -103,7 +110,7 @@ def test_ipv6_loopback(tmp_path):
     import socket
     import sys
 
-    from conftest import RANKPROGS, Ranks
+    from conftest import RANKPROGS, Ranks, with_jitter
     from thunderlink.launch import Job, free_ports
 
     if not socket.has_ipv6:

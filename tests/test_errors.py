@@ -12,13 +12,14 @@ import time
 
 import pytest
 
-from conftest import RANKPROGS, result_of
+from conftest import RANKPROGS, result_of, with_jitter
 from thunderlink.bindings import lib
 from thunderlink.launch import free_ports
 
 pytestmark = pytest.mark.multiproc
 
 
+@with_jitter
 def test_mismatched_collectives_fail_on_every_rank(ranks, transport):
     for kind in ("op", "size", "dtype", "large_size"):
         r = ranks(3, "mismatch", kind, env={"THUNDERLINK_TRANSPORT": transport})
@@ -32,6 +33,7 @@ def test_mismatched_collectives_fail_on_every_rank(ranks, transport):
         assert "while this rank called" in msg or "sizes or dtypes" in msg, msg
 
 
+@with_jitter
 def test_mismatched_broadcast_root_is_reported(ranks, transport):
     r = ranks(3, "mismatch", "root", env={"THUNDERLINK_TRANSPORT": transport})
     assert r.status == 0, r.all_text()
@@ -51,6 +53,7 @@ def test_mismatched_broadcast_root_is_reported(ranks, transport):
     assert all("broadcast #1" in v["message"] for v in values), values
 
 
+@with_jitter
 def test_dead_peer_is_an_error_on_every_other_rank(ranks, transport):
     r = ranks(3, "die_mid_collective", None, env={"THUNDERLINK_TRANSPORT": transport}, timeout=60)
     assert r.status == 0, r.all_text()
@@ -61,6 +64,7 @@ def test_dead_peer_is_an_error_on_every_other_rank(ranks, transport):
         assert "rank" in v["message"]
 
 
+@with_jitter
 def test_failure_is_sticky(ranks, transport):
     r = ranks(2, "then_fail_later", None, env={"THUNDERLINK_TRANSPORT": transport})
     assert r.status == 0, r.all_text()
