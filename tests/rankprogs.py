@@ -340,5 +340,29 @@ def loop_all_sum(seconds):
               "seconds": time.monotonic() - start})
 
 
+def lossy_all_sums(params):
+    """all_sum of `count` float32 `iters` times, each result checked, until
+    one raises (a lossy link: SOFTVERBS_DROP_EVERY). Reports the collectives
+    that completed, those whose result was wrong, and the error with the
+    seconds the failing collective took."""
+    count, iters = params
+    comm = thunderlink.connect()
+    n = comm.size
+    want = np.full(count, n * (n + 1) / 2, np.float32)
+    done = wrong = 0
+    t = time.monotonic()
+    try:
+        for i in range(iters):
+            x = np.full(count, comm.rank + 1, np.float32)
+            t = time.monotonic()
+            comm.all_sum(x, x)
+            done += 1
+            wrong += not np.array_equal(x, want)
+        emit({"raised": None, "done": done, "wrong": wrong})
+    except thunderlink.ThunderlinkError as e:
+        emit({"raised": type(e).__name__, "message": str(e), "done": done, "wrong": wrong,
+              "seconds": time.monotonic() - t})
+
+
 if __name__ == "__main__":
     run(globals())
