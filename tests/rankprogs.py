@@ -364,5 +364,23 @@ def lossy_all_sums(params):
               "seconds": time.monotonic() - t})
 
 
+def reuse_buffer(params):
+    """all_sum out of one buffer, overwritten (with garbage) the moment each
+    call returns; every result checked against what the buffers held."""
+    count, iters = params
+    comm = thunderlink.connect()
+    n = comm.size
+    x = np.empty(count, np.float32)
+    wrong = []
+    for i in range(iters):
+        x[:] = comm.rank + 1 + i
+        y = comm.all_sum(x)
+        x[:] = -1e9
+        if not np.array_equal(y, np.full(count, n * (n + 1) / 2 + n * i, np.float32)):
+            wrong.append(i)
+    comm.barrier()
+    emit({"done": iters, "wrong": wrong})
+
+
 if __name__ == "__main__":
     run(globals())

@@ -609,8 +609,10 @@ static int open_link(tl_comm_t *c, tl_link_t *l, rdma_link_t *rl) {
   /* One region for every slot of the link: devices allow few regions. */
   if (!(rl->mr = a->reg_mr(rl->pd, rl->mem, rl->mem_bytes, IBV_ACCESS_LOCAL_WRITE))) {
     snprintf(rl->why, sizeof rl->why, "%s: ibv_reg_mr of %zu bytes: %s%s", dn, rl->mem_bytes,
-             strerror(errno), errno == ENOMEM || errno == EPERM
-                                  ? " (raise the locked-memory limit: ulimit -l)" : "");
+             strerror(errno), errno == ENOMEM ? " (the device's memory regions are used up: Apple's "
+                                                    "allow about 100, and each link takes 1; or the "
+                                                    "locked-memory limit is too low: ulimit -l)"
+                             : errno == EPERM ? " (raise the locked-memory limit: ulimit -l)" : "");
     return -1;
   }
   rl->qpt = qp_type();
@@ -990,8 +992,9 @@ static int drain(rdma_chan_t *rc) {
     if (rc->ready[rc->rx_next % WINDOW] >= 0) {
       rc->gap_since = 0;
     } else if (tl__now_ns() - rc->gap_since > LOST_NS) {
-      return chan_fail(rc, EIO, "message %u was lost: the peer sent it and later messages "
-                       "arrived, it did not within %.1f s (%s queue pairs do not retransmit)", rc->rx_next,
+      return chan_fail(rc, EIO, "message %u was lost: the peer sent it (a later message or "
+                       "its count says so) and it did not arrive within %.1f s (%s queue pairs "
+                       "do not retransmit)", rc->rx_next,
                        (double)LOST_NS / 1e9, qpt_name(rc->rl->qpt));
     }
   }
