@@ -340,5 +340,47 @@ def loop_all_sum(seconds):
               "seconds": time.monotonic() - start})
 
 
+def lossy_all_sums(params):
+    """all_sum of `count` float32 `iters` times, each result checked, until
+    one raises (a lossy link: SOFTVERBS_DROP_EVERY). Reports the collectives
+    that completed, those whose result was wrong, and the error with the
+    seconds the failing collective took."""
+    count, iters = params
+    comm = thunderlink.connect()
+    n = comm.size
+    want = np.full(count, n * (n + 1) / 2, np.float32)
+    done = wrong = 0
+    t = time.monotonic()
+    try:
+        for i in range(iters):
+            x = np.full(count, comm.rank + 1, np.float32)
+            t = time.monotonic()
+            comm.all_sum(x, x)
+            done += 1
+            wrong += not np.array_equal(x, want)
+        emit({"raised": None, "done": done, "wrong": wrong})
+    except thunderlink.ThunderlinkError as e:
+        emit({"raised": type(e).__name__, "message": str(e), "done": done, "wrong": wrong,
+              "seconds": time.monotonic() - t})
+
+
+def reuse_buffer(params):
+    """all_sum out of one buffer, overwritten (with garbage) the moment each
+    call returns; every result checked against what the buffers held."""
+    count, iters = params
+    comm = thunderlink.connect()
+    n = comm.size
+    x = np.empty(count, np.float32)
+    wrong = []
+    for i in range(iters):
+        x[:] = comm.rank + 1 + i
+        y = comm.all_sum(x)
+        x[:] = -1e9
+        if not np.array_equal(y, np.full(count, n * (n + 1) / 2 + n * i, np.float32)):
+            wrong.append(i)
+    comm.barrier()
+    emit({"done": iters, "wrong": wrong})
+
+
 if __name__ == "__main__":
     run(globals())

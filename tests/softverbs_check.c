@@ -568,6 +568,47 @@ static void uc_drop(void)
     destroy_end(&e);
 }
 
+/* SOFTVERBS_DROP_EVERY=3, SOFTVERBS_DROP_AFTER=2: of 10 sends, the 5th
+ * and 8th are lost on UC (their sends complete successfully, the later ones
+ * arrive, into the next receives); RC delivers all 10. */
+static void drop_every(int type)
+{
+    enum { N = 10, LEN = 512 };
+    struct end e;
+    struct opts o = defaults(type);
+    make_end(&e, &o, 1 << 16);
+    connect_end(&e, &o, NULL);
+    if (RANK == 1)
+        for (int i = 0; i < N; i++)
+            CHECK(post_recv(&e, 100 + (uint64_t)i, (size_t)i * LEN, LEN) == 0, "post_recv");
+    barrier();
+    if (RANK == 0) {
+        for (int i = 0; i < N; i++) {
+            memset(e.buf + (size_t)i * LEN, 'a' + i, LEN);
+            CHECK(post_send(&e, IBV_WR_SEND, (uint64_t)i, (size_t)i * LEN, LEN, 1, 0, NULL, 0, 0) == 0, "post");
+            struct ibv_wc wc = expect(e.scq, IBV_WC_SUCCESS, "send (lost or not, it completes)");
+            CHECK(wc.wr_id == (uint64_t)i, "wr_id %llu, expected %d", (unsigned long long)wc.wr_id, i);
+        }
+    } else {
+        int got = 0;
+        for (int i = 0; i < N; i++) {
+            int n = i + 1; /* the sender's nth message */
+            if (type == IBV_QPT_UC && n > 2 && (n - 2) % 3 == 0)
+                continue;
+            struct ibv_wc wc = expect(e.rcq, IBV_WC_SUCCESS, "a message that was not lost");
+            char *b = e.buf + (size_t)got * LEN;
+            CHECK(wc.wr_id == 100 + (uint64_t)got && wc.byte_len == LEN && b[0] == 'a' + i && b[LEN - 1] == 'a' + i,
+                  "receive %d: wr_id %llu, %u bytes of '%c', expected message %d", got,
+                  (unsigned long long)wc.wr_id, wc.byte_len, b[0], i);
+            got++;
+        }
+        no_completion(e.rcq, 200, "nothing more was delivered");
+        CHECK(qp_state(&e) == IBV_QPS_RTS, "losses leave the QP in RTS");
+    }
+    barrier();
+    destroy_end(&e);
+}
+
 /* RC without a receive: rnr_retry 1 gives up (RNR_RETRY_EXC_ERR); with
  * rnr_retry 7 the message waits until a receive is posted. */
 static void rnr(void)
@@ -1208,6 +1249,8 @@ static const struct {
     {"psn_uc", NULL, ""},
     {"stranger", stranger, ""},
     {"rc_pingpong_jitter", NULL, "SOFTVERBS_JITTER_US=200"},
+    {"uc_drop_every", NULL, "SOFTVERBS_DROP_EVERY=3;SOFTVERBS_DROP_AFTER=2"},
+    {"rc_drop_every", NULL, "SOFTVERBS_DROP_EVERY=3;SOFTVERBS_DROP_AFTER=2"},
 };
 
 static void run_named(const char *name)
@@ -1230,6 +1273,10 @@ static void run_named(const char *name)
         psn(IBV_QPT_RC);
     else if (!strcmp(name, "psn_uc"))
         psn(IBV_QPT_UC);
+    else if (!strcmp(name, "uc_drop_every"))
+        drop_every(IBV_QPT_UC);
+    else if (!strcmp(name, "rc_drop_every"))
+        drop_every(IBV_QPT_RC);
 }
 
 int main(int argc, char **argv)

@@ -166,3 +166,78 @@ def test_mlx_program_trains_over_rdma(monkeypatch):
     for v in results:
         assert v["identical"] and v["matches_single"], v
     assert "link to rank 1: rdma" in text and "link to rank 0: rdma" in text, text
+
+
+# A lossy link (SOFTVERBS_DROP_EVERY: every Nth message a UC queue pair
+# sends is lost, its sender completes it successfully). UC does not
+# retransmit, so the transport must notice the missing message and fail every
+# rank, naming it, well before THUNDERLINK_TIMEOUT; it must never hang or
+# hand back a wrong sum. LOSS_TIMEOUT_S is the operation timeout the ranks
+# run under; a failure must come within LOSS_BOUND_S of the failing
+# collective's start (the transport's own limit is 1 s of a gap).
+LOSS_TIMEOUT_S = 30
+LOSS_BOUND_S = 10
+
+
+def _lossy_env(uc, every, after):
+    env = {"THUNDERLINK_TRANSPORT": "rdma", "THUNDERLINK_TIMEOUT": str(LOSS_TIMEOUT_S),
+           "THUNDERLINK_HEARTBEAT": "0.5", "SOFTVERBS_DROP_EVERY": str(every), "SOFTVERBS_DROP_AFTER": str(after)}
+    if uc:
+        env["SOFTVERBS_UC_ONLY"] = "1"
+    return env
+
+
+@pytest.mark.parametrize("count,every,after", [(600001, 5, 40), (4, 3, 10), (4096, 50, 0)],
+                         ids=["large", "small", "medium"])
+def test_uc_message_loss_fails_every_rank_quickly(ranks, monkeypatch, count, every, after):
+    """UC with messages lost: large all_sums (many messages: later ones
+    arrive past the gap), small ones (one message each: the lost one may be
+    the last the peer sends) and in between. Every rank raises a clear
+    error naming the lost message, within LOSS_BOUND_S; no result is wrong."""
+    use_softverbs(monkeypatch)
+    r = ranks(3, "lossy_all_sums", [count, 400], env=_lossy_env(True, every, after), timeout=150)
+    assert r.status == 0, r.all_text()
+    for rank, v in enumerate(r.results()):
+        assert v["wrong"] == 0, (rank, v)
+        assert v["raised"] is not None and v["done"] < 400, (rank, v)
+        assert v["seconds"] < LOSS_BOUND_S, (rank, v)
+        msg = v["message"]
+        assert "rdma to rank " in msg and "was lost" in msg and "UC queue pairs do not retransmit" in msg, (rank, msg)
+
+
+def test_rc_is_unaffected_by_the_drop_setting(ranks, monkeypatch):
+    """SOFTVERBS_DROP_EVERY models a lossy link, which RC hides by
+    retransmitting: over RC queue pairs every collective completes, exact."""
+    use_softverbs(monkeypatch)
+    r = ranks(3, "lossy_all_sums", [600001, 20], env=_lossy_env(False, 3, 0), timeout=150)
+    assert r.status == 0, r.all_text()
+    for v in r.results():
+        assert v == {"raised": None, "done": 20, "wrong": 0}, v
+
+
+@pytest.mark.parametrize("var,value,words", [
+    ("SOFTVERBS_MAX_QP", "3", "the device's queue pairs are used up: Apple's allow 10, and each link takes 2"),
+    ("SOFTVERBS_MAX_MR", "1", "the device's memory regions are used up: Apple's allow about 100, and each link takes 1"),
+], ids=["qp", "mr"])
+def test_device_limits_are_a_clear_error_on_every_rank(ranks, monkeypatch, var, value, words):
+    """More links than the device's queue pairs or memory regions allow
+    (3 ranks sharing one device: a rank needs 4 QPs and 2 regions): every
+    rank fails at connect with an error naming the limit, at once, no hang."""
+    use_softverbs(monkeypatch)
+    r = ranks(3, "connect_only", None, env={"THUNDERLINK_TRANSPORT": "rdma", var: value}, timeout=100)
+    assert r.status == 0, r.all_text()
+    for v in r.results():
+        assert v["raised"] == "ConfigError" and words in v["message"], v
+
+
+def test_a_buffer_overwritten_after_the_collective_returns_changes_nothing(ranks, monkeypatch):
+    """Each rank reuses one input buffer and overwrites it as soon as
+    all_sum returns, over UC with jitter (sends completing late): every
+    result, on every rank, is the sum of what the buffers held during the
+    call (the transport copies into its staging slots before it returns)."""
+    use_softverbs(monkeypatch, jitter=True)
+    r = ranks(3, "reuse_buffer", [600001, 12], env={"THUNDERLINK_TRANSPORT": "rdma", "SOFTVERBS_UC_ONLY": "1"},
+              timeout=150)
+    assert r.status == 0, r.all_text()
+    for v in r.results():
+        assert v == {"done": 12, "wrong": []}, v

@@ -34,6 +34,7 @@ SCENARIOS = [
     "rc_pingpong", "uc_pingpong", "write_imm", "bad_rkey", "bad_rkey_lkey", "use_after_dereg", "uc_drop", "rnr",
     "reuse", "usage_errors", "uc_only", "uc_only_device", "limits", "qp_limit", "early", "uc_wait", "channel", "jitter", "dead_peer_rc",
     "dead_peer_uc", "psn_rc", "psn_uc", "stranger", "rc_pingpong_jitter",
+    "uc_drop_every", "rc_drop_every",
 ]
 
 EXPORTS = [

@@ -45,6 +45,14 @@
  * while the one before it stays missing for LOST_NS is a lost message: the
  * communicator fails with an error saying so (never a hang); a credit
  * message lost is made good by the next one (the counts are cumulative).
+ * Credit messages also carry the count of data messages their sender has
+ * sent, so that a lost message with no data message after it (the last of a
+ * collective) is seen too; and a side that waits with data messages the
+ * peer has not reported consumed, and has sent nothing for PROBE_NS, sends a
+ * probe (a credit message the peer answers with its own credit message), at
+ * most MAX_PROBES until the peer is heard from again. Without probes a lost
+ * last message, or a lost credit message while the sender's window is full,
+ * would leave both sides waiting until THUNDERLINK_TIMEOUT.
  *
  * Completions are matched by wr_id (slot and kind), never by arrival
  * order. Waiting: the core spins briefly, then sleeps in poll(2) on each
@@ -81,6 +89,9 @@
 #define MSG_MAGIC 0x4d4c54u       /* "TLM" in the low 24 bits */
 #define KIND_DATA 1u
 #define KIND_CREDIT 2u
+#define KIND_PROBE 3u             /* a credit message that asks for one back */
+#define PROBE_NS ((int64_t)250000000) /* quiet this long with data unreported: probe */
+#define MAX_PROBES 4              /* probes unanswered (they take the peer's receives) */
 
 /* wr_id: kind in the top bits, slot below. */
 #define WR_TX_DATA ((uint64_t)1 << 32)
@@ -434,7 +445,7 @@ int tl_rdma_describe(char *buf, size_t cap) {
 
 typedef struct msg_hdr {
   uint32_t magic_kind; /* MSG_MAGIC | kind << 24 */
-  uint32_t seq;        /* data messages: their number on this channel */
+  uint32_t seq;        /* data: its number on this channel; credit, probe: data sent */
   uint32_t ack;        /* data messages of the peer this side consumed */
   uint32_t len;        /* payload bytes after the header */
 } msg_hdr_t;
@@ -463,6 +474,9 @@ typedef struct rdma_chan {
   int tx_more;          /* the core offered bytes not posted yet */
   int ctl_free[NCTL], nctl_free;
   int credit_due;     /* a credit message waits for a free slot */
+  int64_t last_tx_ns; /* when this side last posted a message */
+  int probes;         /* probes sent since the peer was last heard from */
+  int closing;        /* rdma_close is draining: no more probes */
   /* receiving */
   uint32_t rx_next;   /* the data message to read next */
   uint32_t rx_reported; /* rx_next as the peer last heard it */
@@ -595,8 +609,10 @@ static int open_link(tl_comm_t *c, tl_link_t *l, rdma_link_t *rl) {
   /* One region for every slot of the link: devices allow few regions. */
   if (!(rl->mr = a->reg_mr(rl->pd, rl->mem, rl->mem_bytes, IBV_ACCESS_LOCAL_WRITE))) {
     snprintf(rl->why, sizeof rl->why, "%s: ibv_reg_mr of %zu bytes: %s%s", dn, rl->mem_bytes,
-             strerror(errno), errno == ENOMEM || errno == EPERM
-                                  ? " (raise the locked-memory limit: ulimit -l)" : "");
+             strerror(errno), errno == ENOMEM ? " (the device's memory regions are used up: Apple's "
+                                                    "allow about 100, and each link takes 1; or the "
+                                                    "locked-memory limit is too low: ulimit -l)"
+                             : errno == EPERM ? " (raise the locked-memory limit: ulimit -l)" : "");
     return -1;
   }
   rl->qpt = qp_type();
@@ -863,13 +879,15 @@ static int post_send(rdma_chan_t *rc, uint64_t wr_id, char *buf, size_t len) {
   wr.num_sge = 1;
   wr.opcode = IBV_WR_SEND;
   wr.send_flags = IBV_SEND_SIGNALED;
+  rc->last_tx_ns = tl__now_ns();
   int e = ibv_post_send(rc->qp, &wr, &bad);
   if (e) return chan_fail(rc, e, "ibv_post_send: %s", strerror(e));
   return 0;
 }
 
-/* Tell the peer how many of its messages this side consumed, if it is owed. */
-static int send_credit(rdma_chan_t *rc) {
+/* Tell the peer how many of its messages this side consumed (and how many
+ * this side sent), if it is owed. */
+static int send_credit_kind(rdma_chan_t *rc, uint32_t kind) {
   rc->credit_due = 0;
   if (!rc->nctl_free) {
     rc->credit_due = 1; /* when a credit slot comes back */
@@ -877,11 +895,13 @@ static int send_credit(rdma_chan_t *rc) {
   }
   int slot = rc->ctl_free[--rc->nctl_free];
   char *b = rc->ctl + (size_t)slot * CTL_BYTES;
-  msg_hdr_t h = {MSG_MAGIC | KIND_CREDIT << 24, 0, rc->rx_next, 0};
+  msg_hdr_t h = {MSG_MAGIC | kind << 24, rc->tx_seq, rc->rx_next, 0};
   memcpy(b, &h, HDR);
   rc->rx_reported = rc->rx_next;
   return post_send(rc, WR_TX_CTL | (uint64_t)slot, b, HDR);
 }
+
+static int send_credit(rdma_chan_t *rc) { return send_credit_kind(rc, KIND_CREDIT); }
 
 static int got_message(rdma_chan_t *rc, int slot, uint32_t bytes) {
   msg_hdr_t h;
@@ -890,7 +910,7 @@ static int got_message(rdma_chan_t *rc, int slot, uint32_t bytes) {
                      "%zu to %zu)", bytes, HDR, SLOT);
   memcpy(&h, rc->rx + (size_t)slot * SLOT, HDR);
   uint32_t kind = h.magic_kind >> 24;
-  if ((h.magic_kind & 0xffffff) != MSG_MAGIC || (kind != KIND_DATA && kind != KIND_CREDIT) ||
+  if ((h.magic_kind & 0xffffff) != MSG_MAGIC || (kind != KIND_DATA && kind != KIND_CREDIT && kind != KIND_PROBE) ||
       h.len != bytes - HDR)
     return chan_fail(rc, EPROTO, "a message that is not thunderlink's arrived; the stream is "
                      "corrupt");
@@ -902,9 +922,18 @@ static int got_message(rdma_chan_t *rc, int slot, uint32_t bytes) {
                        h.ack, rc->tx_seq);
     rc->tx_acked = h.ack;
   }
-  if (kind == KIND_CREDIT) {
+  rc->probes = 0; /* the peer is heard from */
+  if (kind != KIND_DATA) {
     int e = post_recv(rc->rl, rc, slot);
-    return e ? chan_fail(rc, e, "ibv_post_recv: %s", strerror(e)) : 0;
+    if (e) return chan_fail(rc, e, "ibv_post_recv: %s", strerror(e));
+    /* The peer has sent h.seq data messages, all before this one on the
+     * same queue pair (which keeps order): one not here is lost. */
+    uint32_t sent = h.seq - rc->rx_next;
+    if (sent > WINDOW)
+      return chan_fail(rc, EPROTO, "the peer reports %u messages sent, %u were consumed (window %d)",
+                       h.seq, rc->rx_next, WINDOW);
+    if (sent > 0 && rc->ready[rc->rx_next % WINDOW] < 0 && !rc->gap_since) rc->gap_since = tl__now_ns();
+    return kind == KIND_PROBE ? send_credit(rc) : 0;
   }
   uint32_t d = h.seq - rc->rx_next;
   if (d >= WINDOW || rc->ready[h.seq % WINDOW] >= 0)
@@ -963,10 +992,18 @@ static int drain(rdma_chan_t *rc) {
     if (rc->ready[rc->rx_next % WINDOW] >= 0) {
       rc->gap_since = 0;
     } else if (tl__now_ns() - rc->gap_since > LOST_NS) {
-      return chan_fail(rc, EIO, "message %u was lost: later ones arrived and it did not "
-                       "within %.1f s (%s queue pairs do not retransmit)", rc->rx_next,
+      return chan_fail(rc, EIO, "message %u was lost: the peer sent it (a later message or "
+                       "its count says so) and it did not arrive within %.1f s (%s queue pairs "
+                       "do not retransmit)", rc->rx_next,
                        (double)LOST_NS / 1e9, qpt_name(rc->rl->qpt));
     }
+  }
+  /* Data the peer has not reported consumed and a quiet queue pair: ask
+   * (see "Loss" above). The core's wait wakes at least once a second. */
+  if (!rc->gap_since && !rc->closing && rc->tx_seq != rc->tx_acked && rc->probes < MAX_PROBES &&
+      rc->nctl_free && tl__now_ns() - rc->last_tx_ns > PROBE_NS) {
+    rc->probes++;
+    return send_credit_kind(rc, KIND_PROBE);
   }
   return 0;
 }
@@ -1153,6 +1190,7 @@ static void rdma_close(tl_chan_t *ch) {
   rdma_chan_t *rc = ch->t;
   ch->t = NULL; /* the state is freed with the link */
   if (!rc || rc->failed || peer_gone(ch)) return;
+  rc->closing = 1;
   int64_t until = tl__now_ns() + CLOSE_WAIT_NS;
   while ((rc->ntx_free < WINDOW || rc->nctl_free < NCTL) && tl__now_ns() < until) {
     if (drain(rc)) return;

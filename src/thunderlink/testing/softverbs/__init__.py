@@ -32,6 +32,12 @@ Environment read by the library (in each process that loads it):
                        next ibv_create_qp fails with EBUSY; at most 256)
   SOFTVERBS_UC_NORECV  drop (default, the IB spec) or wait: what a UC SEND or
                        WRITE_WITH_IMM that finds no posted receive meets
+  SOFTVERBS_DROP_EVERY N: a lossy link: every Nth message a UC queue pair
+                       transmits is lost (its sender still completes it
+                       successfully, as UC does; later messages arrive). RC
+                       queue pairs are unaffected (RC retransmits). 0: none
+  SOFTVERBS_DROP_AFTER K: count the Nth from the Kth message of each queue
+                       pair on (the first K always arrive: a set-up exchange)
   SOFTVERBS_DIR        directory of the queue pairs' sockets
                        (default /tmp/softverbs-<uid>)
   SOFTVERBS_SEED       seed of the jitter's random numbers
@@ -47,7 +53,8 @@ import os
 __all__ = ["path", "ENV_VARS"]
 
 ENV_VARS = ("SOFTVERBS_DEVICES", "SOFTVERBS_UC_ONLY", "SOFTVERBS_JITTER_US", "SOFTVERBS_MAX_MR",
-            "SOFTVERBS_MAX_QP", "SOFTVERBS_UC_NORECV", "SOFTVERBS_DIR", "SOFTVERBS_SEED", "SOFTVERBS_LOG")
+            "SOFTVERBS_MAX_QP", "SOFTVERBS_UC_NORECV", "SOFTVERBS_DROP_EVERY", "SOFTVERBS_DROP_AFTER",
+            "SOFTVERBS_DIR", "SOFTVERBS_SEED", "SOFTVERBS_LOG")
 
 
 def path() -> str:

@@ -73,6 +73,12 @@
  *   SOFTVERBS_MAX_MR    memory regions per device (default 100, as Apple's)
  *   SOFTVERBS_MAX_QP    queue pairs per device (default 10, as Apple's; <= 256)
  *   SOFTVERBS_UC_NORECV drop (default) or wait: UC message without a receive
+ *   SOFTVERBS_DROP_EVERY N: a lossy link: every Nth message a UC QP transmits
+ *                       is lost (the sender completes it successfully, the
+ *                       receiver never sees it; later ones arrive). RC QPs
+ *                       are unaffected (RC retransmits). 0: none (default)
+ *   SOFTVERBS_DROP_AFTER K: ... counting from the Kth message of each QP on,
+ *                       so that a set-up exchange can get through (default 0)
  *   SOFTVERBS_DIR       directory of the QPs' sockets (/tmp/softverbs-<uid>)
  *   SOFTVERBS_SEED      seed of the jitter's random numbers
  *   SOFTVERBS_LOG       1: say on stderr why a message was dropped or failed;
@@ -153,7 +159,7 @@ struct sv_hello {
 
 /* One message, requester -> responder; its payload follows. */
 struct sv_msg {
-    uint8_t opcode, solicited, pad[2];
+    uint8_t opcode, solicited, lost, pad; /* lost: SOFTVERBS_DROP_EVERY chose it */
     uint32_t psn, len, imm, rkey, pad2;
     uint64_t raddr, seq;
 };
@@ -295,6 +301,7 @@ struct sv_qp {
     size_t out_hdr_off;       /* bytes of the current header sent */
     uint64_t out_pay_off;     /* bytes of the current payload sent */
     int out_started;          /* the current WR passed its checks */
+    uint64_t out_msgs;        /* UC: messages transmitted (SOFTVERBS_DROP_EVERY) */
     struct sv_resp out_resp;
     size_t out_resp_off;
 
@@ -335,6 +342,7 @@ static struct {
     int ndev;
     int uc_only, log, uc_wait;
     int max_qp;
+    uint64_t drop_every, drop_after; /* UC loss injection; 0: none */
     uint64_t jitter_ns;
     int max_mr;
     char dir[80], lodir[96];
@@ -595,6 +603,10 @@ static void sv_init(void)
     G.uc_wait = norecv && !strcmp(norecv, "wait");
     err |= env_uint("SOFTVERBS_UC_ONLY", 0, 1, &v);
     G.uc_only = (int)v;
+    err |= env_uint("SOFTVERBS_DROP_EVERY", 0, UINT32_MAX, &v);
+    G.drop_every = v;
+    err |= env_uint("SOFTVERBS_DROP_AFTER", 0, UINT64_MAX, &v);
+    G.drop_after = v;
     err |= env_uint("SOFTVERBS_LOG", 0, 2, &v);
     G.log = (int)v;
     err |= env_uint("SOFTVERBS_SEED", 0, UINT64_MAX, &v);
@@ -1718,6 +1730,15 @@ static uint64_t progress_tx(struct sv_qp *qp, int *want_pollout)
             qp->out_hdr.rkey = w->rkey;
             qp->out_hdr.raddr = w->raddr;
             qp->out_hdr.seq = w->seq;
+            /* A lossy link (UC only: RC would retransmit): every Nth message
+             * after the first K is lost on the way. It still crosses the
+             * socket, marked, so that the responder discards it as a lost
+             * message's packets: its PSN advances and the next message is
+             * taken; the requester completes it successfully, as UC does. */
+            if (qp->type == IBV_QPT_UC && G.drop_every) {
+                uint64_t n = ++qp->out_msgs;
+                qp->out_hdr.lost = n > G.drop_after && (n - G.drop_after) % G.drop_every == 0;
+            }
             qp->out_hdr_off = 0;
             qp->out_pay_off = 0;
             qp->out_started = 1;
@@ -2003,6 +2024,10 @@ static int rx_header(struct sv_qp *qp)
         char why[96];
         snprintf(why, sizeof why, "PSN %u where %u was expected", m->psn, qp->rq_expect_psn);
         rx_reject(qp, SV_NAK_SEQ, why);
+        return 0;
+    }
+    if (m->lost && qp->type == IBV_QPT_UC) {
+        rx_reject(qp, 0, "lost on the link (SOFTVERBS_DROP_EVERY)");
         return 0;
     }
     rx_begin(qp);
