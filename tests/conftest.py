@@ -177,3 +177,15 @@ def _watchdog(request):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def check_gathers(r, n: int) -> None:
+    """The `gathers` rank program's verdict: it ran, no case failed on any
+    rank, and every rank holds the same bytes (reduce_scatter blocks differ
+    by rank)."""
+    assert r.status == 0, r.all_text()
+    for rank in range(n):
+        bad = {k: c["err"] for k, c in r.values[rank].items() if c["err"]}
+        assert not bad, f"rank {rank}: {bad}"
+    hashes = [{k: c["hash"] for k, c in v.items() if not k.startswith("reduce")} for v in r.values]
+    assert all(h == hashes[0] for h in hashes)

@@ -145,6 +145,17 @@ def _env(hostfile, rank, token=None, **extra):
     return env
 
 
+def _connect_when_listening(port: int, within: float = 10.0) -> socket.socket:
+    """A connection to a starting rank's port, dialled until it listens."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return socket.create_connection(("127.0.0.1", port), timeout=5)
+        except OSError:
+            assert time.monotonic() < deadline, f"nothing listens on port {port} after {within} s"
+            time.sleep(0.05)
+
+
 @contextlib.contextmanager
 def _procs():
     """Processes started in the block are killed when it ends."""
@@ -343,14 +354,7 @@ def test_a_replayed_handshake_fails(tmp_path):
     assert PROOF.unpack(proof)[0] == 0x46504C54
     with _procs() as start:
         p0 = start(_env(hf, 0, "replay-token", CT=4, **common))
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                s = socket.create_connection(("127.0.0.1", ports[0]), timeout=5)
-                break
-            except OSError:
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+        s = _connect_when_listening(ports[0])
         with s:
             s.settimeout(5)
             s.sendall(hello)
@@ -405,14 +409,7 @@ def test_a_forged_abort_frame_is_shown_escaped(tmp_path):
     hf = _hostfile(tmp_path, ports)
     with _procs() as start:
         p0 = start(_env(hf, 0, None, **common))
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                s = socket.create_connection(("127.0.0.1", ports[0]), timeout=5)
-                break
-            except OSError:
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+        s = _connect_when_listening(ports[0])
         with s:
             s.settimeout(10)
             s.sendall(hello)

@@ -8,6 +8,8 @@ bit-identical on every rank."""
 
 import pytest
 
+from conftest import check_gathers
+
 from rankprogs import DTYPES
 from test_collectives import OPS, PRIME, check, sizes
 
@@ -38,12 +40,7 @@ def test_gathers(ranks, transport, n):
                 cases += [[kind, d, c, ip] for ip in ((False, True) if kind == "all_gather" else (False,))]
     env = {"THUNDERLINK_ALGO": "mesh", "THUNDERLINK_TRANSPORT": transport, **CHUNKED}
     r = ranks(n, "gathers", cases, env=env, timeout=150)
-    assert r.status == 0, r.all_text()
-    for rank in range(n):
-        bad = {k: c["err"] for k, c in r.values[rank].items() if c["err"]}
-        assert not bad, f"rank {rank}: {bad}"
-    hashes = [{k: c["hash"] for k, c in v.items() if not k.startswith("reduce")} for v in r.values]
-    assert all(h == hashes[0] for h in hashes)
+    check_gathers(r, n)
 
 
 def test_large_default_chunks(ranks):
