@@ -379,3 +379,22 @@ def test_thunderbolt_bridge_flagged():
         rc, res = doctor_json(netns=ns)
         br = next(i for i in res["interfaces"] if i["name"] == "br0")
         assert br["kind"] == "thunderbolt-bridge" and br["members"] == ["thunderbolt0", "thunderbolt1"]
+
+
+def test_the_hostfile_s_rdma_devices_are_checked(tmp_path, monkeypatch):
+    """A hostfile's "rdma" device: present and active is ok; a name this host
+    does not have is a problem that lists the devices it has."""
+    from conftest import use_softverbs
+
+    use_softverbs(monkeypatch)
+    monkeypatch.setenv("SOFTVERBS_DEVICES", "sva=127.0.0.1,svb=127.0.0.2")
+    path = write(tmp_path, {"ranks": [{"addresses": [{"ip": "127.0.0.1", "port": 41021, "rdma": "svb"}]},
+                                      {"addresses": [{"ip": "127.0.0.1", "port": 41022, "rdma": "mlx5_3"}]}]})
+    rc, res = doctor_json("--hostfile", path)
+    assert rc == 1, res
+    bad = [c for c in problems(res) if c["check"] == "rdma"]
+    assert len(bad) == 1 and bad[0]["rank"] == 1, problems(res)
+    assert "names mlx5_3, which" in bad[0]["message"] and "it has sva, svb" in bad[0]["message"], bad[0]
+    assert "one of sva, svb" in bad[0]["fix"], bad[0]
+    good = [c for c in res["checks"] if c["check"] == "rdma" and c["rank"] == 0]
+    assert [c["status"] for c in good] == ["ok"] and "svb port 1 is active" in good[0]["message"], good

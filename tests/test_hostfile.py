@@ -93,7 +93,8 @@ def test_address_objects():
     obj = {"ranks": [
         {"host": "mac-a", "ssh": "me@mac-a", "addresses": [
             "192.168.0.10:32323",
-            {"ip": "10.0.1.1", "port": 32324, "peer": 1, "iface": "en2", "rate": "40gbit", "prefix": 30},
+            {"ip": "10.0.1.1", "port": 32324, "peer": 1, "iface": "en2", "rate": "40gbit", "prefix": 30,
+             "rdma": "rdma_en2"},
         ]},
         {"host": "mac-b", "addresses": [
             {"ip": "10.0.1.2", "port": 32324, "peer": 0, "iface": "en3", "rate": 10},
@@ -102,7 +103,9 @@ def test_address_objects():
     ]}
     hf = parse(obj)
     a = hf.ranks[0].addresses[1]
-    assert a == Address("10.0.1.1", 32324, peer=1, iface="en2", rate=40.0, prefix=30)
+    assert a == Address("10.0.1.1", 32324, peer=1, iface="en2", rate=40.0, prefix=30, rdma="rdma_en2")
+    assert parse(hf.to_json()).ranks[0].addresses[1] == a
+    assert [e.device for e in hf.endpoints()] == ["", "rdma_en2", "", ""]
     assert hf.ranks[0].host == "mac-a" and hf.ranks[0].ssh == "me@mac-a"
     assert hf.ranks[1].addresses[0].rate == 10.0
     assert hf.ranks[1].addresses[1].rate == pytest.approx(0.5)
@@ -253,6 +256,8 @@ def test_bad_iface_rate_prefix():
     raises(tl([{"ip": "10.0.0.1", "rate": -5}]), "rate", "must be a positive")
     raises(tl([{"ip": "10.0.0.1", "prefix": 129}]), '"prefix" must be a prefix length')
     raises(tl([{"ip": "10.0.0.1", "prefix": "24"}]), '"prefix"')
+    for bad in ("", "mlx5 0", "x" * 64, 5, "sv\x1b[0m"):
+        raises(tl([{"ip": "10.0.0.1", "rdma": bad}]), '"rdma" must be an RDMA device name as `ibv_devices`')
 
 
 def test_duplicate_address_across_ranks():

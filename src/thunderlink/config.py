@@ -84,8 +84,9 @@ ENV = {
     ),
     "THUNDERLINK_IBV_DEVICE": (
         "unset",
-        "the RDMA device to use (`ibv_devices`, `thunderlink doctor`); unset: per link, rdma_<interface> of "
-        "the link's interface if it exists, else the first device with an active port",
+        "the RDMA device to use for every link (`ibv_devices`, `thunderlink doctor`); unset: per link, the "
+        "hostfile's \"rdma\" for this end, else rdma_<interface> of the link's interface if it exists, else the "
+        "first device with an active port",
     ),
     # The core's options: THUNDERLINK_TRANSPORT, THUNDERLINK_CONNS, ...
     **{spec.env: (spec.shown_default, spec.doc) for spec in OPTIONS},

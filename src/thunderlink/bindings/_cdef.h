@@ -148,7 +148,8 @@ int tl_option_count(void);
 int tl_option_info(int i, tl_option_info_t *out);
 int tl_comm_create(tl_comm_t **out, int rank, int size, const tl_options_t *opts);
 int tl_comm_add_endpoint(tl_comm_t *comm, int owner, int facing, const char *host,
-                         int port, const char *ifname, double weight);
+                         int port, const char *ifname, const char *device,
+                         double weight);
 int tl_comm_set_ring(tl_comm_t *comm, const int32_t *order, int n);
 int tl_comm_link_plan(tl_comm_t *comm, int a, int b, int *acceptor, int32_t *cables, int32_t *sources,
                       int cap, int *ncables);

@@ -79,6 +79,7 @@ class Endpoint:
     facing: int = -1
     ifname: str = ""
     weight: float = 1.0
+    device: str = ""  # RDMA device of this end ("" = rdma_<ifname>, else the first active)
 
 
 def _choice(table: dict, value: str, name: str) -> int:
@@ -194,7 +195,8 @@ class Comm:
                 check(
                     lib.tl_comm_add_endpoint(
                         comm._h, e.owner, e.facing, e.host.encode(), e.port,
-                        e.ifname.encode() if e.ifname else ffi.NULL, float(e.weight),
+                        e.ifname.encode() if e.ifname else ffi.NULL,
+                        e.device.encode() if e.device else ffi.NULL, float(e.weight),
                     ),
                     comm._h,
                 )
@@ -490,7 +492,8 @@ class Topology:
             check(
                 lib.tl_comm_add_endpoint(
                     self._h, e.owner, e.facing, e.host.encode(), e.port,
-                    e.ifname.encode() if e.ifname else ffi.NULL, float(e.weight),
+                    e.ifname.encode() if e.ifname else ffi.NULL,
+                    e.device.encode() if e.device else ffi.NULL, float(e.weight),
                 ),
                 self._h,
             )

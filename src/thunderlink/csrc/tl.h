@@ -249,6 +249,10 @@ int tl_comm_create(tl_comm_t **out, int rank, int size,
  * Declare that rank `owner` listens on host:port. `facing` is the rank that
  * should use this endpoint to reach `owner` (a per-cable address), or -1 when
  * any rank may. `ifname` (may be NULL or "") binds sockets to that interface.
+ * `device` (may be NULL or "") is the RDMA device of this end (the owner's):
+ * the RDMA transport opens it for the owner's links that leave from this
+ * endpoint; without one it tries "rdma_<ifname>", then the first device
+ * with an active port. THUNDERLINK_IBV_DEVICE overrides both.
  * `weight` (> 0) is the endpoint's relative speed: traffic striped over
  * several endpoints to one peer is split in proportion to it.
  * `host` may be an IPv4 or IPv6 literal (a link-local "fe80::1%en0" too) or a
@@ -256,7 +260,7 @@ int tl_comm_create(tl_comm_t **out, int rank, int size,
  */
 int tl_comm_add_endpoint(tl_comm_t *comm, int owner, int facing,
                          const char *host, int port, const char *ifname,
-                         double weight);
+                         const char *device, double weight);
 
 /*
  * Set the order of the ring used by ring collectives. `order` holds each

@@ -169,6 +169,9 @@ def _address_checks(hf: Hostfile, r: int, its: list[ifs.Interface], host: Host) 
     by_name = {i.name: i for i in its}
     spec = hf.ranks[r]
     for j, a in enumerate(spec.addresses):
+        if a.rdma:
+            out.append(_rdma_device_check(a.rdma, r, j, a, host))
+    for j, a in enumerate(spec.addresses):
         loc = _loc(r, j)
         fact = {"index": j, "ip": a.ip, "port": a.port, "peer": a.peer, "named_iface": a.iface,
                 "iface": None, "mtu": None, "up": None, "running": None, "prefix": None, "local": False}
@@ -228,6 +231,31 @@ def _address_checks(hf: Hostfile, r: int, its: list[ifs.Interface], host: Host) 
                             + "\nthen give each Thunderbolt port its own /30 and list one address per cable "
                             "(with \"peer\") in the hostfile", **kw))
     return out, facts
+
+
+def _rdma_device_check(name: str, r: int, j: int, a: Address, host: Host) -> Check:
+    """The hostfile's "rdma" device of rank r's address j: present here, with
+    an active port?"""
+    from ..bindings.comm import rdma_devices
+
+    loc = _loc(r, j)
+    kw = dict(rank=r, address=str(a), iface=a.iface, where=host.label)
+    ports, why = rdma_devices()
+    mine = [p for p in ports if p["device"] == name]
+    if not mine:
+        have = sorted({p["device"] for p in ports})
+        return problem("rdma", "RDMA device missing",
+                       f"{loc}.rdma names {name}, which {host.label} does not have ("
+                       + (f"it has {', '.join(have)}" if have else f"no RDMA device: {why}") + ")",
+                       f"set {loc}.rdma to " + (f"one of {', '.join(have)}" if have else "a device of this host")
+                       + " (`ibv_devices` lists them), or remove it to let thunderlink choose", **kw)
+    active = [p for p in mine if p.get("state") == "active"]
+    if not active:
+        states = ", ".join(f"port {p['port']} {p['state']}" for p in mine)
+        return warn("rdma", "RDMA device not active", f"{loc}.rdma names {name}: {states}",
+                    "check the cable and the other end; on macOS 26.2+ RDMA over Thunderbolt 5 must be "
+                    "enabled (docs/hardware-checklist.md)", **kw)
+    return ok("rdma", "RDMA device present", f"{name} port {active[0]['port']} is active", **kw)
 
 
 def _fix_not_local(hf: Hostfile, r: int, j: int, a: Address, ip: str, its: list[ifs.Interface],

@@ -15,7 +15,7 @@ _ORDER = {PROBLEM: 0, WARN: 1, OK: 2}
 @dataclass
 class Check:
     status: str  # ok | warn | problem
-    check: str  # hostfile, ring, cable, address, interface, port, peer, route, mtu, netns, bridge, subnet
+    check: str  # hostfile, ring, cable, address, interface, port, peer, route, mtu, netns, bridge, subnet, rdma
     title: str  # a few words: "port in use", "MTU mismatch"
     message: str  # what is wrong (or what was found right), naming rank/address/interface
     fix: str | None = None  # a command or hostfile edit

@@ -14,7 +14,8 @@ Two formats are read (the format is recognised from the JSON itself):
          "addresses": [
            "192.168.0.10:32323",          # reachable by any rank
            {"ip": "10.0.1.1", "port": 32324, "peer": 1,      # a cable to rank 1
-            "iface": "en2", "rate": "40gbit", "prefix": 30}
+            "iface": "en2", "rate": "40gbit", "prefix": 30,
+            "rdma": "rdma_en2"}               # optional RDMA device of this end
          ]},
         ...
       ]
@@ -24,6 +25,13 @@ An address with ``"peer": p`` is the near end of a cable to rank p: only rank
 p connects there, and several such addresses to the same peer (several
 cables) share the traffic in proportion to ``rate``. Addresses without
 ``peer`` are reachable by every rank.
+
+``rdma`` names the RDMA device (``ibv_devices``) at this end of the cable:
+the RDMA transport opens it for this rank's link to ``peer`` (on an address
+without ``peer``: for every link of this rank that has no cable of its own).
+Without it, the device of an interface ``X`` is taken to be ``rdma_X``
+(Apple's naming), else the first device with an active port;
+``THUNDERLINK_IBV_DEVICE`` overrides both.
 
 Which ranks share a link, who listens for it, over which cables, and the
 ring order when the file gives none are the C core's answers
@@ -64,6 +72,7 @@ class Address:
     iface: str | None = None
     rate: float | None = None  # Gbit/s
     prefix: int | None = None
+    rdma: str | None = None  # the RDMA device of this end
 
     def __str__(self):
         host = f"[{self.ip}]" if ":" in self.ip else self.ip
@@ -160,7 +169,7 @@ class Hostfile:
                 out.append(
                     Endpoint(owner=r, host=a.ip, port=a.port,
                              facing=-1 if a.peer is None else a.peer,
-                             ifname=iface, weight=a.rate or 1.0)
+                             ifname=iface, weight=a.rate or 1.0, device=a.rdma or "")
                 )
         return out
 
@@ -179,6 +188,8 @@ class Hostfile:
                     d["rate"] = a.rate
                 if a.prefix is not None:
                     d["prefix"] = a.prefix
+                if a.rdma:
+                    d["rdma"] = a.rdma
                 addrs.append(d)
             entry = {"host": spec.host, "addresses": addrs}
             if spec.ssh:
@@ -455,7 +466,7 @@ def _parse_thunderlink(obj: dict, path: str | None) -> Hostfile:
                 continue
             if not isinstance(a, dict):
                 raise ConfigError(f"[thunderlink] {aw}: expected \"ip:port\" or an object with \"ip\"")
-            unknown = set(a) - {"ip", "port", "peer", "iface", "rate", "prefix"}
+            unknown = set(a) - {"ip", "port", "peer", "iface", "rate", "prefix", "rdma"}
             if unknown:
                 raise ConfigError(f"[thunderlink] {aw}: unknown key(s) {', '.join(sorted(unknown))}")
             ip = _check_ip(a.get("ip"), aw)
@@ -468,11 +479,15 @@ def _parse_thunderlink(obj: dict, path: str | None) -> Hostfile:
             iface = a.get("iface")
             if iface is not None and not _printable(iface):
                 raise ConfigError(f"[thunderlink] {aw}: \"iface\" must be an interface name, not {iface!r}")
+            rdma = a.get("rdma")
+            if rdma is not None and not (_printable(rdma) and len(rdma) < 64 and " " not in rdma):
+                raise ConfigError(f"[thunderlink] {aw}: \"rdma\" must be an RDMA device name as `ibv_devices` "
+                                  f"lists it (under 64 characters, no spaces), not {rdma!r}")
             rate = parse_rate(a["rate"], f"{aw}.rate") if a.get("rate") is not None else None
             prefix = a.get("prefix")
             if prefix is not None and (not isinstance(prefix, int) or not 0 <= prefix <= 128):
                 raise ConfigError(f"[thunderlink] {aw}: \"prefix\" must be a prefix length 0..128")
-            addrs.append(Address(ip=ip, port=port, peer=peer, iface=iface, rate=rate, prefix=prefix))
+            addrs.append(Address(ip=ip, port=port, peer=peer, iface=iface, rate=rate, prefix=prefix, rdma=rdma))
         host = entry.get("host", addrs[0].ip)
         if not _printable(host):
             raise ConfigError(f"[thunderlink] {where}: \"host\" must be a non-empty string of printable "

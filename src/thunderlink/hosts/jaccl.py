@@ -75,11 +75,13 @@ def _my_record(matrix: list, rank: int, held: list[socket.socket]) -> dict:
     matrix gives it, on a port the kernel chose; the sockets holding those
     ports are appended to ``held``."""
     faces: dict[str, list[int]] = {}
+    devices: dict[str, str] = {}
     for peer, entry in enumerate(matrix[rank]):
         if peer == rank:
             continue
         for dev in _names(entry):
             faces.setdefault(_iface_of(dev), []).append(peer)
+            devices[_iface_of(dev)] = dev
     addresses = []
     for iface, peers in faces.items():
         found = _ipv4_of(iface)
@@ -94,7 +96,8 @@ def _my_record(matrix: list, rank: int, held: list[socket.socket]) -> dict:
         port = held[-1].getsockname()[1]
         # An interface facing several peers (a bridge, a switch) is open to any rank.
         peer = peers[0] if len(peers) == 1 else None
-        addresses.append({"ip": ip, "port": port, "peer": peer, "iface": iface, "prefix": prefix})
+        addresses.append({"ip": ip, "port": port, "peer": peer, "iface": iface, "prefix": prefix,
+                          "rdma": devices[iface]})
     return {"host": socket.gethostname(), "addresses": addresses}
 
 

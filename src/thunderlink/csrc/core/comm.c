@@ -55,7 +55,8 @@ int tl_comm_create(tl_comm_t **out, int rank, int size,
 const char *tl_comm_last_error(tl_comm_t *c) { return c ? c->err : ""; }
 
 int tl_comm_add_endpoint(tl_comm_t *c, int owner, int facing, const char *host,
-                         int port, const char *ifname, double weight) {
+                         int port, const char *ifname, const char *device,
+                         double weight) {
   if (!c) return TL_ERR_INVALID;
   if (c->connected)
     return tl__error(c, TL_ERR_INVALID, "endpoints must be declared before "
@@ -75,6 +76,8 @@ int tl_comm_add_endpoint(tl_comm_t *c, int owner, int facing, const char *host,
                      "outside 0..65535", host, owner, port);
   if (ifname && strlen(ifname) >= TL_IFNAME_LEN)
     return tl__error(c, TL_ERR_CONFIG, "interface name '%s' is too long", ifname);
+  if (device && strlen(device) >= TL_DEVICE_LEN)
+    return tl__error(c, TL_ERR_CONFIG, "RDMA device name '%s' is too long", device);
   if (!(weight > 0))
     return tl__error(c, TL_ERR_CONFIG, "endpoint %s of rank %d has weight %g; "
                      "weights must be positive", host, owner, weight);
@@ -100,6 +103,7 @@ int tl_comm_add_endpoint(tl_comm_t *c, int owner, int facing, const char *host,
   snprintf(e->host, sizeof e->host, "%s", host);
   e->port = port;
   if (ifname) snprintf(e->ifname, sizeof e->ifname, "%s", ifname);
+  if (device) snprintf(e->device, sizeof e->device, "%s", device);
   e->weight = weight;
   return TL_OK;
 }

@@ -20,6 +20,7 @@
 #define TL_ERRMSG_LEN 1024
 #define TL_HOST_LEN 256
 #define TL_IFNAME_LEN 64
+#define TL_DEVICE_LEN 64 /* an RDMA device name (IBV_SYSFS_NAME_MAX) */
 /* A frame's payload is at most this (the header's len field is 32 bits, and
  * send(2)/recv(2) reject lengths above INT_MAX on some systems). */
 #define TL_MAX_FRAME ((size_t)1 << 30)
@@ -39,6 +40,7 @@ typedef struct tl_endpoint {
   char host[TL_HOST_LEN];
   int port;
   char ifname[TL_IFNAME_LEN];
+  char device[TL_DEVICE_LEN]; /* RDMA device of this end, "" = found */
   double weight;
 } tl_endpoint_t;
 

@@ -314,12 +314,12 @@ static int pick_port(ibv_api_t *a, struct ibv_context *ctx, port_pick_t *p, char
   return -1;
 }
 
-/* Open the device for a link: `want` by name if given, else "rdma_<hint>"
- * (JACCL's naming: the device of a Thunderbolt interface) if there is one,
- * else the first device with an active port. Returns the open context, or
- * NULL with why. */
-static struct ibv_context *open_device(ibv_api_t *a, const char *want, const char *hint,
-                                       port_pick_t *p, char *why, size_t cap) {
+/* Open the device for a link: `want` by name if given (`by` says who asked
+ * for it, for the error), else "rdma_<hint>" (JACCL's naming: the device of
+ * a Thunderbolt interface) if there is one, else the first device with an
+ * active port. Returns the open context, or NULL with why. */
+static struct ibv_context *open_device(ibv_api_t *a, const char *want, const char *by,
+                                       const char *hint, port_pick_t *p, char *why, size_t cap) {
   int n = 0;
   errno = 0;
   struct ibv_device **list = a->get_device_list(&n);
@@ -335,7 +335,7 @@ static struct ibv_context *open_device(ibv_api_t *a, const char *want, const cha
     if (want && want[0] ? !strcmp(name, want) : hinted[0] && !strcmp(name, hinted)) pick = i;
   }
   if (want && want[0] && pick < 0) {
-    size_t o = (size_t)snprintf(why, cap, "THUNDERLINK_IBV_DEVICE=%s: no such device (found:", want);
+    size_t o = (size_t)snprintf(why, cap, "%s%s: no such device (found:", by, want);
     for (int i = 0; i < n && o < cap; i++)
       o += (size_t)snprintf(why + o, cap - o, " %s", a->get_device_name(list[i]));
     if (o < cap) snprintf(why + o, cap - o, "%s)", n ? "" : " none");
@@ -371,7 +371,7 @@ static int rdma_available(char *why, size_t cap) {
   snprintf(dev, sizeof dev, "%s", g_device);
   pthread_mutex_unlock(&g_lock);
   why[0] = 0;
-  struct ibv_context *ctx = open_device(a, dev, NULL, &p, why, cap);
+  struct ibv_context *ctx = open_device(a, dev, "THUNDERLINK_IBV_DEVICE=", NULL, &p, why, cap);
   if (!ctx) return 0;
   a->close_device(ctx);
   return 1;
@@ -591,9 +591,18 @@ static int open_link(tl_comm_t *c, tl_link_t *l, rdma_link_t *rl) {
   pthread_mutex_unlock(&g_lock);
   if (!(rl->api = load(rl->why, sizeof rl->why))) return -1;
   ibv_api_t *a = rl->api;
+  /* The device: THUNDERLINK_IBV_DEVICE; else the one the hostfile names for
+   * this rank's end of the cable to the peer, or for one of its addresses
+   * open to every rank; else open_device's guess from the interface. */
   int src = tl__source_ep(c->eps, c->neps, c->rank, l->peer, 0);
   const char *hint = src >= 0 ? c->eps[src].ifname : NULL;
-  if (!(rl->ctx = open_device(a, dev, hint, &rl->port, rl->why, sizeof rl->why))) return -1;
+  int named = src >= 0 && c->eps[src].device[0] ? src : -1;
+  for (int i = 0; i < c->neps && named < 0 && src < 0; i++)
+    if (c->eps[i].owner == c->rank && c->eps[i].facing < 0 && c->eps[i].device[0]) named = i;
+  int from_file = !dev[0] && named >= 0;
+  if (from_file) snprintf(dev, sizeof dev, "%s", c->eps[named].device);
+  const char *by = from_file ? "the hostfile's \"rdma\": " : "THUNDERLINK_IBV_DEVICE=";
+  if (!(rl->ctx = open_device(a, dev, by, hint, &rl->port, rl->why, sizeof rl->why))) return -1;
   const char *dn = rl->port.dev;
   if (!(rl->pd = a->alloc_pd(rl->ctx))) {
     snprintf(rl->why, sizeof rl->why, "%s: ibv_alloc_pd: %s", dn, strerror(errno));
