@@ -41,13 +41,17 @@ lib="$(find "$out/gloo" -name libgloo.a | head -n 1)"
 
 # 2. The driver. Only its C API (tlg_*) is exported (a version script), so
 # the copies of Gloo and libstdc++ inside cannot interpose on, or be
-# interposed by, another copy in the process (PyTorch's, MLX's libstdc++). -O2 and no -march: a baseline x86-64 build, as PyTorch's
-# wheels compile the reduction (gloo::sum<float>, inlined into the caller).
+# interposed by, another copy in the process (PyTorch's, MLX's libstdc++).
+# -O3, no -march: the reduction, gloo::sum<float>, is a template compiled
+# here; PyTorch's x86_64 wheels have it SSE-vectorized (addps, after a
+# runtime check that the buffers don't overlap), and so does -O3, where
+# GCC's -O2 (its "very cheap" vectorizer model, which adds no such checks)
+# leaves the loop scalar: a slower Gloo than PyTorch's (BENCHMARKS.md).
 printf '{ global: tlg_*; local: *; };\n' >"$out/exports.map"
 commit="unknown"
 if [ -f "$src/GLOO_COMMIT" ]; then commit="$(head -c 40 "$src/GLOO_COMMIT")"
 elif git -C "$src" rev-parse HEAD >/dev/null 2>&1; then commit="$(git -C "$src" rev-parse HEAD)"; fi
-"$cxx" -std=c++20 -O2 -fPIC -shared -fvisibility=hidden -pthread \
+"$cxx" -std=c++20 -O3 -fPIC -shared -fvisibility=hidden -pthread \
     -I"$src" -I"$out/gloo" -DTLG_GLOO_COMMIT="\"$commit\"" \
     "$here/gloo_allreduce.cc" "$lib" \
     -static-libstdc++ -static-libgcc -Wl,--version-script="$out/exports.map" -Wl,-Bsymbolic -Wl,--no-undefined \
