@@ -35,6 +35,8 @@
 #include "gloo/rendezvous/file_store.h"
 #include "gloo/transport/tcp/device.h"
 
+#include <sys/random.h>
+
 #ifndef TLG_GLOO_COMMIT
 #define TLG_GLOO_COMMIT "unknown"
 #endif
@@ -75,6 +77,18 @@ void allreduce(Comm* c, void* buf, size_t count, int op) {
 }
 
 }  // namespace
+
+// GCC 12's libstdc++.a, built on glibc >= 2.36, seeds std::random_device with
+// arc4random, a glibc 2.36 function, and its random.o comes into the link
+// although nothing here calls it; with this definition (hidden, from
+// getrandom(2), glibc 2.25) the library needs no glibc newer than 2.35
+// (_dl_find_object, for libgcc's unwinder), so it also loads on a 2.35 host.
+extern "C" uint32_t arc4random(void) {
+  uint32_t v = 0;
+  while (getrandom(&v, sizeof v, 0) != static_cast<ssize_t>(sizeof v)) {
+  }
+  return v;
+}
 
 // One line on what this library is: Gloo's commit and the compiler.
 TLG_API const char* tlg_version(void) {
