@@ -46,7 +46,8 @@ lib="$(find "$out/gloo" -name libgloo.a | head -n 1)"
 # here; PyTorch's x86_64 wheels have it SSE-vectorized (addps, after a
 # runtime check that the buffers don't overlap), and so does -O3, where
 # GCC's -O2 (its "very cheap" vectorizer model, which adds no such checks)
-# leaves the loop scalar: a slower Gloo than PyTorch's (BENCHMARKS.md).
+# leaves the loop scalar (addss). Same machine code as PyTorch's, then,
+# whether or not the loop is what limits the all-reduce (BENCHMARKS.md).
 printf '{ global: tlg_*; local: *; };\n' >"$out/exports.map"
 commit="unknown"
 if [ -f "$src/GLOO_COMMIT" ]; then commit="$(head -c 40 "$src/GLOO_COMMIT")"
