@@ -401,11 +401,11 @@ def run(comm, s: Settings, backends=None, out=sys.stdout, *, title: str = "thund
             from .plot import plot
 
             plot(results, s, s.plot_path)
-    if own:
-        comm.barrier()  # every rank is done with every backend
-        for b in backends:
-            if isinstance(b, GlooBackend):
-                b.close()
+    gloos = [b for b in backends if isinstance(b, GlooBackend)] if own else []
+    if gloos:
+        comm.barrier()  # every rank is done with Gloo before any closes its connections
+        for b in gloos:
+            b.close()
     return results
 
 
