@@ -15,12 +15,11 @@ import subprocess
 import sys
 
 import pytest
+from conftest import PKG_ROOT as SRC
 
 import thunderlink.bindings
 from thunderlink import config
 from thunderlink.bench import gloo
-
-from conftest import PKG_ROOT as SRC
 
 PEERS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "peers.py")
 CORE_SO = next(os.path.join(os.path.dirname(thunderlink.bindings.__file__), f)
@@ -35,7 +34,7 @@ def run(*args, env_extra=None, timeout=120):
         env.pop(k, None)
     env.update(env_extra or {})
     return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
+                          check=False, stdin=subprocess.DEVNULL)
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ import os
 
 import numpy as np
 
-__all__ = ["IMPLS", "GlooUnavailable", "GlooLib", "torch_available", "resolve", "lib_path", "check_lib"]
+__all__ = ["IMPLS", "GlooLib", "GlooUnavailable", "check_lib", "lib_path", "resolve", "torch_available"]
 
 IMPLS = ("torch", "lib")
 # bench/gloo/gloo_allreduce.cc's codes.
