@@ -3,15 +3,24 @@
 the way `thunderlink bench` measures thunderlink, so the two can be put side by side.
 
     python bench/peers.py --peer gloo [--sizes 4:256M] [--iters N] [--warmup N] [--json out.json] [-n 2]
+    python bench/peers.py --peer gloo-lib --gloo-lib build/gloo/libgloo_allreduce.so ...   (Gloo without PyTorch)
     python bench/peers.py --peer ompi [--sizes 4:256M] [--iters N] [--warmup N] [--json out.json] [-n 2]
     python bench/peers.py --peer ompi-shm ...                  (Open MPI over its shared memory)
     python bench/peers.py --peer ompi --with-thunderlink ...   (thunderlink bench first, then both side by side)
     python bench/peers.py --compare thunderlink.json gloo.json ompi.json [--json all.json] [--plot all.png]
 
-  gloo  PyTorch's torch.distributed, backend "gloo", over TCP on loopback
+  gloo  Gloo over TCP on loopback, in place (torch.distributed has no
+        out-of-place all_reduce), through gloo-torch where torch is installed,
+        else through gloo-lib; the header's "peer:" line says which.
+  gloo-torch  PyTorch's torch.distributed, backend "gloo"
         (GLOO_SOCKET_IFNAME=lo, init_method tcp://127.0.0.1:PORT); all_reduce of a
-        float32 CPU tensor, in place (torch.distributed has no out-of-place
-        all_reduce). Ranks are started by this script, one process each.
+        float32 CPU tensor. Ranks are started by this script, one process each.
+  gloo-lib  bench/gloo's driver library (--gloo-lib PATH or
+        THUNDERLINK_GLOO_LIB; bench/gloo/build.sh builds it from a Gloo
+        checkout): the gloo::allreduce that torch.distributed calls (ring, the
+        buffer as its only output), on the numpy buffer through ctypes, a
+        Gloo TCP device on lo, rendezvous in a FileStore directory this script
+        makes and removes. For machines without PyTorch.
   ompi  Open MPI's MPI_Allreduce through mpi4py on numpy buffers, under
         `mpirun --mca pml ob1 --mca btl tcp,self --mca btl_tcp_if_include lo`:
         the TCP BTL over loopback (no shared memory, no UCX). Out of place
@@ -64,10 +73,8 @@ import time
 
 import numpy as np
 
-PEERS = ("gloo", "ompi", "ompi-shm", "mlx-mpi", "mlx-ring")
+PEERS = ("gloo", "gloo-torch", "gloo-lib", "ompi", "ompi-shm", "mlx-mpi", "mlx-ring")
 INSTALL = {
-    "gloo": "gloo (PyTorch) is not installed: pip install torch==2.13.0  "
-            "(CPU build; see bench/PEERS.md)",
     "ompi": "Open MPI / mpi4py is not installed: apt-get install -y openmpi-bin libopenmpi-dev "
             "&& pip install mpi4py  (see bench/PEERS.md)",
 }
@@ -149,6 +156,42 @@ class GlooComm(_Peer):
 
     def close(self) -> None:
         self.dist.destroy_process_group()
+
+
+class GlooLibComm(_Peer):
+    """bench/gloo's driver library (thunderlink.bench.gloo.GlooLib); the timed
+    call is one ctypes call of gloo::allreduce, in place on the numpy buffer."""
+
+    name = "gloo-lib"
+    variants = (True,)  # in place only, as torch.distributed
+
+    def __init__(self, rank: int, n: int, lib: str, store: str, timeout: float):
+        from thunderlink.bench.gloo import MAX, SUM, GlooLib
+
+        self.g, self.SUM, self.MAX = GlooLib(lib, rank, n, store, iface="lo", timeout=timeout), SUM, MAX
+        self.rank, self.size = rank, n
+        self.describe = (f"Gloo driver library {lib} ({self.g.version}): gloo::allreduce (ring), in place, "
+                         f"on lo; no PyTorch")
+
+    def barrier(self) -> None:
+        self.g.barrier()
+
+    def _reduce(self, a: np.ndarray, op) -> np.ndarray:
+        a = np.array(a)  # a copy
+        self.g.allreduce(a, op)
+        return a
+
+    def all_max(self, a: np.ndarray) -> np.ndarray:
+        return self._reduce(a, self.MAX)
+
+    def all_sum(self, a: np.ndarray) -> np.ndarray:
+        return self._reduce(a, self.SUM)
+
+    def prepare(self, op: str, x: np.ndarray, out: np.ndarray, dtype: str):
+        return {"run": self.g.caller(x), "result": x}
+
+    def close(self) -> None:
+        self.g.close()
 
 
 class MPIComm(_Peer):
@@ -271,8 +314,12 @@ def run_rank(args) -> int:
     peer as its backend; rank 0 prints and writes the JSON."""
     from thunderlink.bench.worker import Settings, run
 
-    if args.peer == "gloo":
-        comm = GlooComm(args.rank, args.ranks, args.port, timeout=min(args.timeout, 300))
+    if args.peer.startswith("gloo"):
+        if args.gloo_impl == "lib":
+            comm = GlooLibComm(args.rank, args.ranks, args.gloo_lib, args.gloo_store, timeout=min(args.timeout, 300))
+        else:
+            comm = GlooComm(args.rank, args.ranks, args.port, timeout=min(args.timeout, 300))
+        comm.name = args.peer
     elif args.peer == "mlx-mpi":
         comm = MLXMPIComm()
         comm.name = args.peer
@@ -342,20 +389,20 @@ def run_thunderlink(args, json_path: str) -> int:
 # ---- starting the ranks ---------------------------------------------------------------
 
 
+def resolve_gloo(peer: str, lib: str | None) -> tuple[str, str]:
+    """(implementation, library path or "") for --peer gloo, gloo-torch or
+    gloo-lib; thunderlink.bench.gloo.GlooUnavailable when none can run."""
+    from thunderlink.bench.gloo import resolve
+
+    impl, path = resolve({"gloo": "auto", "gloo-torch": "torch", "gloo-lib": "lib"}[peer], lib)
+    return impl, path or ""
+
+
 def installed(peer: str) -> bool:
     import importlib.util
 
     if peer == "mlx-ring":
         return importlib.util.find_spec("mlx") is not None
-    if peer == "gloo":
-        if importlib.util.find_spec("torch") is None:
-            return False
-        try:
-            import torch.distributed as dist
-
-            return dist.is_available() and dist.is_gloo_available()
-        except Exception:
-            return False
     return importlib.util.find_spec("mpi4py") is not None and shutil.which("mpirun") is not None
 
 
@@ -413,7 +460,9 @@ def _supervise(procs, timeout: float) -> int:
 
 
 def worker_args(args) -> list[str]:
-    return ["--peer", args.peer, "--sizes", args.sizes, "--iters", str(args.iters), "--warmup", str(args.warmup),
+    gloo = (["--gloo-impl", args.gloo_impl] + (["--gloo-lib", args.gloo_lib] if args.gloo_lib else [])
+            if args.peer.startswith("gloo") else [])
+    return gloo + ["--peer", args.peer, "--sizes", args.sizes, "--iters", str(args.iters), "--warmup", str(args.warmup),
             "--inplace", args.inplace, "--timeout", str(args.timeout), "-n", str(args.ranks)] + (
             ["--json", os.path.abspath(args.json_path)] if args.json_path else [])
 
@@ -421,12 +470,16 @@ def worker_args(args) -> list[str]:
 def launch(args) -> int:
     script = os.path.abspath(__file__)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if args.peer == "gloo":
+    if args.peer.startswith("gloo"):
+        import tempfile
+
         env["GLOO_SOCKET_IFNAME"] = "lo"
         port = _free_port()
-        procs = [subprocess.Popen([sys.executable, script, "--rank-worker", "--rank", str(r), "--port", str(port)]
-                                  + worker_args(args), env=env, start_new_session=True)
-                 for r in range(args.ranks)]
+        with tempfile.TemporaryDirectory(prefix="peers-gloo-") as store:  # gloo-lib's FileStore, removed after
+            procs = [subprocess.Popen([sys.executable, script, "--rank-worker", "--rank", str(r), "--port", str(port),
+                                       "--gloo-store", store] + worker_args(args), env=env, start_new_session=True)
+                     for r in range(args.ranks)]
+            return _supervise(procs, args.timeout + 15)
     elif args.peer == "mlx-ring":
         import tempfile
 
@@ -452,7 +505,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench/peers.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--peer", choices=PEERS,
-                   help="gloo (torch.distributed), ompi (Open MPI over TCP, mpi4py) or ompi-shm (its shared memory)")
+                   help="gloo (torch.distributed where torch is installed, else gloo-lib), gloo-torch, gloo-lib "
+                        "(bench/gloo's driver library, no PyTorch), ompi (Open MPI over TCP, mpi4py), ompi-shm "
+                        "(its shared memory), mlx-mpi or mlx-ring")
+    p.add_argument("--gloo-lib", metavar="PATH",
+                   help="gloo-lib, and gloo without torch: the driver library libgloo_allreduce.so "
+                        "(bench/gloo/build.sh; default: THUNDERLINK_GLOO_LIB)")
+    p.add_argument("--gloo-impl", choices=("torch", "lib"), default="", help=argparse.SUPPRESS)
+    p.add_argument("--gloo-store", default="", help=argparse.SUPPRESS)
     p.add_argument("-n", "--ranks", type=int, default=2, help="local ranks (default 2)")
     p.add_argument("--sizes", default="4:256M", help="MIN:MAX[:xF|:+STEP] or a list, bytes (default 4:256M)")
     p.add_argument("--warmup", type=int, default=5, help="warm-up iterations per size (default 5)")
@@ -493,7 +553,15 @@ def main(argv=None) -> int:
             with open(path, encoding="utf-8") as f:
                 merged += json.load(f)
         return finish(args, merged)
-    if not installed(args.peer):
+    if args.peer.startswith("gloo"):
+        from thunderlink.bench.gloo import GlooUnavailable
+
+        try:
+            args.gloo_impl, args.gloo_lib = resolve_gloo(args.peer, args.gloo_lib)
+        except GlooUnavailable as e:  # the message names the fix
+            print(f"peers.py: --peer {args.peer}: {e}")
+            return 2
+    elif not installed(args.peer):
         print(INSTALL[args.peer])
         return 2
     if not args.with_thunderlink:

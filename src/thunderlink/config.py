@@ -22,7 +22,7 @@ from .errors import ConfigError
 
 __all__ = ["Config", "from_env", "ENV", "OPTIONS", "HOSTFILE_VARS", "RANK_VARS", "parse_size", "parse_rate",
            "cluster_state_dir", "readme_rows", "read_token", "tuning_path",
-           "default_tuning_file", "rdma_settings"]
+           "default_tuning_file", "rdma_settings", "gloo_lib"]
 
 # Where a hostfile and a rank are looked for, first set first.
 HOSTFILE_VARS = ("THUNDERLINK_HOSTFILE", "MLX_HOSTFILE", "MLX_IBV_DEVICES", "JACCL_IBV_DEVICES")
@@ -87,6 +87,11 @@ ENV = {
         "the RDMA device to use for every link (`ibv_devices`, `thunderlink doctor`); unset: per link, the "
         "hostfile's \"rdma\" for this end, else rdma_<interface> of the link's interface if it exists, else the "
         "first device with an active port",
+    ),
+    "THUNDERLINK_GLOO_LIB": (
+        "unset",
+        "`thunderlink bench --vs gloo` and bench/peers.py where PyTorch is not installed: the Gloo driver library "
+        "(libgloo_allreduce.so, built by bench/gloo/build.sh) to measure Gloo through; --gloo-lib PATH wins",
     ),
     # The core's options: THUNDERLINK_TRANSPORT, THUNDERLINK_CONNS, ...
     **{spec.env: (spec.shown_default, spec.doc) for spec in OPTIONS},
@@ -382,6 +387,12 @@ def rdma_settings(env: Mapping[str, str] | None = None) -> tuple[str | None, str
     library the RDMA transport loads and the device it uses."""
     env = os.environ if env is None else env
     return env.get("THUNDERLINK_IBV_LIB") or None, env.get("THUNDERLINK_IBV_DEVICE") or None
+
+
+def gloo_lib(env: Mapping[str, str] | None = None) -> str | None:
+    """THUNDERLINK_GLOO_LIB: the Gloo driver library of the benchmarks, None where unset."""
+    env = os.environ if env is None else env
+    return env.get("THUNDERLINK_GLOO_LIB") or None
 
 
 def cluster_state_dir(env: Mapping[str, str] | None = None) -> str:

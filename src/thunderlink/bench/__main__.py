@@ -135,13 +135,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", dest="json_path", metavar="PATH", help="also write every measurement as JSON")
     p.add_argument("--plot", dest="plot_path", metavar="PNG",
                    help="draw bus bandwidth and latency against size (needs thunderlink[plot])")
-    p.add_argument("--vs", choices=("mlx-ring", "gloo"), action="append", default=[],
+    p.add_argument("--vs", choices=("mlx-ring", "gloo", "gloo-torch", "gloo-lib"), action="append", default=[],
                    help="also measure a peer, interleaved size by size, with the ratio of times: mlx-ring (MLX's "
-                        "ring backend over the same hosts) or gloo (torch.distributed, local ranks, in place; "
-                        "needs torch)")
+                        "ring backend over the same hosts) or gloo (Gloo, local ranks, in place: through "
+                        "torch.distributed where torch is installed, else through the Gloo driver library, "
+                        "--gloo-lib); gloo-torch, gloo-lib: that one (both: side by side)")
+    p.add_argument("--gloo-lib", metavar="PATH",
+                   help="the Gloo driver library (libgloo_allreduce.so, from bench/gloo/build.sh) for --vs gloo "
+                        "without torch and --vs gloo-lib (default: THUNDERLINK_GLOO_LIB)")
     p.add_argument("--skip-core", action="store_true",
                    help="measure only the --vs/--via series (to compare with a run of the peer alone)")
     p.add_argument("--gloo-port", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--gloo-impl", choices=("torch", "lib"), default="", help=argparse.SUPPRESS)
+    p.add_argument("--gloo-store", default="", help=argparse.SUPPRESS)
     p.add_argument("--via", choices=("core", "mlx"), action="append", default=[],
                    help="mlx: also measure through mx.distributed (thunderlink's Group), MLX overhead included")
     p.add_argument("--transport", choices=tuple(TRANSPORTS), default=None,
@@ -160,7 +166,8 @@ def settings_of(args) -> Settings:
     return Settings(op=args.op, sizes=args.sizes, dtype=args.dtype, warmup=args.warmup,
                     iters=args.iters, check=args.check, inplace=inplace, json_path=args.json_path,
                     plot_path=args.plot_path, vs=tuple(dict.fromkeys(args.vs)), via_mlx="mlx" in args.via,
-                    skip_core=args.skip_core, gloo_port=args.gloo_port)
+                    skip_core=args.skip_core, gloo_port=args.gloo_port, gloo_impl=args.gloo_impl,
+                    gloo_lib=args.gloo_lib or "", gloo_store=args.gloo_store)
 
 
 def run_worker(args) -> int:
@@ -194,13 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_worker(args)
     if args.hostfile and args.ranks is not None:
         parser.error("give -n N or --hostfile FILE, not both")
-    if "gloo" in args.vs:
-        if args.hostfile:
-            parser.error("--vs gloo runs on local ranks only (-n N), not across a hostfile")
-        import importlib.util
-
-        if importlib.util.find_spec("torch") is None:
-            raise SystemExit("thunderlink bench: --vs gloo needs PyTorch (CPU build is enough): pip install torch")
+    gloo = resolve_gloo(parser, args)  # {--vs name: ("torch", None) or ("lib", path)}
     ranks = 2 if args.ranks is None else args.ranks
 
     from ..launch import free_ports, launch_local, private_tempdir
@@ -236,12 +237,43 @@ def main(argv: list[str] | None = None) -> int:
                 with open(path, "w") as f:
                     json.dump([[f"127.0.0.1:{p}"] for p in free_ports(ranks)], f)
                 env["MLX_HOSTFILE"] = path
-            if "gloo" in args.vs:
+            impls = {impl for impl, _ in gloo.values()}
+            if "torch" in impls:
                 env.setdefault("GLOO_SOCKET_IFNAME", "lo")
                 cmd += ["--gloo-port", str(free_ports(1)[0])]
+            if "lib" in impls:  # a FileStore in the job's private directory, removed with it
+                store = os.path.join(tmp, "gloo-store")
+                os.mkdir(store, 0o700)
+                cmd += ["--gloo-store", store,
+                        "--gloo-lib", next(path for impl, path in gloo.values() if impl == "lib")]
+            if "gloo" in gloo:
+                cmd += ["--gloo-impl", gloo["gloo"][0]]
             return launch_local(ranks, cmd, env=env, timeout=args.timeout, on_line=on_line).status
         finally:
             progress.clear()
+
+
+def resolve_gloo(parser, args) -> dict:
+    """The launcher's choice, for every rank, of how each --vs gloo* series
+    runs: {name: ("torch", None) or ("lib", path)}; exits naming the fix when
+    none can."""
+    names = [v for v in dict.fromkeys(args.vs) if v.startswith("gloo")]
+    if not names:
+        return {}
+    if args.hostfile:
+        parser.error(f"--vs {names[0]} runs on local ranks only (-n N), not across a hostfile")
+    if "gloo" in names and len(names) > 1:
+        parser.error("--vs gloo picks torch.distributed or the driver library itself: give it alone, or "
+                     "--vs gloo-torch and/or --vs gloo-lib")
+    from .gloo import GlooUnavailable, resolve
+
+    out = {}
+    for name in names:
+        try:
+            out[name] = resolve({"gloo": "auto", "gloo-torch": "torch", "gloo-lib": "lib"}[name], args.gloo_lib)
+        except GlooUnavailable as e:
+            raise SystemExit(f"thunderlink bench: --vs {name}: {e}") from None
+    return out
 
 
 class Progress:

@@ -29,7 +29,7 @@ def _short(backend: str, inplace: bool) -> str:
 
 
 # Peers the other series are compared with: (backend, column title).
-_REFS = (("mlx-ring", "x ring"), ("gloo", "x gloo"))
+_REFS = (("mlx-ring", "x ring"), ("gloo", "x gloo"), ("gloo-torch", "x gloo-torch"), ("gloo-lib", "x gloo-lib"))
 
 
 def _ratio_names(series) -> list[tuple[str, str]]:

@@ -13,9 +13,12 @@ Backends:
   thunderlink/mlx  thunderlink's mx.distributed.Group (--via mlx): MLX's own
                 overhead (graph, eval, stream dispatch) included.
   mlx-ring      MLX's ring backend over the same hosts (--vs mlx-ring).
-  gloo          torch.distributed's Gloo over loopback TCP (--vs gloo; local
-                ranks, torch installed), in place: it has no out-of-place
-                all_reduce.
+  gloo          Gloo over loopback TCP (--vs gloo; local ranks), in place:
+                torch.distributed's where torch is installed, else bench/gloo's
+                driver library (--gloo-lib, THUNDERLINK_GLOO_LIB), which calls
+                the same gloo::allreduce without PyTorch; --vs gloo-torch and
+                --vs gloo-lib name one (both: the two side by side). In place
+                only: torch.distributed has no out-of-place all_reduce.
 
 The MLX series run out of place (a fresh output per call, as
 ``y = all_sum(x)``) and in place (``x = all_sum(x)``: MLX donates the input
@@ -57,7 +60,10 @@ class Settings:
     vs: tuple = ()          # ("mlx-ring", "gloo")
     via_mlx: bool = False
     skip_core: bool = False  # measure only the --vs/--via series (the core still runs the harness)
-    gloo_port: int = 0      # --vs gloo: rank 0's rendezvous port on 127.0.0.1
+    gloo_port: int = 0      # --vs gloo (torch): rank 0's rendezvous port on 127.0.0.1
+    gloo_impl: str = ""     # --vs gloo: "torch" or "lib", as the launcher resolved it for every rank
+    gloo_lib: str = ""      # the Gloo driver library (bench/gloo), for "lib"
+    gloo_store: str = ""    # "lib": the rendezvous directory the launcher made for the job
 
 
 @dataclass
@@ -209,15 +215,26 @@ class MLXBackend:
 
 
 class GlooBackend:
-    """torch.distributed's Gloo (--vs gloo): all_reduce of a CPU tensor that
-    shares the numpy buffer, in place (torch.distributed has none out of
-    place). A process group of its own over loopback TCP, next to
-    thunderlink's communicator in the same processes."""
+    """Gloo (--vs gloo), in place (torch.distributed has no all_reduce out of
+    place), over loopback TCP, with a context of its own next to
+    thunderlink's communicator in the same processes, through either
+    torch.distributed (impl "torch": all_reduce of a CPU tensor that shares
+    the numpy buffer) or bench/gloo's driver library (impl "lib": the same
+    gloo::allreduce on the numpy buffer, one ctypes call)."""
 
     name = "gloo"
     variants = (True,)
 
-    def __init__(self, rank: int, n: int, port: int, timeout: float = 300):
+    def __init__(self, rank: int, n: int, port: int = 0, timeout: float = 300, *, impl: str = "torch",
+                 lib: str = "", store: str = "", name: str = "gloo"):
+        self.name, self.impl = name, impl
+        if impl == "lib":
+            from .gloo import GlooLib
+
+            self.g = GlooLib(lib, rank, n, store, iface="lo", timeout=timeout)
+            self.describe = (f"{name}: Gloo driver library {lib} ({self.g.version}), gloo::allreduce "
+                             f"(ring), in place, on lo; no PyTorch")
+            return
         import datetime
 
         import torch
@@ -226,20 +243,29 @@ class GlooBackend:
         self.torch, self.dist = torch, dist
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=n,
                                 timeout=datetime.timedelta(seconds=timeout))
-        self.describe = f"gloo: torch {torch.__version__} torch.distributed.all_reduce, in place"
+        self.describe = f"{name}: torch {torch.__version__} torch.distributed.all_reduce, in place"
 
     def supports(self, op: str) -> bool:
         return op == "all_sum"
 
     def prepare(self, op, x, out, dtype):
+        if self.impl == "lib":
+            return {"run": self.g.caller(x), "x": x}
         t = self.torch.from_numpy(x)  # shares x's memory
         return {"t": t, "x": x}
 
     def run(self, prepared) -> None:
+        if self.impl == "lib":
+            prepared["run"]()
+            return
         self.dist.all_reduce(prepared["t"])
 
     def result(self, prepared) -> np.ndarray:
         return prepared["x"]
+
+    def close(self) -> None:
+        if self.impl == "lib":
+            self.g.close()  # torch's group is left to the process's exit, as before
 
 
 # ---- measuring ----------------------------------------------------------------------
@@ -329,11 +355,13 @@ def make_backends(comm, s: Settings) -> list:
         os.environ["MLX_RANK"] = str(comm.rank)  # MLX's ring reads its rank here
         ring = mx.distributed.init(strict=True, backend="ring")
         backends.append(MLXBackend("mlx-ring", ring, ring=True))
-    if "gloo" in s.vs:
-        if not s.gloo_port:
-            raise SystemExit("thunderlink bench: --vs gloo needs local ranks started by the bench: "
-                             "thunderlink bench -n N --vs gloo")
-        backends.append(GlooBackend(comm.rank, comm.size, s.gloo_port))
+    for name in [v for v in s.vs if v.startswith("gloo")]:
+        impl = s.gloo_impl if name == "gloo" else name.removeprefix("gloo-")
+        if not (s.gloo_port if impl == "torch" else (s.gloo_store and s.gloo_lib)):
+            raise SystemExit(f"thunderlink bench: --vs {name} needs local ranks started by the bench: "
+                             f"thunderlink bench -n N --vs {name}")
+        backends.append(GlooBackend(comm.rank, comm.size, s.gloo_port, impl=impl, lib=s.gloo_lib,
+                                    store=s.gloo_store, name=name))
     return backends
 
 
@@ -349,6 +377,7 @@ def run(comm, s: Settings, backends=None, out=sys.stdout, *, title: str = "thund
     bench/peers.py measures Gloo and Open MPI through this same loop."""
     from . import report
 
+    own = not backends
     backends = backends or make_backends(comm, s)
     notes = list(notes) + _notes(backends)
     wanted = {"both": (False, True), "out": (False,), "in": (True,)}[s.inplace]
@@ -372,6 +401,11 @@ def run(comm, s: Settings, backends=None, out=sys.stdout, *, title: str = "thund
             from .plot import plot
 
             plot(results, s, s.plot_path)
+    gloos = [b for b in backends if isinstance(b, GlooBackend)] if own else []
+    if gloos:
+        comm.barrier()  # every rank is done with Gloo before any closes its connections
+        for b in gloos:
+            b.close()
     return results
 
 
