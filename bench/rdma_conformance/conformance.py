@@ -57,6 +57,9 @@ RDMA_CORE_BUILD = ("cmake -S {tree} -B {tree}/build -GNinja -DNO_MAN_PAGES=1 -DN
                    "bin/ibv_uc_pingpong lib/libmlx5.so.1 lib/libefa.so.1 lib/librdmacm.so.1")
 # libmlx5/libefa/librdmacm: Debian's perftest links them, and Debian's copies
 # need libibverbs' private ABI of Debian's version; the tree's own are used.
+# The distribution's pingpong (Debian's ibverbs-utils, built against its own
+# libibverbs): run too, over the tree's library, when installed.
+DISTRO_TOOLS = "/usr/bin"
 TOOLS = ("ibv_devices", "ibv_devinfo", "ibv_rc_pingpong", "ibv_uc_pingpong")
 
 
@@ -80,6 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="configure and build what is needed in DIR/build first (about 2 minutes on 2 cores)")
     p.add_argument("--iters", type=int, default=1000, help="pingpong iterations at 4 KiB (fewer at larger sizes)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds each tool (or server+client pair) may take")
+    p.add_argument("--jitter-us", type=int, default=0, metavar="N",
+                   help="run with SOFTVERBS_JITTER_US=N: completions of different queues reordered, as verbs allow")
     p.add_argument("--no-perftest", action="store_true", help="skip perftest even where ib_write_bw is installed")
     p.add_argument("--no-thunderlink", action="store_true", help="skip thunderlink's own all_sum")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON here")
@@ -88,6 +93,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.iters < 1:
         p.error(f"--iters {args.iters}: expected a positive count")
+    if not 0 <= args.jitter_us <= 1000000:
+        p.error(f"--jitter-us {args.jitter_us}: expected 0..1000000 (microseconds)")
     if not args.timeout > 0:
         p.error(f"--timeout {args.timeout}: expected a positive number of seconds")
     return args
@@ -359,7 +366,7 @@ def inner(state_path: str) -> int:
     for k in [k for k in env if k.startswith(("SOFTVERBS_", "THUNDERLINK_IBV", "RDMAV_", "IBV_"))]:
         del env[k]
     env.update(SYSFS_PATH=st["sysfs"], RDMAV_DRIVERS=st["prefix"], SOFTVERBS_DIR=st["svdir"],
-               SOFTVERBS_DEVICES=",".join(f"{n}={ip}" for n, ip in DEVICES),
+               SOFTVERBS_DEVICES=",".join(f"{n}={ip}" for n, ip in DEVICES), SOFTVERBS_JITTER_US=str(st["jitter_us"]),
                LD_LIBRARY_PATH=":".join(filter(None, [st["lib"], env.get("LD_LIBRARY_PATH")])))
     binp, timeout, logs = st["bin"], st["timeout"], st["logs"]
     results = []
@@ -398,6 +405,21 @@ def inner(state_path: str) -> int:
             record(name, ok, nums, "" if ok else f"status server {status[0]}, client {status[1]}",
                    outs[0] + outs[1])
 
+    # The same programs as built by the distribution against its own
+    # libibverbs (the public ABI, IBVERBS_1.1, is what they link to).
+    for tool in ("ibv_rc_pingpong", "ibv_uc_pingpong"):
+        exe = os.path.join(st["distro_tools"], tool)
+        if not os.path.exists(exe):
+            continue
+        port = free_port()
+        common = ["-g", "1", "-s", "65536", "-n", str(max(1, it // 4)), "-c", "-p", str(port)]
+        status, outs = run_pair([exe, "-d", "sv0", *common], [exe, "-d", "sv1", *common, "127.0.0.1"],
+                                env, timeout, f"{logs}/distro-{tool}", port)
+        nums = pingpong_numbers(outs[1])
+        ok = status == [0, 0] and nums.get("iters") == max(1, it // 4)
+        record(f"{exe} {' '.join(common[:-2])}", ok, nums,
+               "" if ok else f"status server {status[0]}, client {status[1]}", outs[0] + outs[1])
+
     # RoCE: a connection without a GRH (pingpong without -g) must be refused
     # at RTR, as RoCE hardware refuses it, and both sides must end promptly.
     for tool in ("ibv_rc_pingpong", "ibv_uc_pingpong"):
@@ -434,14 +456,23 @@ def inner(state_path: str) -> int:
         cmd = [sys.executable, "-m", "thunderlink", "bench", "--transport", "rdma", "--op", "all_sum", "--inplace", "out",
                "--sizes", "8,4K,1M,16M", "--iters", "5", "--warmup", "1"]
         rc, out = run_one(cmd, tl_env, timeout, f"{logs}/thunderlink-bench.log")
-        rows = {}
-        for line in out.splitlines():
-            f = line.split()
-            if f and f[0].isdigit() and len(f) > 3:
-                rows[f[0]] = line.strip()
+        rows = {f[0]: " ".join(f) for f in (line.split() for line in out.splitlines())
+                if f and f[0].isdigit() and len(f) > 3}
         ok = rc == 0 and "#wrong 0" in out and "rdma to rank 1" in out
         record("thunderlink bench --transport rdma --op all_sum (THUNDERLINK_IBV_LIB=<tree>/libibverbs.so.1)",
                ok, rows, "" if ok else f"status {rc}", out)
+        # Reference, right after: the same over softverbs loaded directly
+        # (the shim mode the test suite uses), for the ratio under this load.
+        shim = subprocess.run([sys.executable, "-m", "thunderlink.testing.softverbs", "--path"],
+                              capture_output=True, text=True)
+        if shim.returncode == 0:
+            rc, out = run_one(cmd, dict(tl_env, THUNDERLINK_IBV_LIB=shim.stdout.strip()), timeout,
+                              f"{logs}/thunderlink-bench-shim.log")
+            rows = {f[0]: " ".join(f) for f in (line.split() for line in out.splitlines())
+                    if f and f[0].isdigit() and len(f) > 3}
+            ok = rc == 0 and "#wrong 0" in out and "rdma to rank 1" in out
+            record("reference: the same bench over softverbs directly (THUNDERLINK_IBV_LIB=softverbs)", ok, rows,
+                   "" if ok else f"status {rc}", out)
 
     with open(st["results"], "w") as f:
         json.dump(results, f, indent=1)
@@ -478,7 +509,7 @@ def main(argv=None) -> int:
             thunderlink = probe.returncode == 0
         state = {"sysfs": sysfs, "prefix": prefix, "svdir": os.path.join(work, "sv"), "lib": paths["lib"],
                  "bin": paths["bin"], "timeout": args.timeout, "iters": args.iters, "logs": logs,
-                 "perftest": perftest, "thunderlink": thunderlink, "results": os.path.join(work, "results.json")}
+                 "perftest": perftest, "jitter_us": args.jitter_us, "distro_tools": DISTRO_TOOLS, "thunderlink": thunderlink, "results": os.path.join(work, "results.json")}
         with open(os.path.join(work, "state.json"), "w") as f:
             json.dump(state, f)
         print(f"rdma-core {paths['tree']} (provider ABI {paths['pabi']}), provider {prefix}-rdmav{paths['pabi']}.so")

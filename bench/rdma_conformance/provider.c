@@ -66,23 +66,23 @@ int svp_modify_qp(struct ibv_qp *qp, struct ibv_qp_attr *attr, int mask);
 int svp_query_qp(struct ibv_qp *qp, struct ibv_qp_attr *attr, int mask, struct ibv_qp_init_attr *init);
 int svp_destroy_qp(struct ibv_qp *qp);
 
-struct svp_device {
+struct prov_device {
     struct verbs_device vdev; /* first */
 };
 
-struct svp_context {
+struct prov_context {
     struct verbs_context vctx; /* the library's */
     struct ibv_context *sv;    /* softverbs' context of the same device */
 };
 
-struct svp_mr {
+struct prov_mr {
     struct verbs_mr vmr; /* what the program holds */
     struct ibv_mr *sv;
 };
 
 static struct ibv_context *sv_of(struct ibv_context *ctx)
 {
-    return container_of(verbs_get_ctx(ctx), struct svp_context, vctx)->sv;
+    return container_of(verbs_get_ctx(ctx), struct prov_context, vctx)->sv;
 }
 
 /* softverbs' device named like the sysfs device, or NULL. */
@@ -97,23 +97,23 @@ static struct ibv_device *sv_device(const char *name)
     return found;
 }
 
-static bool svp_match_device(struct verbs_sysfs_dev *sysfs_dev)
+static bool prov_match_device(struct verbs_sysfs_dev *sysfs_dev)
 {
     return sv_device(sysfs_dev->ibdev_name) != NULL;
 }
 
-static struct verbs_device *svp_alloc_device(struct verbs_sysfs_dev *sysfs_dev)
+static struct verbs_device *prov_alloc_device(struct verbs_sysfs_dev *sysfs_dev)
 {
-    struct svp_device *d = calloc(1, sizeof *d);
+    struct prov_device *d = calloc(1, sizeof *d);
     return d ? &d->vdev : NULL;
 }
 
-static void svp_uninit_device(struct verbs_device *vdev)
+static void prov_uninit_device(struct verbs_device *vdev)
 {
-    free(container_of(vdev, struct svp_device, vdev));
+    free(container_of(vdev, struct prov_device, vdev));
 }
 
-static int svp_query_device_ex(struct ibv_context *ctx, const struct ibv_query_device_ex_input *input,
+static int prov_query_device_ex(struct ibv_context *ctx, const struct ibv_query_device_ex_input *input,
                                struct ibv_device_attr_ex *attr, size_t attr_size)
 {
     if (input && input->comp_mask)
@@ -126,19 +126,19 @@ static int svp_query_device_ex(struct ibv_context *ctx, const struct ibv_query_d
     return 0;
 }
 
-static int svp_query_port_op(struct ibv_context *ctx, uint8_t port_num, struct ibv_port_attr *attr)
+static int prov_query_port(struct ibv_context *ctx, uint8_t port_num, struct ibv_port_attr *attr)
 {
     return svp_query_port(sv_of(ctx), port_num, attr);
 }
 
-static struct ibv_pd *svp_alloc_pd_op(struct ibv_context *ctx)
+static struct ibv_pd *prov_alloc_pd(struct ibv_context *ctx)
 {
     return svp_alloc_pd(sv_of(ctx)); /* libibverbs sets pd->context */
 }
 
-static struct ibv_mr *svp_reg_mr_op(struct ibv_pd *pd, void *addr, size_t length, uint64_t iova, int access)
+static struct ibv_mr *prov_reg_mr(struct ibv_pd *pd, void *addr, size_t length, uint64_t iova, int access)
 {
-    struct svp_mr *m = calloc(1, sizeof *m);
+    struct prov_mr *m = calloc(1, sizeof *m);
     if (!m) {
         errno = ENOMEM;
         return NULL;
@@ -158,16 +158,16 @@ static struct ibv_mr *svp_reg_mr_op(struct ibv_pd *pd, void *addr, size_t length
     return &m->vmr.ibv_mr; /* libibverbs sets context, pd, addr, length */
 }
 
-static int svp_dereg_mr_op(struct verbs_mr *vmr)
+static int prov_dereg_mr(struct verbs_mr *vmr)
 {
-    struct svp_mr *m = container_of(vmr, struct svp_mr, vmr);
+    struct prov_mr *m = container_of(vmr, struct prov_mr, vmr);
     int rc = svp_dereg_mr(m->sv);
     if (!rc)
         free(m);
     return rc;
 }
 
-static struct ibv_cq *svp_create_cq_op(struct ibv_context *ctx, int cqe, struct ibv_comp_channel *channel,
+static struct ibv_cq *prov_create_cq(struct ibv_context *ctx, int cqe, struct ibv_comp_channel *channel,
                                        int comp_vector)
 {
     if (channel) { /* a library channel is a kernel object: there is none */
@@ -177,7 +177,7 @@ static struct ibv_cq *svp_create_cq_op(struct ibv_context *ctx, int cqe, struct 
     return svp_create_cq(sv_of(ctx), cqe, NULL, NULL, comp_vector); /* verbs_init_cq follows */
 }
 
-static struct ibv_qp *svp_create_qp_op(struct ibv_pd *pd, struct ibv_qp_init_attr *attr)
+static struct ibv_qp *prov_create_qp(struct ibv_pd *pd, struct ibv_qp_init_attr *attr)
 {
     struct ibv_qp *qp = svp_create_qp(pd, attr);
     if (qp)
@@ -185,9 +185,9 @@ static struct ibv_qp *svp_create_qp_op(struct ibv_pd *pd, struct ibv_qp_init_att
     return qp;
 }
 
-static void svp_free_context(struct ibv_context *ctx)
+static void prov_free_context(struct ibv_context *ctx)
 {
-    struct svp_context *c = container_of(verbs_get_ctx(ctx), struct svp_context, vctx);
+    struct prov_context *c = container_of(verbs_get_ctx(ctx), struct prov_context, vctx);
     /* EBUSY (objects still open) leaves softverbs' context alive, as the
      * kernel would clean up after a real provider. */
     svp_close_device(c->sv);
@@ -195,23 +195,23 @@ static void svp_free_context(struct ibv_context *ctx)
     free(c);
 }
 
-static const struct verbs_context_ops svp_ctx_ops = {
-    .query_device_ex = svp_query_device_ex,
-    .query_port = svp_query_port_op,
-    .alloc_pd = svp_alloc_pd_op,
+static const struct verbs_context_ops prov_ctx_ops = {
+    .query_device_ex = prov_query_device_ex,
+    .query_port = prov_query_port,
+    .alloc_pd = prov_alloc_pd,
     .dealloc_pd = svp_dealloc_pd,
-    .reg_mr = svp_reg_mr_op,
-    .dereg_mr = svp_dereg_mr_op,
-    .create_cq = svp_create_cq_op,
+    .reg_mr = prov_reg_mr,
+    .dereg_mr = prov_dereg_mr,
+    .create_cq = prov_create_cq,
     .destroy_cq = svp_destroy_cq,
-    .create_qp = svp_create_qp_op,
+    .create_qp = prov_create_qp,
     .modify_qp = svp_modify_qp,
     .query_qp = svp_query_qp,
     .destroy_qp = svp_destroy_qp,
-    .free_context = svp_free_context,
+    .free_context = prov_free_context,
 };
 
-static struct verbs_context *svp_alloc_context(struct ibv_device *ibdev, int cmd_fd, void *private_data)
+static struct verbs_context *prov_alloc_context(struct ibv_device *ibdev, int cmd_fd, void *private_data)
 {
     struct ibv_device *d = sv_device(ibdev->name);
     if (!d) {
@@ -219,7 +219,7 @@ static struct verbs_context *svp_alloc_context(struct ibv_device *ibdev, int cmd
         errno = ENODEV;
         return NULL;
     }
-    struct svp_context *c = verbs_init_and_alloc_context(ibdev, cmd_fd, c, vctx, RDMA_DRIVER_UNKNOWN);
+    struct prov_context *c = verbs_init_and_alloc_context(ibdev, cmd_fd, c, vctx, RDMA_DRIVER_UNKNOWN);
     if (!c)
         return NULL;
     c->sv = svp_open_device(d);
@@ -233,7 +233,7 @@ static struct verbs_context *svp_alloc_context(struct ibv_device *ibdev, int cmd
         goto fail;
     c->vctx.context.num_comp_vectors = c->sv->num_comp_vectors;
 
-    struct verbs_context_ops ops = svp_ctx_ops;
+    struct verbs_context_ops ops = prov_ctx_ops;
     ops.post_send = c->sv->ops.post_send;
     ops.post_recv = c->sv->ops.post_recv;
     ops.poll_cq = c->sv->ops.poll_cq;
@@ -251,13 +251,13 @@ fail:;
     return NULL;
 }
 
-static const struct verbs_device_ops svp_dev_ops = {
+static const struct verbs_device_ops prov_dev_ops = {
     .name = "softverbs",
     .match_min_abi_version = 1,
     .match_max_abi_version = 1,
-    .match_device = svp_match_device,
-    .alloc_device = svp_alloc_device,
-    .uninit_device = svp_uninit_device,
-    .alloc_context = svp_alloc_context,
+    .match_device = prov_match_device,
+    .alloc_device = prov_alloc_device,
+    .uninit_device = prov_uninit_device,
+    .alloc_context = prov_alloc_context,
 };
-PROVIDER_DRIVER(softverbs, svp_dev_ops);
+PROVIDER_DRIVER(softverbs, prov_dev_ops);
