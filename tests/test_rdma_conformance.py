@@ -112,5 +112,8 @@ def test_pingpong_and_perftest_output_is_parsed():
            "99% percentile[usec]   99.9% percentile[usec] \n"
            " 8       1000          22.44          11104.61      24.34    \t       300.46      \t1078.83\t\t6430.40 "
            "\t\t11104.61\n")
+    sweep = bw.splitlines()[0] + "\n" + "".join(f" {1 << k}      100     1.0     1.0     0.1\n" for k in range(1, 24))
+    got = conf.perftest_numbers(sweep + "-----\n")
+    assert got["rows"] == 23 and got["first"]["#bytes"] == "2" and got["last"]["#bytes"] == "8388608"
     got = conf.perftest_numbers(lat)
     assert got["t_typical[usec]"] == "24.34" and got["99.9% percentile[usec]"] == "11104.61" and len(got) == 9

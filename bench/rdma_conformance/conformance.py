@@ -346,16 +346,29 @@ def pingpong_numbers(text: str) -> dict:
     return out
 
 
-def perftest_numbers(text: str) -> dict:
-    """The result row under perftest's #bytes header (bw or lat tests)."""
+def perftest_rows(text: str) -> list[dict]:
+    """The result rows under perftest's #bytes header (bw or lat tests; one
+    per size with -a)."""
     lines = text.splitlines()
     for i, line in enumerate(lines):
-        if line.strip().startswith("#bytes") and i + 1 < len(lines):
+        if line.strip().startswith("#bytes"):
             head = re.findall(r"#\S+|(?:[A-Za-z0-9.%]+ )?\w+\[[^\]]*\]", line)
-            vals = lines[i + 1].split()
-            if vals and vals[0].isdigit():
-                return {h.strip(): v for h, v in zip(head, vals)}
-    return {}
+            rows = []
+            for row in lines[i + 1:]:
+                vals = row.split()
+                if not vals or not vals[0].isdigit():
+                    break
+                rows.append(dict(zip(head, vals)))
+            return rows
+    return []
+
+
+def perftest_numbers(text: str) -> dict:
+    """The first result row; with several (-a), their count and the last."""
+    rows = perftest_rows(text)
+    if len(rows) > 1:
+        return {"rows": len(rows), "first": rows[0], "last": rows[-1]}
+    return rows[0] if rows else {}
 
 
 def inner(state_path: str) -> int:
@@ -437,6 +450,10 @@ def inner(state_path: str) -> int:
     if st["perftest"]:
         for tool, extra in (("ib_write_bw", ["-s", "65536", "-n", "1000"]),
                             ("ib_write_bw", ["-s", "1048576", "-n", "200"]),
+                            ("ib_write_bw", ["-a", "-n", "100"]),  # 2 B to 8 MiB
+                            ("ib_write_bw", ["-q", "4", "-s", "65536", "-n", "500"]),  # 4 QPs per side
+                            ("ib_send_bw", ["-a", "-n", "100"]),
+                            ("ib_send_bw", ["-b", "-s", "65536", "-n", "500"]),  # both directions at once
                             ("ib_send_bw", ["-s", "65536", "-n", "1000"]),
                             ("ib_send_bw", ["-c", "UC", "-s", "65536", "-n", "1000"]),
                             ("ib_write_lat", ["-s", "8", "-n", "1000"]),
@@ -447,7 +464,8 @@ def inner(state_path: str) -> int:
             status, outs = run_pair([tool, "-d", "sv0", *common], [tool, "-d", "sv1", *common, "127.0.0.1"],
                                     env, timeout, f"{logs}/{tool}-{'_'.join(extra)}", port)
             nums = perftest_numbers(outs[1])
-            ok = status == [0, 0] and bool(nums)
+            # -a: every size from 2 B to 8 MiB (2^1..2^23)
+            ok = status == [0, 0] and bool(nums) and ("-a" not in extra or nums.get("rows") == 23)
             record(name, ok, nums, "" if ok else f"status server {status[0]}, client {status[1]}", outs[0] + outs[1])
 
     if st["thunderlink"]:
