@@ -398,7 +398,7 @@ def inner(state_path: str) -> int:
 
     rc, out = run_one([f"{binp}/ibv_devinfo", "-v"], env, timeout, f"{logs}/ibv_devinfo.log")
     want = ["hca_id:\tsv0", "hca_id:\tsv1", "PORT_ACTIVE", "link_layer:\t\tEthernet", "::ffff:127.0.0.1, RoCE v2",
-            "::ffff:127.0.0.2, RoCE v2", "fw_ver:\t\t\t\tsoftverbs-1"]
+            "::ffff:127.0.0.2, RoCE v2", "fw_ver:\t\t\t\tsoftverbs-1", "max_vl_num:\t\t1 (1)"]
     want += [f"node_guid:\t\t\t{node_guid(ip)}" for _, ip in DEVICES]  # as ibv_devices reads it from sysfs
     missing = [w for w in want if w not in out]
     record("ibv_devinfo -v", rc == 0 and not missing, {}, f"status {rc}" if rc else

@@ -806,6 +806,7 @@ SV_EXPORT int ibv_query_port(struct ibv_context *context, uint8_t port_num, stru
     a->active_width = 2;  /* 4x */
     a->active_speed = 32; /* 25 Gb/s per lane */
     a->phys_state = 5;    /* link up */
+    a->max_vl_num = 1;    /* VL0 only (0 is not a valid value) */
     a->link_layer = IBV_LINK_LAYER_ETHERNET;
     return 0;
 }
