@@ -760,8 +760,11 @@ SV_EXPORT int ibv_query_device(struct ibv_context *context, struct ibv_device_at
         return EINVAL;
     memset(a, 0, sizeof *a);
     snprintf(a->fw_ver, sizeof a->fw_ver, "softverbs-1");
-    uint64_t guid = 0x02005e0000000000ull | ntohl(c->dev->ip);
-    a->node_guid = a->sys_image_guid = guid;
+    /* GUIDs are big-endian (__be64 in rdma-core): 02:00:5e:00 then the address */
+    uint8_t guid[8] = {0x02, 0x00, 0x5e, 0x00};
+    memcpy(guid + 4, &c->dev->ip, 4);
+    memcpy(&a->node_guid, guid, 8);
+    memcpy(&a->sys_image_guid, guid, 8);
     a->max_mr_size = 1ull << 40;
     a->page_size_cap = 4096;
     a->vendor_id = 0x5356; /* not a registered vendor */
@@ -803,6 +806,7 @@ SV_EXPORT int ibv_query_port(struct ibv_context *context, uint8_t port_num, stru
     a->active_width = 2;  /* 4x */
     a->active_speed = 32; /* 25 Gb/s per lane */
     a->phys_state = 5;    /* link up */
+    a->max_vl_num = 1;    /* VL0 only (0 is not a valid value) */
     a->link_layer = IBV_LINK_LAYER_ETHERNET;
     return 0;
 }
