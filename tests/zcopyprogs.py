@@ -48,22 +48,29 @@ def across(counts):
 
 
 def many_buffers(params):
-    """all_sum out of place from `nbuf` distinct input buffers into distinct
-    outputs, `rounds` times, each result checked against the exact sum
-    (small integers in float32: exact in any order)."""
+    """From `nbuf` distinct input buffers into distinct outputs, `rounds`
+    times: all_sum out of place, and reduce_scatter (whose ring also stages
+    partial sums in scratch memory: three buffers per call); each result
+    checked against the exact sum (small integers in float32: exact in any
+    order)."""
     count, nbuf, rounds = params
     comm = thunderlink.connect()
     n, rank = comm.size, comm.rank
-    ins = [np.full(count, rank * 10 + b, np.float32) for b in range(nbuf)]
-    outs = [np.empty(count, np.float32) for _ in range(nbuf)]
+    ins = [np.full(count * n, rank * 10 + b, np.float32) for b in range(nbuf)]
+    outs = [np.empty(count * n, np.float32) for _ in range(nbuf)]
+    parts = [np.empty(count, np.float32) for _ in range(nbuf)]
+    marks = (np.arange(count * n) % 7 == 0)
     wrong = []
     for r in range(rounds):
         for b in range(nbuf):
-            ins[b][::7] += 1  # the data changes between calls
+            ins[b][marks] += 1  # the data changes between calls
+            want = sum(np.full(count * n, p * 10 + b, np.float32) for p in range(n)) + n * (r + 1) * marks
             comm.all_sum(ins[b], outs[b])
-            want = sum(np.full(count, p * 10 + b, np.float32) for p in range(n)) + n * (r + 1) * (np.arange(count) % 7 == 0)
             if not np.array_equal(outs[b], want):
-                wrong.append([r, b])
+                wrong.append(["all_sum", r, b])
+            comm.reduce_scatter(ins[b], parts[b])
+            if not np.array_equal(parts[b], want[rank * count:(rank + 1) * count]):
+                wrong.append(["reduce_scatter", r, b])
     emit({"wrong": wrong, "stats": comm.stats()})
 
 
