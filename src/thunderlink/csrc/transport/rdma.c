@@ -60,8 +60,69 @@
  * more so no completion slips between), together with every other
  * transport's descriptors, under the operation's deadline.
  *
- * Not done yet: large messages are copied through the staging slots rather
- * than registered in place (zero copy through a registration cache).
+ * Zero copy. Bytes of at least the link's zcopy size (THUNDERLINK_IBV_ZCOPY;
+ * the two ends agree on it in set-up: the larger of their sizes, off if
+ * either is off) that the core offers as one piece (a frame's payload) go
+ * by rendezvous instead of through the slots:
+ *   sender    registers the source through the cache and sends an RTS, a
+ *             data message (it has a sequence number and takes a credit)
+ *             saying how many stream bytes follow (at most RDV_MAX, and the
+ *             port's largest message); then posts nothing more on the
+ *             channel until the answer.
+ *   receiver  answers when the RTS reaches the head of its stream and the
+ *             core reads there: CTS (address, rkey) when the core's
+ *             destination holds all those bytes contiguously and registers
+ *             (a recv's buffer; or, for a reduce-on-receive, the receive's
+ *             own buffer when it is not the other operand: the reduction
+ *             then runs in place there), else NACK. The RTS is consumed.
+ *   sender    on CTS: RDMA_WRITE_WITH_IMM from the source straight into the
+ *             destination, as the channel's next data message (imm: its
+ *             sequence number; it takes one of the peer's receives and a
+ *             credit, like a SEND, and a lost one is found like any lost
+ *             message). On NACK (or when no region can be had): the same
+ *             bytes through the slots, next in the stream; nothing was
+ *             posted after the RTS, so the order holds.
+ * A send is reported to the core only once complete, in stream order
+ * (tx_advance: a write can finish after later messages); a write into the
+ * receiver only once it has landed and is consumed. A lost CTS or NACK (a
+ * control message) is sent again when the waiting sender probes.
+ * Pipelining: one RTS awaits its answer per channel at a time (a NACK's
+ * bytes must come next in the stream), so a channel's wire idles about one
+ * round trip between two writes (the next RTS travels behind the write
+ * before it); the ring's two lanes (one channel each) and its pipelined
+ * chunks keep the link busy meanwhile, and larger chunks
+ * (THUNDERLINK_CHUNK_BYTES) make the gap a smaller share. A send of at least
+ * the zcopy size waits for the receiver to post the matching receive (as a
+ * TCP send larger than the socket buffers, or an MPI rendezvous).
+ *
+ * Registration cache. Per protection domain (one per link today), at most
+ * THUNDERLINK_IBV_MR_CACHE regions for the call's buffers (Apple's devices
+ * allow about 100 regions and 10 queue pairs: at most 5 links of 2 queue
+ * pairs, each with 1 staging region and 8 cached by default, leaves half
+ * for the program's declared memory). A region covers whole pages of the
+ * whole buffer a chunk belongs to (the call's input, output or scratch: its
+ * chunks share one registration), is found by any range it covers, and is
+ * counted in use (refs) from the RTS or CTS to the completion or
+ * consumption of the write: the least recently used region not in use is
+ * evicted for a new one, and when every one is in use (or the device
+ * refuses: ENOMEM) the message goes through the slots instead of failing.
+ *
+ * SAFETY. A registration pins the pages behind a virtual range. If the
+ * program frees that memory and a later allocation reuses the addresses
+ * with new pages, a registration kept in a cache still points at the old
+ * pages: the NIC would move data to or from memory nobody sees (silently
+ * wrong results on hardware; softverbs, which reads by address, cannot show
+ * it). No cheap portable check exists (UCX and libfabric intercept munmap;
+ * NCCL registers only memory the user declared). So registrations of the
+ * call's buffers live for one call: tl_transport_ops_t.op_end drops them
+ * when the call ends (the cache and its bound work within the call, where
+ * the buffers cannot be freed); only memory the program declares stable
+ * with tl_comm_register_memory (it promises not to free it until
+ * tl_comm_deregister_memory) stays registered across calls. The core's
+ * scratch memory is allocated at the start of an operation, never grown
+ * during one, so it is no exception. After a failure the call's regions
+ * are dropped all the same: a peer's write then fails instead of landing
+ * in memory the call no longer owns.
  */
 #include <arpa/inet.h>
 #include <dlfcn.h>
