@@ -132,3 +132,20 @@ def test_a_lost_zero_copy_write_fails_every_rank_quickly(monkeypatch):
         assert v["seconds"] < 10, (rank, v)
         msg = v["message"]
         assert "zero-copy RDMA write" in msg and "was lost" in msg and "UC queue pairs do not retransmit" in msg, (rank, msg)
+
+
+@pytest.mark.parametrize("every", [4, 7])
+def test_any_lost_message_of_a_rendezvous_is_found(monkeypatch, every):
+    """UC, every Nth message of any kind lost (data, RTS, write, and the
+    control messages: credits, CTS, NACK, whose loss is made good by the
+    next one or by the sender's probe): every rank fails within seconds,
+    naming a lost message; never a hang, never a wrong result."""
+    use_softverbs(monkeypatch)
+    env = {"SOFTVERBS_UC_ONLY": "1", "SOFTVERBS_DROP_EVERY": str(every), "SOFTVERBS_DROP_AFTER": "40",
+           "THUNDERLINK_TIMEOUT": "30", "THUNDERLINK_HEARTBEAT": "0.5"}
+    r = run(3, "lossy", [[600001, 50]], env, timeout=100)
+    assert r.status == 0, r.all_text()
+    for rank, v in enumerate(r.results()):
+        assert v["raised"] is not None and v["wrong"] == 0, (rank, v)
+        assert v["seconds"] < 10, (rank, v)
+        assert "was lost" in v["message"] and "UC queue pairs do not retransmit" in v["message"], (rank, v)
