@@ -104,18 +104,37 @@ def test_eviction_under_load_keeps_results_right(monkeypatch, uc):
 
 
 def test_a_registered_buffer_is_registered_once(monkeypatch):
-    """Comm.register_memory: the buffer is registered once per link and
+    """A buffer not declared is registered again by every call that uses it;
+    Comm.register_memory: the buffer is registered once per link and
     every later call finds it in the cache (no new registration); it is
     deregistered once, and a second deregister is an error naming it."""
     use_softverbs(monkeypatch)
     r = run(3, "registered", [[100000, 6]], {})
     assert r.status == 0, r.all_text()
     for v in r.results():
+        # Undeclared, the same buffer is registered anew by every call (a
+        # registration never outlives the call that made it).
+        assert v["per_call"][0] == v["per_call"][1] > 0, v
         first, last = v["first"], v["last"]
         assert v["wrong"] == 0, v
-        assert first["mr_registered"] == last["mr_registered"] == 2, v  # one per link, at register time
+        # One per link at register time, none after.
+        assert first["mr_registered"] == last["mr_registered"] == sum(v["per_call"]) + 2, v
         assert last["mr_hits"] > first["mr_hits"] > 0 and last["zcopy_received"] > first["zcopy_received"] > 0, v
         assert v["again"] and "were not registered" in v["again"], v
+
+
+def test_register_memory_past_the_device_limit_is_a_clear_error(monkeypatch):
+    """A device with no memory region left (SOFTVERBS_MAX_MR: the links'
+    staging buffers take them all): register_memory raises, naming the
+    limit, and registers nothing (all links or none); collectives go on,
+    through the staging slots."""
+    use_softverbs(monkeypatch)
+    r = run(3, "register_too_much", [None], {"SOFTVERBS_MAX_MR": "2"})
+    assert r.status == 0, r.all_text()
+    for v in r.results():
+        assert v["ok"], v
+        kind, msg = v["raised"]
+        assert kind == "ConfigError" and "register_memory" in msg and "memory regions are used up" in msg, v
 
 
 def test_a_lost_zero_copy_write_fails_every_rank_quickly(monkeypatch):

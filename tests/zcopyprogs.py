@@ -82,6 +82,13 @@ def registered(params):
     comm = thunderlink.connect()
     n, rank = comm.size, comm.rank
     x = np.empty(count * n, np.float32)
+    # Not declared yet: each call registers what it uses, and lets it go.
+    per_call = []
+    for i in range(2):
+        before = comm.stats()["rdma"]["mr_registered"]
+        x[:] = rank
+        comm.all_sum(x, x)
+        per_call.append(comm.stats()["rdma"]["mr_registered"] - before)
     comm.register_memory(x)
     wrong = 0
     firsts = None
@@ -97,7 +104,22 @@ def registered(params):
         again = None
     except thunderlink.ThunderlinkError as e:
         again = str(e)
-    emit({"wrong": wrong, "first": firsts, "last": comm.stats()["rdma"], "again": again})
+    emit({"wrong": wrong, "first": firsts, "last": comm.stats()["rdma"], "again": again,
+          "per_call": per_call})
+
+
+def register_too_much(_):
+    """register_memory where the device has no region left: an error naming
+    the limit, on every rank; the communicator still works."""
+    comm = thunderlink.connect()
+    x = np.ones(1 << 20, np.float32)
+    try:
+        comm.register_memory(x)
+        raised = None
+    except thunderlink.ThunderlinkError as e:
+        raised = [type(e).__name__, str(e)]
+    y = comm.all_sum(x)
+    emit({"raised": raised, "ok": bool(np.all(y == comm.size))})
 
 
 def lossy(params):
