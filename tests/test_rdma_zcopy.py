@@ -80,6 +80,24 @@ def test_results_are_bit_identical_to_tcp(monkeypatch, tcp_digests, variant):
         assert sent == sum(v["stats"]["rdma"]["zcopy_received_bytes"] for v in values)
 
 
+def test_ranks_that_differ_agree_per_link(monkeypatch, tcp_digests):
+    """THUNDERLINK_IBV_ZCOPY is not a shared option: each link's two ends
+    agree in set-up (off if either is off, else the larger size). Rank 0 off,
+    ranks 1 and 2 at 64K and 128K: rank 0's links run without zero copy,
+    the link between 1 and 2 with it; every result as over TCP."""
+    use_softverbs(monkeypatch)
+    r = run(3, "across", [COUNTS, ["0", str(ZCOPY), str(2 * ZCOPY)]], {})
+    assert r.status == 0, r.all_text()
+    values = r.results()
+    for rank, v in enumerate(values):
+        assert v["digests"] == tcp_digests[rank], rank
+    z = [v["stats"]["rdma"] for v in values]
+    assert z[0]["zcopy_sent"] == z[0]["zcopy_received"] == 0, z
+    assert z[1]["zcopy_sent"] > 0 and z[2]["zcopy_received"] > 0, z
+    # Between ranks 1 and 2, nothing below the larger size went zero copy.
+    assert z[1]["zcopy_sent_bytes"] >= 2 * ZCOPY * z[1]["zcopy_sent"], z
+
+
 @pytest.mark.parametrize("uc", [False, True], ids=["rc", "uc"])
 def test_eviction_under_load_keeps_results_right(monkeypatch, uc):
     """A cache of two regions per link and a device of 5 regions (2 of them

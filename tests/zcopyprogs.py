@@ -6,6 +6,7 @@ Each prints one line ``RESULT <json>``. Inputs come from rankprogs.data
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -15,11 +16,14 @@ from progmain import emit, run  # noqa: E402  (tests/ is on sys.path)
 from rankprogs import data, digest
 
 
-def across(counts):
+def across(counts, zcopy_by_rank=None):
     """all_sum (out of place and in place), all_gather, reduce_scatter and a
     send/recv round between every ordered pair, of float32 `counts`; the
     digest of every result (every rank's, for the test to compare with
-    another transport's run) and this rank's counters."""
+    another transport's run) and this rank's counters. zcopy_by_rank: each
+    rank's THUNDERLINK_IBV_ZCOPY (ranks may differ)."""
+    if zcopy_by_rank:
+        os.environ["THUNDERLINK_IBV_ZCOPY"] = zcopy_by_rank[int(os.environ["THUNDERLINK_RANK"])]
     comm = thunderlink.connect()
     n, rank = comm.size, comm.rank
     out = {}
