@@ -1139,6 +1139,10 @@ static int chan_fail(rdma_chan_t *rc, int err, const char *fmt, ...) {
   va_end(ap);
   if (!rc->failed) {
     rc->failed = -err;
+    /* While the link closes (rdma_close drains its last sends: a peer that
+     * left first fails them), the channel just stops: failing the
+     * communicator then would abort channels already closed. */
+    if (rc->closing) return rc->failed;
     tl__fail(l->comm, err == EPROTO ? TL_ERR_PROTOCOL : TL_ERR_PEER,
              "rdma to rank %d (%s port %d, %s channel %d): %s", l->peer, rc->rl->port.dev,
              rc->rl->port.port, qpt_name(rc->rl->qpt), rc->index, msg);
