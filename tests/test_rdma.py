@@ -9,6 +9,7 @@ pairs, the MLX path and the tools.
 import ctypes
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -141,11 +142,14 @@ def test_uc_collectives_are_right_with_jitter(ranks, monkeypatch):
 
 def test_bench_runs_over_rdma(monkeypatch):
     use_softverbs(monkeypatch)
-    out = subprocess.run([sys.executable, "-m", "thunderlink", "bench", "--transport", "rdma", "--sizes", "8,1M",
+    out = subprocess.run([sys.executable, "-m", "thunderlink", "bench", "--transport", "rdma", "--sizes", "8,4M",
                           "--iters", "5", "--warmup", "1", "--inplace", "out"],
                          capture_output=True, text=True, timeout=180, env=dict(os.environ))
     assert out.returncode == 0, out.stdout + out.stderr
     assert "rdma to rank 1" in out.stdout and "#wrong 0" in out.stdout, out.stdout
+    # 4M over 2 ranks runs the ring in 512K chunks: zero copy (THUNDERLINK_IBV_ZCOPY: 256K).
+    zc = re.search(r"# rdma \(rank 0, whole run\): zero copy (\d+) writes sent", out.stdout)
+    assert zc and int(zc.group(1)) > 0, out.stdout
 
 
 def test_mlx_program_trains_over_rdma(monkeypatch):

@@ -394,6 +394,7 @@ def run(comm, s: Settings, backends=None, out=sys.stdout, *, title: str = "thund
             report.row(out, row)
     if rank0:
         report.footer(out, results, series)
+        _rdma_note(comm, out)
         if s.json_path:
             with open(s.json_path, "w", encoding="utf-8") as f:
                 json.dump([_jsonable(asdict(m)) for m in results], f, indent=1)
@@ -407,6 +408,23 @@ def run(comm, s: Settings, backends=None, out=sys.stdout, *, title: str = "thund
         for b in gloos:
             b.close()
     return results
+
+
+def _rdma_note(comm, out) -> None:
+    """Over RDMA links: which path the bytes took (rank 0's counters of the
+    whole run), so a table says whether zero copy ran."""
+    stats = getattr(comm, "stats", None)
+    if not stats or "rdma" not in [kind for kind, _ in comm.links().values()]:
+        return
+    z = stats().get("rdma")
+    if not z:
+        return
+    out.write(f"# rdma (rank 0, whole run): zero copy {z['zcopy_sent']} writes sent "
+              f"({z['zcopy_sent_bytes'] / 1e6:.1f} MB), {z['zcopy_received']} received "
+              f"({z['zcopy_received_bytes'] / 1e6:.1f} MB); {z['zcopy_staged']} large messages through the "
+              f"staging slots; regions registered {z['mr_registered']}, cache hits {z['mr_hits']}, "
+              f"evicted {z['mr_evicted']} (THUNDERLINK_IBV_ZCOPY=0: all through the slots)\n")
+    out.flush()
 
 
 def _notes(backends) -> list[str]:

@@ -110,6 +110,8 @@ typedef struct tl_options {
   int32_t transport;
   int32_t heartbeat_ms;
   int32_t listen_all;
+  int64_t ibv_zcopy_bytes;
+  int32_t ibv_mr_cache;
   int32_t ntune;
   tl_tune_row_t tune[64];
 } tl_options_t;
@@ -122,6 +124,9 @@ typedef struct tl_stats {
   uint64_t last_out;
   uint64_t bytes_sent_by[4];
   uint64_t bytes_received_by[4];
+  uint64_t zcopy_sent, zcopy_sent_bytes;
+  uint64_t zcopy_received, zcopy_received_bytes;
+  uint64_t mr_registered, mr_hits, mr_evicted, zcopy_staged;
 } tl_stats_t;
 
 typedef struct tl_vtable tl_vtable_t;
@@ -165,6 +170,8 @@ int tl_comm_release(tl_comm_t *comm);
 int tl_comm_rank(tl_comm_t *comm);
 int tl_comm_size(tl_comm_t *comm);
 int tl_comm_split(tl_comm_t *comm, int color, int key, tl_comm_t **out);
+int tl_comm_register_memory(tl_comm_t *comm, void *addr, size_t len);
+int tl_comm_deregister_memory(tl_comm_t *comm, void *addr, size_t len);
 int tl_comm_stats(tl_comm_t *comm, tl_stats_t *out);
 
 int tl_all_reduce(tl_comm_t *comm, const void *in, void *out, uint64_t count,

@@ -148,6 +148,7 @@ class Comm:
         self._lock = threading.Lock()
         self._busy = 0        # calls in flight (between _begin and _end)
         self._orphan = None   # closed while busy: the last call releases it
+        self._registered = {}  # (address, bytes) -> buffers kept alive by register_memory
         self._rank = int(lib.tl_comm_rank(handle))
         self._size = int(lib.tl_comm_size(handle))
 
@@ -395,6 +396,39 @@ class Comm:
         finally:
             self._end()
 
+    def register_memory(self, buffer) -> None:
+        """Declare ``buffer`` (anything with the buffer protocol: a numpy or
+        MLX array) stable: RDMA links register it once and keep it
+        registered, so zero copy from and into it costs no registration in
+        later calls (NCCL's ncclCommRegister). The Comm keeps a reference to
+        it until :meth:`deregister_memory`; do not resize or free its memory
+        meanwhile. Without this, registrations last one call. A no-op on
+        links other than RDMA."""
+        view = ffi.from_buffer(buffer)
+        if not len(view):
+            raise InvalidArgumentError("[thunderlink] register_memory: the buffer is empty")
+        h = self._begin()
+        try:
+            check(lib.tl_comm_register_memory(h, view, len(view)), h)
+            self._registered.setdefault((int(ffi.cast("uintptr_t", view)), len(view)), []).append(buffer)
+        finally:
+            self._end()
+
+    def deregister_memory(self, buffer) -> None:
+        """Undo one :meth:`register_memory` of the same buffer."""
+        view = ffi.from_buffer(buffer)
+        key = (int(ffi.cast("uintptr_t", view)), len(view))
+        h = self._begin()
+        try:
+            check(lib.tl_comm_deregister_memory(h, view, len(view)), h)
+            held = self._registered.get(key)
+            if held:
+                held.pop()
+                if not held:
+                    del self._registered[key]
+        finally:
+            self._end()
+
     def links(self) -> dict[int, tuple[str, int]]:
         """Every peer this rank shares a link with -> (its transport, its
         number of channels: TCP connections, or shared-memory rings)."""
@@ -433,6 +467,10 @@ def _stats(handle) -> dict:
         "last_out": int(s.last_out),
         "bytes_sent_by": {name: int(s.bytes_sent_by[code]) for code, name in _TRANSPORT_NAMES.items()},
         "bytes_received_by": {name: int(s.bytes_received_by[code]) for code, name in _TRANSPORT_NAMES.items()},
+        # RDMA zero copy and its registration cache (see the README's RDMA section).
+        "rdma": {k: int(getattr(s, k)) for k in (
+            "zcopy_sent", "zcopy_sent_bytes", "zcopy_received", "zcopy_received_bytes",
+            "mr_registered", "mr_hits", "mr_evicted", "zcopy_staged")},
     }
 
 

@@ -187,6 +187,8 @@ typedef struct tl_options {
   int32_t heartbeat_ms;       /* a peer silent this long while awaited is
                                  lost; heartbeats every fifth; 0 = off      */
   int32_t listen_all;         /* listen on every interface, not just the hostfile's addresses */
+  int64_t ibv_zcopy_bytes;    /* RDMA: zero copy from this message size; 0 = off */
+  int32_t ibv_mr_cache;       /* RDMA: regions a link's registration cache holds */
   /* A tuning profile's rows (not in the options table: not knobs of their
    * own). Checked by tl_options_check; in the handshake digest. */
   int32_t ntune;
@@ -203,6 +205,14 @@ typedef struct tl_stats {
   /* Payload bytes by transport (indexed by TL_TRANSPORT_*). */
   uint64_t bytes_sent_by[TL_NUM_TRANSPORTS];
   uint64_t bytes_received_by[TL_NUM_TRANSPORTS];
+  /* RDMA zero copy (transport/rdma.c): messages written straight from the
+   * sender's buffer into the receiver's, and their bytes; memory regions
+   * registered for it, lookups the cache served, regions evicted to make
+   * room; rendezvous that went through the staging slots instead (no region
+   * to be had, or a destination that cannot take it in place). */
+  uint64_t zcopy_sent, zcopy_sent_bytes;
+  uint64_t zcopy_received, zcopy_received_bytes;
+  uint64_t mr_registered, mr_hits, mr_evicted, zcopy_staged;
 } tl_stats_t;
 
 /* ---- errors -------------------------------------------------------------- */
@@ -337,6 +347,18 @@ int tl_comm_size(tl_comm_t *comm);
  * its own connections. A rank whose color is negative gets *out = NULL.
  */
 int tl_comm_split(tl_comm_t *comm, int color, int key, tl_comm_t **out);
+
+/*
+ * Declare [addr, addr + len) stable: the caller will not free it while it is
+ * registered (NCCL's ncclCommRegister). RDMA links register it now, once, and
+ * keep it registered across calls, so zero copy from and into it costs no
+ * registration; without this, registrations last one call (a buffer freed
+ * and its addresses reused would otherwise be moved to the old pages). A
+ * no-op on other transports. tl_comm_deregister_memory takes the same
+ * range back (TL_ERR_INVALID if it was not registered).
+ */
+int tl_comm_register_memory(tl_comm_t *comm, void *addr, size_t len);
+int tl_comm_deregister_memory(tl_comm_t *comm, void *addr, size_t len);
 
 /* Copy the communicator's counters, or the process-wide ones if comm is NULL. */
 int tl_comm_stats(tl_comm_t *comm, tl_stats_t *out);

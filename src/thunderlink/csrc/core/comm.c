@@ -377,6 +377,43 @@ int tl_comm_release(tl_comm_t *c) {
 int tl_comm_rank(tl_comm_t *c) { return c ? c->rank : TL_ERR_INVALID; }
 int tl_comm_size(tl_comm_t *c) { return c ? c->size : TL_ERR_INVALID; }
 
+/* Memory the caller declares stable (tl.h): every link whose transport
+ * registers memory (RDMA) takes it, or none does. */
+static int register_memory(tl_comm_t *c, void *addr, size_t len, int add) {
+  const char *what = add ? "register_memory" : "deregister_memory";
+  if (!c) return TL_ERR_INVALID;
+  if (!addr || !len) return tl__error(c, TL_ERR_INVALID, "%s: empty or NULL buffer", what);
+  pthread_mutex_lock(&c->lock);
+  int rc = c->status, found = 0, any = 0;
+  if (!rc && !c->connected && c->size > 1)
+    rc = tl__error(c, TL_ERR_INVALID, "%s: the communicator is not connected yet", what);
+  for (int p = 0; !rc && c->links && p < c->size; p++) {
+    tl_link_t *l = &c->links[p];
+    if (!l->ops || !l->ops->register_memory) continue;
+    any = 1;
+    int r = l->ops->register_memory(l, addr, len, add);
+    if (r == TL_OK) found = 1;
+    else if (add || r != TL_ERR_INVALID) rc = r;
+  }
+  if (rc && add) /* all or nothing */
+    for (int p = 0; c->links && p < c->size; p++)
+      if (c->links[p].ops && c->links[p].ops->register_memory)
+        c->links[p].ops->register_memory(&c->links[p], addr, len, 0);
+  if (!rc && !add && any && !found)
+    rc = tl__error(c, TL_ERR_INVALID, "deregister_memory: %zu B at %p were not registered "
+                   "(register_memory takes exactly the same range)", len, addr);
+  pthread_mutex_unlock(&c->lock);
+  return rc;
+}
+
+int tl_comm_register_memory(tl_comm_t *c, void *addr, size_t len) {
+  return register_memory(c, addr, len, 1);
+}
+
+int tl_comm_deregister_memory(tl_comm_t *c, void *addr, size_t len) {
+  return register_memory(c, addr, len, 0);
+}
+
 int tl_comm_stats(tl_comm_t *c, tl_stats_t *out) {
   if (!out) return TL_ERR_INVALID;
   if (c) {

@@ -178,6 +178,15 @@ typedef struct tl_transport_ops {
   void (*close)(tl_chan_t *ch);
   /* After every channel is closed: free the link's state (l->t). May be NULL. */
   void (*close_link)(tl_link_t *l);
+  /* Optional (NULL: nothing to do). The operation begun by tl__op_begin
+   * ended, well or not (tl__op_end): release what the link held for the
+   * call's buffers (RDMA: their memory registrations). */
+  void (*op_end)(tl_link_t *l);
+  /* Optional: tl_comm_register_memory (add 1) / _deregister_memory (add 0)
+   * of [addr, addr + len), between operations. Returns a status, with the
+   * message recorded (tl__error); TL_ERR_INVALID from a removal means the
+   * link had no such range. */
+  int (*register_memory)(tl_link_t *l, void *addr, size_t len, int add);
 } tl_transport_ops_t;
 
 #define TL_SETUP_PHASES 3

@@ -53,6 +53,9 @@ int tl__op_begin(tl_comm_t *c, int op, int dtype, int redop, uint64_t total,
 }
 
 void tl__op_end(tl_comm_t *c) {
+  /* Transports let go of the call's buffers (see tl_transport_ops_t.op_end). */
+  for (int p = 0; c->links && p < c->size; p++)
+    if (c->links[p].ops && c->links[p].ops->op_end) c->links[p].ops->op_end(&c->links[p]);
   c->cur.op = 0;
   atomic_store(&c->in_op, 0);
 }

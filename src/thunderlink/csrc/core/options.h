@@ -94,3 +94,13 @@ TL_OPTION(listen_all, "listen_all", "THUNDERLINK_LISTEN_ALL", TL_OPT_INT, "",
           "`1`: listen on every interface of this host (at the hostfile's port), not only on "
           "this rank's hostfile addresses; for hosts whose hostfile address is not one of their "
           "own (NAT, a name that resolves elsewhere)")
+TL_OPTION(ibv_zcopy_bytes, "ibv_zcopy", "THUNDERLINK_IBV_ZCOPY", TL_OPT_BYTES, "B",
+          256 << 10, 0, 1 << 30, 0, NULL,
+          "RDMA: messages of at least this many bytes go zero copy (an RDMA write straight from "
+          "the sender's buffer into the receiver's, through a registration cache) instead of "
+          "through the staging slots; `0`: off. The two ends of a link use the larger of their "
+          "values, and off if either is off")
+TL_OPTION(ibv_mr_cache, "ibv_mr_cache", "THUNDERLINK_IBV_MR_CACHE", TL_OPT_INT, "",
+          8, 1, 1000, 0, NULL,
+          "RDMA: memory regions each link may hold for zero copy at once (least recently used "
+          "evicted; Apple's devices allow about 100 in all, 10 queue pairs, 2 per link)")

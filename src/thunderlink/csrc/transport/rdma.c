@@ -60,9 +60,71 @@
  * more so no completion slips between), together with every other
  * transport's descriptors, under the operation's deadline.
  *
- * Not done yet: large messages are copied through the staging slots rather
- * than registered in place (zero copy through a registration cache).
+ * Zero copy. Bytes of at least the link's zcopy size (THUNDERLINK_IBV_ZCOPY;
+ * the two ends agree on it in set-up: the larger of their sizes, off if
+ * either is off) that the core offers as one piece (a frame's payload) go
+ * by rendezvous instead of through the slots:
+ *   sender    registers the source through the cache and sends an RTS, a
+ *             data message (it has a sequence number and takes a credit)
+ *             saying how many stream bytes follow (at most RDV_MAX, and the
+ *             port's largest message); then posts nothing more on the
+ *             channel until the answer.
+ *   receiver  answers when the RTS reaches the head of its stream and the
+ *             core reads there: CTS (address, rkey) when the core's
+ *             destination holds all those bytes contiguously and registers
+ *             (a recv's buffer; or, for a reduce-on-receive, the receive's
+ *             own buffer when it is not the other operand: the reduction
+ *             then runs in place there), else NACK. The RTS is consumed.
+ *   sender    on CTS: RDMA_WRITE_WITH_IMM from the source straight into the
+ *             destination, as the channel's next data message (imm: its
+ *             sequence number; it takes one of the peer's receives and a
+ *             credit, like a SEND, and a lost one is found like any lost
+ *             message). On NACK (or when no region can be had): the same
+ *             bytes through the slots, next in the stream; nothing was
+ *             posted after the RTS, so the order holds.
+ * A send is reported to the core only once complete, in stream order
+ * (tx_advance: a write can finish after later messages); a write into the
+ * receiver only once it has landed and is consumed. A lost CTS or NACK (a
+ * control message) is sent again when the waiting sender probes.
+ * Pipelining: one RTS awaits its answer per channel at a time (a NACK's
+ * bytes must come next in the stream), so a channel's wire idles about one
+ * round trip between two writes (the next RTS travels behind the write
+ * before it); the ring's two lanes (one channel each) and its pipelined
+ * chunks keep the link busy meanwhile, and larger chunks
+ * (THUNDERLINK_CHUNK_BYTES) make the gap a smaller share. A send of at least
+ * the zcopy size waits for the receiver to post the matching receive (as a
+ * TCP send larger than the socket buffers, or an MPI rendezvous).
+ *
+ * Registration cache. Per protection domain (one per link today), at most
+ * THUNDERLINK_IBV_MR_CACHE regions for the call's buffers (Apple's devices
+ * allow about 100 regions and 10 queue pairs: at most 5 links of 2 queue
+ * pairs, each with 1 staging region and 8 cached by default, leaves half
+ * for the program's declared memory). A region covers whole pages of the
+ * whole buffer a chunk belongs to (the call's input, output or scratch: its
+ * chunks share one registration), is found by any range it covers, and is
+ * counted in use (refs) from the RTS or CTS to the completion or
+ * consumption of the write: the least recently used region not in use is
+ * evicted for a new one, and when every one is in use (or the device
+ * refuses: ENOMEM) the message goes through the slots instead of failing.
+ *
+ * SAFETY. A registration pins the pages behind a virtual range. If the
+ * program frees that memory and a later allocation reuses the addresses
+ * with new pages, a registration kept in a cache still points at the old
+ * pages: the NIC would move data to or from memory nobody sees (silently
+ * wrong results on hardware; softverbs, which reads by address, cannot show
+ * it). No cheap portable check exists (UCX and libfabric intercept munmap;
+ * NCCL registers only memory the user declared). So registrations of the
+ * call's buffers live for one call: tl_transport_ops_t.op_end drops them
+ * when the call ends (the cache and its bound work within the call, where
+ * the buffers cannot be freed); only memory the program declares stable
+ * with tl_comm_register_memory (it promises not to free it until
+ * tl_comm_deregister_memory) stays registered across calls. The core's
+ * scratch memory is allocated at the start of an operation, never grown
+ * during one, so it is no exception. After a failure the call's regions
+ * are dropped all the same: a peer's write then fails instead of landing
+ * in memory the call no longer owns.
  */
+#include <arpa/inet.h>
 #include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -90,6 +152,11 @@
 #define KIND_DATA 1u
 #define KIND_CREDIT 2u
 #define KIND_PROBE 3u             /* a credit message that asks for one back */
+#define KIND_RTS 4u               /* data: the next bytes come by RDMA write (see "Zero copy") */
+#define KIND_CTS 5u               /* control: write them there */
+#define KIND_NACK 6u              /* control: send them through the slots */
+#define KIND_WRITE 7u             /* (receive slots only) an RDMA write landed in place */
+#define RDV_MAX ((size_t)64 << 20) /* bytes of one rendezvous at most */
 #define PROBE_NS ((int64_t)250000000) /* quiet this long with data unreported: probe */
 #define MAX_PROBES 4              /* probes unanswered (they take the peer's receives) */
 
@@ -97,6 +164,7 @@
 #define WR_TX_DATA ((uint64_t)1 << 32)
 #define WR_TX_CTL ((uint64_t)2 << 32)
 #define WR_RX ((uint64_t)3 << 32)
+#define WR_TX_WRITE ((uint64_t)4 << 32) /* slot: the write's sequence number % WINDOW */
 
 /* ---- the library ---------------------------------------------------------- */
 
@@ -245,6 +313,7 @@ typedef struct port_pick {
   uint16_t lid;
   int link_layer;
   enum ibv_mtu mtu;
+  uint32_t max_msg; /* the port's largest message (0: not said) */
 } port_pick_t;
 
 static int gid_zero(const union ibv_gid *g) {
@@ -300,6 +369,7 @@ static int pick_port(ibv_api_t *a, struct ibv_context *ctx, port_pick_t *p, char
     p->port = port;
     p->lid = pa.lid;
     p->link_layer = pa.link_layer;
+    p->max_msg = pa.max_msg_sz;
     p->mtu = pa.active_mtu >= IBV_MTU_256 && pa.active_mtu <= IBV_MTU_4096 ? pa.active_mtu
                                                                             : IBV_MTU_1024;
     p->gid_index = pick_gid(a, ctx, port, pa.gid_tbl_len, &p->gid);
@@ -454,6 +524,30 @@ typedef struct msg_hdr {
 
 typedef struct rdma_link rdma_link_t;
 
+/* A memory region of the registration cache (see "Registration cache"). */
+typedef struct mr_entry {
+  struct mr_entry *next;
+  struct ibv_mr *mr;
+  uintptr_t lo, hi;  /* the registered range, whole pages */
+  unsigned access;   /* IBV_ACCESS_* it was registered with */
+  int refs;          /* work requests (ours, or the peer's through a CTS) using it */
+  int declared;      /* tl_comm_register_memory's, times: kept across calls */
+  void *daddr;       /* ... of this exact range */
+  size_t dlen;
+  uint64_t used;     /* LRU clock */
+} mr_entry_t;
+
+/* Body of a KIND_RTS message, and of KIND_CTS / KIND_NACK. */
+typedef struct rts_body {
+  uint64_t len;      /* stream bytes that follow by RDMA write */
+} rts_body_t;
+
+typedef struct cts_body {
+  uint32_t rts_seq;  /* the RTS it answers */
+  uint32_t rkey;     /* CTS: where to write */
+  uint64_t addr;
+} cts_body_t;
+
 typedef struct rdma_chan {
   rdma_link_t *rl;
   tl_chan_t *ch;
@@ -468,7 +562,25 @@ typedef struct rdma_chan {
   uint32_t tx_seq;    /* data messages sent */
   uint32_t tx_acked;  /* of them, consumed by the peer (as it last said) */
   int tx_free[WINDOW], ntx_free;
-  uint32_t tx_len[WINDOW]; /* payload bytes of the message in each slot */
+  uint32_t tx_slot_seq[WINDOW]; /* sequence number of the message in each send slot */
+  /* Completion, in stream order, by sequence number % WINDOW: stream bytes
+   * each message carries, whether it completed, and the region a write
+   * reads. Bytes count as moved only up to the first incomplete message. */
+  uint32_t tx_bytes[WINDOW];
+  uint8_t tx_isdone[WINDOW];
+  mr_entry_t *tx_mr[WINDOW];
+  uint32_t tx_done_seq; /* messages complete in order */
+  /* zero copy, sending: one rendezvous at a time (nothing is posted after
+   * an RTS until the peer answers, so that a NACK can be followed by the
+   * same bytes through the slots, in stream order) */
+  int rdv;              /* RDV_NONE, _WAIT (RTS posted), _GO (CTS came: write) */
+  uint32_t rdv_seq;     /* the RTS's sequence number */
+  const char *rdv_src;
+  size_t rdv_len;
+  mr_entry_t *rdv_mr;
+  uint64_t rdv_raddr;
+  uint32_t rdv_rkey;
+  size_t stream_left;   /* bytes to send through the slots before the next RTS */
   size_t tx_unreported; /* bytes posted and not yet reported to the core */
   size_t tx_completed;  /* of them, those whose send completed */
   int tx_more;          /* the core offered bytes not posted yet */
@@ -482,7 +594,19 @@ typedef struct rdma_chan {
   uint32_t rx_reported; /* rx_next as the peer last heard it */
   size_t rx_off;      /* bytes of message rx_next read already */
   int ready[WINDOW];  /* receive slot holding data message seq, by seq % WINDOW */
-  uint32_t rx_len[NRECV];
+  uint32_t rx_len[NRECV];  /* stream bytes the message in each receive slot stands for */
+  uint8_t rx_kind[NRECV];  /* KIND_DATA, KIND_RTS or KIND_WRITE */
+  /* zero copy, receiving: the rendezvous accepted (its write is message
+   * wr_seq, landing at wr_dest), and the answer to the latest RTS, sent
+   * again when the peer probes until its next message shows it was heard */
+  int wr_on;
+  uint32_t wr_seq;
+  char *wr_dest;
+  size_t wr_len;
+  mr_entry_t *wr_mr;
+  uint32_t ans_kind;       /* KIND_CTS, KIND_NACK, or 0: none owed */
+  cts_body_t ans;
+  int ans_due;             /* to send when a control slot comes back */
   int64_t gap_since;  /* a later message is here, rx_next is not: since then */
   int64_t gone_since; /* the control channel closed: since then */
   int failed;         /* a verbs error was recorded: -errno for the core */
@@ -496,8 +620,15 @@ struct rdma_link {
   struct ibv_mr *mr;
   char *mem;
   size_t mem_bytes;
+  tl_link_t *link;
   port_pick_t port;
   int qpt; /* IBV_QPT_RC or _UC */
+  size_t zcopy;     /* rendezvous from this size (agreed with the peer); 0: off */
+  size_t max_msg;   /* the port's largest message */
+  /* The registration cache of this link's protection domain. */
+  mr_entry_t *mrs;
+  int ncall;        /* entries for the call's buffers (not declared) */
+  uint64_t clock;
   int status; /* phase 0/1 local result: 0, or a TL_ERR_* with why */
   char why[256];
   rdma_chan_t ch[RDMA_STREAMS];
@@ -514,7 +645,8 @@ typedef struct conn_info {
   uint8_t gid[16];
   uint32_t qpn[RDMA_STREAMS];
   uint32_t psn[RDMA_STREAMS];
-  uint32_t slot, window, nrecv, pad;
+  uint32_t slot, window, nrecv;
+  uint32_t zcopy; /* rendezvous from this size; 0: this side does not (older sides send 0) */
   char dev[64];
   char why[192];
 } conn_info_t;
@@ -555,6 +687,137 @@ static int post_recv(rdma_link_t *rl, rdma_chan_t *rc, int slot) {
   return ibv_post_recv(rc->qp, &wr, &bad);
 }
 
+/* ---- the registration cache ------------------------------------------------------ */
+
+static size_t page_size(void) {
+  static size_t pg;
+  if (!pg) {
+    long v = sysconf(_SC_PAGESIZE);
+    pg = v > 0 ? (size_t)v : 4096;
+  }
+  return pg;
+}
+
+static void mr_drop(rdma_link_t *rl, mr_entry_t **pp) {
+  mr_entry_t *e = *pp;
+  *pp = e->next;
+  if (!e->declared) rl->ncall--;
+  rl->api->dereg_mr(e->mr);
+  free(e);
+}
+
+/* Evict the least recently used region that nothing uses: 1, or 0 if
+ * every one is busy (or declared). */
+static int mr_evict(rdma_link_t *rl) {
+  mr_entry_t **victim = NULL;
+  for (mr_entry_t **pp = &rl->mrs; *pp; pp = &(*pp)->next)
+    if (!(*pp)->declared && !(*pp)->refs && (!victim || (*pp)->used < (*victim)->used))
+      victim = pp;
+  if (!victim) return 0;
+  mr_drop(rl, victim);
+  rl->link->comm->stats.mr_evicted++;
+  return 1;
+}
+
+/* The call's buffer that holds [p, p + len): the input, the output (as the
+ * operation sizes them) or the communicator's scratch, so that the chunks
+ * of one buffer share one registration; [p, p + len) itself if none does.
+ * A receive (dest) of a point-to-point call looks only at its buffer, a
+ * send only at its own (the other pointer is an older call's). */
+static void call_extent(const tl_comm_t *c, uintptr_t p, size_t len, int dest, uintptr_t *lo,
+                        uintptr_t *hi) {
+  uint64_t t = c->cur.total, in_b = t, out_b = t;
+  if (c->cur.op == TL_OP_ALL_GATHER) out_b = t * (uint64_t)c->size;
+  else if (c->cur.op == TL_OP_REDUCE_SCATTER) out_b = t / (uint64_t)c->size;
+  else if (c->cur.op == TL_OP_SEND) in_b = dest ? 0 : t, out_b = dest ? t : 0;
+  else if (c->cur.op != TL_OP_ALL_REDUCE && c->cur.op != TL_OP_BROADCAST) in_b = out_b = 0;
+  uintptr_t cand[3][2] = {{(uintptr_t)c->stats.last_in, (uintptr_t)c->stats.last_in + in_b},
+                          {(uintptr_t)c->stats.last_out, (uintptr_t)c->stats.last_out + out_b},
+                          {(uintptr_t)c->scratch, (uintptr_t)c->scratch + c->scratch_cap}};
+  *lo = p;
+  *hi = p + len;
+  for (int i = 0; i < 3; i++)
+    if (cand[i][0] && cand[i][0] <= p && p + len <= cand[i][1] && cand[i][1] > cand[i][0]) {
+      *lo = cand[i][0];
+      *hi = cand[i][1];
+      break;
+    }
+}
+
+static struct ibv_mr *reg_pages(rdma_link_t *rl, uintptr_t lo, uintptr_t hi, unsigned access) {
+  size_t pg = page_size();
+  lo &= ~(uintptr_t)(pg - 1);
+  hi = (hi + pg - 1) & ~(uintptr_t)(pg - 1);
+  return rl->api->reg_mr(rl->pd, (void *)lo, hi - lo, (int)access);
+}
+
+/*
+ * A region holding [ptr, ptr + len) for a write from it (dest 0: local
+ * read) or into it by the peer (dest 1), with a reference taken; NULL when
+ * none can be had (every region busy, or the device refuses): the bytes
+ * then go through the slots.
+ */
+static mr_entry_t *mr_get(rdma_link_t *rl, const void *ptr, size_t len, int dest) {
+  tl_comm_t *c = rl->link->comm;
+  unsigned need = dest ? IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE : 0;
+  uintptr_t p = (uintptr_t)ptr;
+  for (mr_entry_t *e = rl->mrs; e; e = e->next)
+    if (e->lo <= p && p + len <= e->hi && (e->access & need) == need) {
+      e->refs++;
+      e->used = ++rl->clock;
+      c->stats.mr_hits++;
+      return e;
+    }
+  while (rl->ncall >= c->opts.ibv_mr_cache)
+    if (!mr_evict(rl)) return NULL;
+  mr_entry_t *e = calloc(1, sizeof *e);
+  if (!e) return NULL;
+  uintptr_t lo, hi;
+  call_extent(c, p, len, dest, &lo, &hi);
+  /* One access for both directions, so that a buffer sent from and written
+   * into (the ring's output) takes one region; read-only memory refuses
+   * local write, and can still be sent from. */
+  unsigned access = IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE;
+  struct ibv_mr *mr = NULL;
+  for (int tries = 0; !mr && tries < 64; tries++) {
+    mr = reg_pages(rl, lo, hi, access);
+    if (mr) break;
+    int err = errno;
+    if (err == ENOMEM && mr_evict(rl)) continue; /* the device's regions: make room */
+    if (lo != p || hi != p + len) {
+      lo = p, hi = p + len; /* the whole buffer may reach unmapped or read-only pages */
+      continue;
+    }
+    if (!dest && access) {
+      access = 0;
+      continue;
+    }
+    tl__log(c, TL_LOG_INFO, "rdma to rank %d: ibv_reg_mr of %zu B: %s; through the staging "
+            "slots", rl->link->peer, len, strerror(err));
+    break;
+  }
+  if (!mr) {
+    free(e);
+    return NULL;
+  }
+  size_t pg = page_size();
+  e->mr = mr;
+  e->lo = lo & ~(uintptr_t)(pg - 1);
+  e->hi = (hi + pg - 1) & ~(uintptr_t)(pg - 1);
+  e->access = access;
+  e->refs = 1;
+  e->used = ++rl->clock;
+  e->next = rl->mrs;
+  rl->mrs = e;
+  rl->ncall++;
+  c->stats.mr_registered++;
+  return e;
+}
+
+static void mr_put(mr_entry_t *e) {
+  if (e && e->refs > 0) e->refs--;
+}
+
 static void free_link(rdma_link_t *rl) {
   if (!rl) return;
   ibv_api_t *a = rl->api;
@@ -571,6 +834,7 @@ static void free_link(rdma_link_t *rl) {
     }
     if (rc->cc) a->destroy_comp_channel(rc->cc);
   }
+  while (rl->mrs) mr_drop(rl, &rl->mrs); /* after the queue pairs: nothing uses them */
   if (rl->mr) a->dereg_mr(rl->mr);
   if (rl->pd) a->dealloc_pd(rl->pd);
   if (rl->ctx) a->close_device(rl->ctx);
@@ -677,7 +941,9 @@ static int open_link(tl_comm_t *c, tl_link_t *l, rdma_link_t *rl) {
     at.qp_state = IBV_QPS_INIT;
     at.pkey_index = 0;
     at.port_num = (uint8_t)rl->port.port;
-    at.qp_access_flags = IBV_ACCESS_LOCAL_WRITE;
+    /* Zero copy: the peer writes into this side's registered buffers. */
+    at.qp_access_flags = IBV_ACCESS_LOCAL_WRITE |
+                         (c->opts.ibv_zcopy_bytes > 0 ? IBV_ACCESS_REMOTE_WRITE : 0);
     int e = a->modify_qp(rc->qp, &at, IBV_QP_STATE | IBV_QP_PKEY_INDEX | IBV_QP_PORT |
                                            IBV_QP_ACCESS_FLAGS);
     if (e) {
@@ -773,8 +1039,10 @@ static int make_channels(tl_comm_t *c, tl_link_t *l) {
     rl->ch[k].ch = &l->chans[k];
     l->share[k] = 1000;
   }
-  tl__log(c, TL_LOG_INFO, "link to rank %d: rdma on %s port %d (%s, MTU %d)", l->peer,
-          rl->port.dev, rl->port.port, qpt_name(rl->qpt), 128 << rl->port.mtu);
+  char zc[64] = "zero copy off";
+  if (rl->zcopy) snprintf(zc, sizeof zc, "zero copy from %zu B", rl->zcopy);
+  tl__log(c, TL_LOG_INFO, "link to rank %d: rdma on %s port %d (%s, MTU %d, %s)", l->peer,
+          rl->port.dev, rl->port.port, qpt_name(rl->qpt), 128 << rl->port.mtu, zc);
   return TL_OK;
 }
 
@@ -783,6 +1051,7 @@ static int rdma_setup(tl_comm_t *c, tl_link_t *l, int phase) {
   int fd = l->boot_fds[0];
   if (phase == 0) {
     if (!(rl = l->t = calloc(1, sizeof *rl))) return tl__error(c, TL_ERR_NOMEM, "out of memory");
+    rl->link = l;
     conn_info_t mi;
     memset(&mi, 0, sizeof mi);
     mi.magic = INFO_MAGIC;
@@ -802,6 +1071,7 @@ static int rdma_setup(tl_comm_t *c, tl_link_t *l, int phase) {
       mi.slot = (uint32_t)SLOT;
       mi.window = WINDOW;
       mi.nrecv = NRECV;
+      mi.zcopy = (uint32_t)c->opts.ibv_zcopy_bytes;
       snprintf(mi.dev, sizeof mi.dev, "%s", rl->port.dev);
     }
     rl->status = mi.status;
@@ -827,6 +1097,10 @@ static int rdma_setup(tl_comm_t *c, tl_link_t *l, int phase) {
                        "slots, window %u) differ from this rank's (%s, %zu, %d): are both "
                        "running the same thunderlink on the same kind of system?", l->peer,
                        qpt_name((int)pi.qpt), pi.slot, pi.window, qpt_name(rl->qpt), SLOT, WINDOW);
+    /* Zero copy where both ends offer it, from the larger size either asks. */
+    rl->zcopy = c->opts.ibv_zcopy_bytes > 0 && pi.zcopy
+                    ? tl__max((size_t)c->opts.ibv_zcopy_bytes, pi.zcopy) : 0;
+    rl->max_msg = tl__min(RDV_MAX, rl->port.max_msg ? rl->port.max_msg : RDV_MAX);
     rtr_answer_t ans;
     memset(&ans, 0, sizeof ans);
     ans.magic = INFO_MAGIC;
@@ -860,6 +1134,8 @@ static int rdma_setup(tl_comm_t *c, tl_link_t *l, int phase) {
 
 /* ---- the data path ------------------------------------------------------------- */
 
+enum { RDV_NONE = 0, RDV_WAIT = 1, RDV_GO = 2 };
+
 /* Record a verbs failure on the channel's communicator (it fails). */
 static int chan_fail(rdma_chan_t *rc, int err, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
@@ -872,12 +1148,18 @@ static int chan_fail(rdma_chan_t *rc, int err, const char *fmt, ...) {
   va_end(ap);
   if (!rc->failed) {
     rc->failed = -err;
+    /* While the link closes (rdma_close drains its last sends: a peer that
+     * left first fails them), the channel just stops: failing the
+     * communicator then would abort channels already closed. */
+    if (rc->closing) return rc->failed;
     tl__fail(l->comm, err == EPROTO ? TL_ERR_PROTOCOL : TL_ERR_PEER,
              "rdma to rank %d (%s port %d, %s channel %d): %s", l->peer, rc->rl->port.dev,
              rc->rl->port.port, qpt_name(rc->rl->qpt), rc->index, msg);
   }
   return rc->failed;
 }
+
+static tl_stats_t *stats_of(rdma_chan_t *rc) { return &rc->ch->link->comm->stats; }
 
 static int post_send(rdma_chan_t *rc, uint64_t wr_id, char *buf, size_t len) {
   struct ibv_sge sge = {(uint64_t)(uintptr_t)buf, (uint32_t)len, rc->rl->mr->lkey};
@@ -894,33 +1176,142 @@ static int post_send(rdma_chan_t *rc, uint64_t wr_id, char *buf, size_t len) {
   return 0;
 }
 
-/* Tell the peer how many of its messages this side consumed (and how many
- * this side sent), if it is owed. */
-static int send_credit_kind(rdma_chan_t *rc, uint32_t kind) {
-  rc->credit_due = 0;
+/* A control message: how many of the peer's messages this side consumed
+ * (and how many it sent), with a body (CTS, NACK). Every control message
+ * carries the counts, so any of them pays a credit owed. */
+static int send_ctl(rdma_chan_t *rc, uint32_t kind, const void *body, size_t n) {
+  int answer = kind == KIND_CTS || kind == KIND_NACK;
   if (!rc->nctl_free) {
-    rc->credit_due = 1; /* when a credit slot comes back */
+    if (answer) rc->ans_due = 1; else rc->credit_due = 1; /* when a slot comes back */
     return 0;
   }
+  rc->credit_due = 0;
+  if (answer) rc->ans_due = 0;
   int slot = rc->ctl_free[--rc->nctl_free];
   char *b = rc->ctl + (size_t)slot * CTL_BYTES;
-  msg_hdr_t h = {MSG_MAGIC | kind << 24, rc->tx_seq, rc->rx_next, 0};
+  msg_hdr_t h = {MSG_MAGIC | kind << 24, rc->tx_seq, rc->rx_next, (uint32_t)n};
   memcpy(b, &h, HDR);
+  if (n) memcpy(b + HDR, body, n);
   rc->rx_reported = rc->rx_next;
-  return post_send(rc, WR_TX_CTL | (uint64_t)slot, b, HDR);
+  return post_send(rc, WR_TX_CTL | (uint64_t)slot, b, HDR + n);
 }
 
+static int send_credit_kind(rdma_chan_t *rc, uint32_t kind) { return send_ctl(rc, kind, NULL, 0); }
+
 static int send_credit(rdma_chan_t *rc) { return send_credit_kind(rc, KIND_CREDIT); }
+
+/* The answer to the peer's latest RTS (again, when it probes: the first may
+ * be lost on UC). */
+static int send_answer(rdma_chan_t *rc) {
+  return send_ctl(rc, rc->ans_kind, &rc->ans, sizeof rc->ans);
+}
+
+/* Sends complete in stream order: bytes count as moved up to the first
+ * message not complete (a write may finish after later sends). */
+static void tx_advance(rdma_chan_t *rc) {
+  while (rc->tx_done_seq != rc->tx_seq && rc->tx_isdone[rc->tx_done_seq % WINDOW]) {
+    uint32_t i = rc->tx_done_seq % WINDOW;
+    rc->tx_completed += rc->tx_bytes[i];
+    rc->tx_isdone[i] = 0;
+    rc->tx_done_seq++;
+  }
+}
+
+/* Room for one more data message (or write) in flight. */
+static int tx_room(const rdma_chan_t *rc) {
+  return rc->tx_seq - rc->tx_acked < WINDOW && rc->tx_seq - rc->tx_done_seq < WINDOW;
+}
+
+/* The peer answered CTS: write the rendezvous' bytes straight from the
+ * sender's buffer into the peer's, as the next message of the stream (the
+ * immediate carries its sequence number; it takes one of the peer's
+ * receives, as a SEND would). */
+static int post_write(rdma_chan_t *rc) {
+  uint32_t seq = rc->tx_seq, i = seq % WINDOW;
+  struct ibv_sge sge = {(uint64_t)(uintptr_t)rc->rdv_src, (uint32_t)rc->rdv_len,
+                        rc->rdv_mr->mr->lkey};
+  struct ibv_send_wr wr, *bad = NULL;
+  memset(&wr, 0, sizeof wr);
+  wr.wr_id = WR_TX_WRITE | (uint64_t)i;
+  wr.sg_list = &sge;
+  wr.num_sge = 1;
+  wr.opcode = IBV_WR_RDMA_WRITE_WITH_IMM;
+  wr.send_flags = IBV_SEND_SIGNALED;
+  wr.imm_data = htonl(seq);
+  wr.wr.rdma.remote_addr = rc->rdv_raddr;
+  wr.wr.rdma.rkey = rc->rdv_rkey;
+  rc->tx_bytes[i] = (uint32_t)rc->rdv_len;
+  rc->tx_isdone[i] = 0;
+  rc->tx_mr[i] = rc->rdv_mr;
+  rc->rdv_mr = NULL;
+  rc->rdv = RDV_NONE;
+  rc->last_tx_ns = tl__now_ns();
+  int e = ibv_post_send(rc->qp, &wr, &bad);
+  if (e) return chan_fail(rc, e, "ibv_post_send (RDMA write): %s", strerror(e));
+  rc->tx_seq++;
+  stats_of(rc)->zcopy_sent++;
+  stats_of(rc)->zcopy_sent_bytes += rc->rdv_len;
+  return 0;
+}
+
+/* The peer's answer to this side's RTS (a duplicate, or one for an RTS
+ * answered already, is ignored). */
+static void got_answer(rdma_chan_t *rc, uint32_t kind, const cts_body_t *b) {
+  if (rc->rdv != RDV_WAIT || b->rts_seq != rc->rdv_seq) return;
+  if (kind == KIND_CTS) {
+    rc->rdv = RDV_GO;
+    rc->rdv_raddr = b->addr;
+    rc->rdv_rkey = b->rkey;
+    return;
+  }
+  /* The peer cannot take them in place: the same bytes go through the
+   * slots, next in the stream (nothing was posted after the RTS). */
+  rc->rdv = RDV_NONE;
+  rc->tx_unreported -= rc->rdv_len;
+  rc->stream_left = rc->rdv_len;
+  mr_put(rc->rdv_mr);
+  rc->rdv_mr = NULL;
+  rc->tx_more = 1;
+  stats_of(rc)->zcopy_staged++;
+}
+
+/* A data message (or write) with sequence number seq is in slot. */
+static int got_data(rdma_chan_t *rc, int slot, uint32_t seq, uint32_t kind, uint32_t len) {
+  uint32_t d = seq - rc->rx_next;
+  if (d >= WINDOW || rc->ready[seq % WINDOW] >= 0)
+    return chan_fail(rc, EPROTO, "message %u arrived while %u was expected next (window %d)",
+                     seq, rc->rx_next, WINDOW);
+  rc->ready[seq % WINDOW] = (int)slot;
+  rc->rx_len[slot] = len;
+  rc->rx_kind[slot] = (uint8_t)kind;
+  /* A message after an RTS: the peer heard the answer. */
+  if (rc->ans_kind && (int32_t)(seq - rc->ans.rts_seq) > 0) rc->ans_kind = 0;
+  rc->probes = 0;
+  if (rc->gone_since) rc->gone_since = tl__now_ns(); /* still arriving */
+  if (d > 0 && rc->ready[rc->rx_next % WINDOW] < 0 && !rc->gap_since) rc->gap_since = tl__now_ns();
+  return 0;
+}
+
+static int got_write(rdma_chan_t *rc, int slot, uint32_t bytes, uint32_t seq) {
+  if (!rc->wr_on || seq != rc->wr_seq || bytes != rc->wr_len)
+    return chan_fail(rc, EPROTO, "an RDMA write of %u B arrived as message %u, which this "
+                     "side did not ask for (it expects %s%u)", bytes, seq,
+                     rc->wr_on ? "one as message " : "none; ", rc->wr_on ? rc->wr_seq : 0);
+  return got_data(rc, slot, seq, KIND_WRITE, bytes);
+}
 
 static int got_message(rdma_chan_t *rc, int slot, uint32_t bytes) {
   msg_hdr_t h;
   if (bytes < HDR || bytes > SLOT)
     return chan_fail(rc, EPROTO, "a message of %u bytes arrived (a thunderlink message has "
                      "%zu to %zu)", bytes, HDR, SLOT);
-  memcpy(&h, rc->rx + (size_t)slot * SLOT, HDR);
+  const char *m = rc->rx + (size_t)slot * SLOT;
+  memcpy(&h, m, HDR);
   uint32_t kind = h.magic_kind >> 24;
-  if ((h.magic_kind & 0xffffff) != MSG_MAGIC || (kind != KIND_DATA && kind != KIND_CREDIT && kind != KIND_PROBE) ||
-      h.len != bytes - HDR)
+  size_t body = kind == KIND_RTS ? sizeof(rts_body_t)
+                : kind == KIND_CTS || kind == KIND_NACK ? sizeof(cts_body_t) : 0;
+  if ((h.magic_kind & 0xffffff) != MSG_MAGIC || kind < KIND_DATA || kind > KIND_NACK ||
+      h.len != bytes - HDR || (kind != KIND_DATA && h.len != body))
     return chan_fail(rc, EPROTO, "a message that is not thunderlink's arrived; the stream is "
                      "corrupt");
   /* Credits: cumulative, so a later count supersedes a lost or late one. */
@@ -932,7 +1323,10 @@ static int got_message(rdma_chan_t *rc, int slot, uint32_t bytes) {
     rc->tx_acked = h.ack;
   }
   rc->probes = 0; /* the peer is heard from */
-  if (kind != KIND_DATA) {
+  if (kind != KIND_DATA && kind != KIND_RTS) {
+    cts_body_t b;
+    memset(&b, 0, sizeof b);
+    if (body) memcpy(&b, m + HDR, sizeof b);
     int e = post_recv(rc->rl, rc, slot);
     if (e) return chan_fail(rc, e, "ibv_post_recv: %s", strerror(e));
     /* The peer has sent h.seq data messages, all before this one on the
@@ -942,19 +1336,20 @@ static int got_message(rdma_chan_t *rc, int slot, uint32_t bytes) {
       return chan_fail(rc, EPROTO, "the peer reports %u messages sent, %u were consumed (window %d)",
                        h.seq, rc->rx_next, WINDOW);
     if (sent > 0 && rc->ready[rc->rx_next % WINDOW] < 0 && !rc->gap_since) rc->gap_since = tl__now_ns();
-    return kind == KIND_PROBE ? send_credit(rc) : 0;
+    if (body) got_answer(rc, kind, &b);
+    if (kind != KIND_PROBE) return 0;
+    return rc->ans_kind ? send_answer(rc) : send_credit(rc);
   }
-  uint32_t d = h.seq - rc->rx_next;
-  if (d >= WINDOW || rc->ready[h.seq % WINDOW] >= 0)
-    return chan_fail(rc, EPROTO, "message %u arrived while %u was expected next (window %d)",
-                     h.seq, rc->rx_next, WINDOW);
-  if (h.len == 0)
-    return chan_fail(rc, EPROTO, "an empty data message arrived");
-  rc->ready[h.seq % WINDOW] = slot;
-  rc->rx_len[slot] = h.len;
-  if (rc->gone_since) rc->gone_since = tl__now_ns(); /* still arriving */
-  if (d > 0 && rc->ready[rc->rx_next % WINDOW] < 0 && !rc->gap_since) rc->gap_since = tl__now_ns();
-  return 0;
+  if (kind == KIND_DATA) {
+    if (h.len == 0) return chan_fail(rc, EPROTO, "an empty data message arrived");
+    return got_data(rc, slot, h.seq, KIND_DATA, h.len);
+  }
+  rts_body_t r;
+  memcpy(&r, m + HDR, sizeof r);
+  if (!rc->rl->zcopy || !r.len || r.len > RDV_MAX)
+    return chan_fail(rc, EPROTO, "a rendezvous of %llu B arrived (%s)", (unsigned long long)r.len,
+                     rc->rl->zcopy ? "more than a rendezvous carries" : "zero copy is off on this link");
+  return got_data(rc, slot, h.seq, KIND_RTS, (uint32_t)r.len);
 }
 
 /* Take every completion the CQ holds. 0, or -errno after recording why. */
@@ -970,7 +1365,8 @@ static int drain(rdma_chan_t *rc) {
       if (wc[i].status != IBV_WC_SUCCESS) {
         if (peer_gone(rc->ch)) return rc->failed = -EPIPE;
         return chan_fail(rc, EIO, "%s failed: %s (status %d, vendor error 0x%x)%s",
-                         kind == WR_RX ? "a receive" : "a send",
+                         kind == WR_RX ? "a receive" : kind == WR_TX_WRITE ? "a zero-copy RDMA write"
+                                                                          : "a send",
                          status_str(rc->rl->api, wc[i].status), (int)wc[i].status,
                          wc[i].vendor_err,
                          wc[i].status == IBV_WC_RNR_RETRY_EXC_ERR ||
@@ -979,16 +1375,23 @@ static int drain(rdma_chan_t *rc) {
       }
       if (kind == WR_TX_DATA && slot < WINDOW) {
         rc->tx_free[rc->ntx_free++] = slot;
-        rc->tx_completed += rc->tx_len[slot];
+        rc->tx_isdone[rc->tx_slot_seq[slot] % WINDOW] = 1;
+        tx_advance(rc);
         if (rc->gone_since) rc->gone_since = tl__now_ns(); /* still completing */
+      } else if (kind == WR_TX_WRITE && slot < WINDOW) {
+        rc->tx_isdone[slot] = 1;
+        mr_put(rc->tx_mr[slot]);
+        rc->tx_mr[slot] = NULL;
+        tx_advance(rc);
+        if (rc->gone_since) rc->gone_since = tl__now_ns();
       } else if (kind == WR_TX_CTL && slot < NCTL) {
         rc->ctl_free[rc->nctl_free++] = slot;
-        if (rc->credit_due) {
-          int e = send_credit(rc);
-          if (e) return e;
-        }
+        int e = rc->ans_due && rc->ans_kind ? send_answer(rc) : rc->credit_due ? send_credit(rc) : 0;
+        if (e) return e;
       } else if (kind == WR_RX && slot < NRECV) {
-        int e = got_message(rc, slot, wc[i].byte_len);
+        int e = wc[i].opcode == IBV_WC_RECV_RDMA_WITH_IMM
+                    ? got_write(rc, slot, wc[i].byte_len, ntohl(wc[i].imm_data))
+                    : got_message(rc, slot, wc[i].byte_len);
         if (e) return e;
       } else {
         return chan_fail(rc, EPROTO, "a completion with an unknown wr_id 0x%llx",
@@ -997,20 +1400,28 @@ static int drain(rdma_chan_t *rc) {
     }
     if (n < 16) break;
   }
+  if (rc->rdv == RDV_GO && tx_room(rc)) {
+    int e = post_write(rc);
+    if (e) return e;
+  }
   if (rc->gap_since) {
     if (rc->ready[rc->rx_next % WINDOW] >= 0) {
       rc->gap_since = 0;
     } else if (tl__now_ns() - rc->gap_since > LOST_NS) {
-      return chan_fail(rc, EIO, "message %u was lost: the peer sent it (a later message or "
+      char what[96] = "";
+      if (rc->wr_on && rc->rx_next == rc->wr_seq)
+        snprintf(what, sizeof what, " (the zero-copy RDMA write of %zu B)", rc->wr_len);
+      return chan_fail(rc, EIO, "message %u%s was lost: the peer sent it (a later message or "
                        "its count says so) and it did not arrive within %.1f s (%s queue pairs "
-                       "do not retransmit)", rc->rx_next,
+                       "do not retransmit)", rc->rx_next, what,
                        (double)LOST_NS / 1e9, qpt_name(rc->rl->qpt));
     }
   }
-  /* Data the peer has not reported consumed and a quiet queue pair: ask
-   * (see "Loss" above). The core's wait wakes at least once a second. */
-  if (!rc->gap_since && !rc->closing && rc->tx_seq != rc->tx_acked && rc->probes < MAX_PROBES &&
-      rc->nctl_free && tl__now_ns() - rc->last_tx_ns > PROBE_NS) {
+  /* Data the peer has not reported consumed, or an RTS it has not answered,
+   * and a quiet queue pair: ask (see "Loss" above). The core's wait wakes
+   * at least once a second. */
+  if (!rc->gap_since && !rc->closing && (rc->tx_seq != rc->tx_acked || rc->rdv == RDV_WAIT) &&
+      rc->probes < MAX_PROBES && rc->nctl_free && tl__now_ns() - rc->last_tx_ns > PROBE_NS) {
     rc->probes++;
     return send_credit_kind(rc, KIND_PROBE);
   }
@@ -1027,7 +1438,21 @@ static int drained_gone(rdma_chan_t *rc) {
 }
 
 static int can_send(const rdma_chan_t *rc) {
-  return rc->ntx_free > 0 && rc->tx_seq - rc->tx_acked < WINDOW;
+  return rc->rdv == RDV_NONE && rc->ntx_free > 0 && tx_room(rc);
+}
+
+/* Post a message from send slot `slot` (header written by the caller). */
+static int post_data(rdma_chan_t *rc, int slot, size_t len, uint32_t stream_bytes) {
+  uint32_t i = rc->tx_seq % WINDOW;
+  rc->tx_slot_seq[slot] = rc->tx_seq;
+  rc->tx_bytes[i] = stream_bytes;
+  rc->tx_isdone[i] = 0;
+  rc->tx_mr[i] = NULL;
+  int e = post_send(rc, WR_TX_DATA | (uint64_t)slot, rc->tx + (size_t)slot * SLOT, HDR + len);
+  if (e) return e;
+  rc->tx_seq++;
+  rc->rx_reported = rc->rx_next;
+  return 0;
 }
 
 static long rdma_send(tl_chan_t *ch, const struct iovec *iov, int n) {
@@ -1052,12 +1477,46 @@ static long rdma_send(tl_chan_t *ch, const struct iovec *iov, int n) {
   size_t off = 0;
   while (i < n && skip >= iov[i].iov_len - off) skip -= iov[i].iov_len - off, i++;
   off += skip;
+  size_t zc = rc->rl->zcopy;
   while (i < n && can_send(rc)) {
+    size_t rest = iov[i].iov_len - off;
+    if (zc && !rc->stream_left && rest >= zc) {
+      /* Large: a rendezvous (see "Zero copy"), from a registered source. */
+      size_t len = tl__min(rest, rc->rl->max_msg);
+      const char *src = (const char *)iov[i].iov_base + off;
+      mr_entry_t *mr = mr_get(rc->rl, src, len, 0);
+      if (mr) {
+        int slot = rc->tx_free[--rc->ntx_free];
+        char *b = rc->tx + (size_t)slot * SLOT;
+        rts_body_t body = {len};
+        msg_hdr_t h = {MSG_MAGIC | KIND_RTS << 24, rc->tx_seq, rc->rx_next, sizeof body};
+        memcpy(b, &h, HDR);
+        memcpy(b + HDR, &body, sizeof body);
+        rc->rdv = RDV_WAIT;
+        rc->rdv_seq = rc->tx_seq;
+        rc->rdv_src = src;
+        rc->rdv_len = len;
+        rc->rdv_mr = mr;
+        if ((e = post_data(rc, slot, sizeof body, 0))) return e;
+        rc->tx_unreported += len;
+        off += len;
+        if (off == iov[i].iov_len) i++, off = 0;
+        break; /* nothing more until the peer answers */
+      }
+      rc->stream_left = len; /* no region to be had: through the slots */
+      stats_of(rc)->zcopy_staged++;
+    }
     int slot = rc->tx_free[--rc->ntx_free];
     char *b = rc->tx + (size_t)slot * SLOT;
     size_t len = 0;
     while (i < n && len < SLOT - HDR) {
-      size_t m = tl__min(iov[i].iov_len - off, SLOT - HDR - len);
+      size_t r = iov[i].iov_len - off;
+      if (zc && !rc->stream_left && r >= zc) break; /* a rendezvous: a message of its own */
+      size_t m = tl__min(r, SLOT - HDR - len);
+      if (rc->stream_left) {
+        m = tl__min(m, rc->stream_left);
+        rc->stream_left -= m;
+      }
       memcpy(b + HDR + len, (const char *)iov[i].iov_base + off, m);
       len += m;
       off += m;
@@ -1065,19 +1524,19 @@ static long rdma_send(tl_chan_t *ch, const struct iovec *iov, int n) {
     }
     if (!len) {
       rc->tx_free[rc->ntx_free++] = slot;
+      if (i < n) continue; /* the next bytes start a rendezvous */
       break;
     }
     msg_hdr_t h = {MSG_MAGIC | KIND_DATA << 24, rc->tx_seq, rc->rx_next, (uint32_t)len};
     memcpy(b, &h, HDR);
-    rc->tx_len[slot] = (uint32_t)len;
-    if ((e = post_send(rc, WR_TX_DATA | (uint64_t)slot, b, HDR + len))) return e;
-    rc->tx_seq++;
-    rc->rx_reported = rc->rx_next;
+    if ((e = post_data(rc, slot, len, (uint32_t)len))) return e;
     rc->tx_unreported += len;
   }
   /* Bytes count as moved once their send completed (on RC: the peer has
    * them), in order: a queue pair dies with its process, so a rank that
-   * leaves right after a collective must not leave its last bytes behind. */
+   * leaves right after a collective must not leave its last bytes behind;
+   * and the core reuses a buffer once its bytes are reported, so a write
+   * from it must have finished. */
   rc->tx_more = i < n;
   long moved = (long)rc->tx_completed;
   rc->tx_unreported -= rc->tx_completed;
@@ -1089,6 +1548,13 @@ static long rdma_send(tl_chan_t *ch, const struct iovec *iov, int n) {
 static int release(rdma_chan_t *rc) {
   int slot = rc->ready[rc->rx_next % WINDOW];
   rc->ready[rc->rx_next % WINDOW] = -1;
+  if (rc->rx_kind[slot] == KIND_WRITE) {
+    stats_of(rc)->zcopy_received++;
+    stats_of(rc)->zcopy_received_bytes += rc->wr_len;
+    mr_put(rc->wr_mr);
+    rc->wr_mr = NULL;
+    rc->wr_on = 0;
+  }
   rc->rx_next++;
   rc->rx_off = 0;
   int e = post_recv(rc->rl, rc, slot);
@@ -1097,11 +1563,43 @@ static int release(rdma_chan_t *rc) {
   return 0;
 }
 
+/* The RTS at the head of the stream: take its bytes in place at dest
+ * (registered through the cache), or, with dest NULL or no region to be
+ * had, ask for them through the slots; the RTS is consumed either way. */
+static int rdv_answer(rdma_chan_t *rc, char *dest) {
+  int slot = rc->ready[rc->rx_next % WINDOW];
+  uint32_t rts = rc->rx_next;
+  size_t len = rc->rx_len[slot];
+  mr_entry_t *mr = dest ? mr_get(rc->rl, dest, len, 1) : NULL;
+  memset(&rc->ans, 0, sizeof rc->ans);
+  rc->ans.rts_seq = rts;
+  if (mr) {
+    rc->wr_on = 1;
+    rc->wr_seq = rts + 1; /* the sender posts nothing between the RTS and the write */
+    rc->wr_dest = dest;
+    rc->wr_len = len;
+    rc->wr_mr = mr;
+    rc->ans_kind = KIND_CTS;
+    rc->ans.rkey = mr->mr->rkey;
+    rc->ans.addr = (uint64_t)(uintptr_t)dest;
+  } else {
+    rc->ans_kind = KIND_NACK;
+    stats_of(rc)->zcopy_staged++;
+  }
+  int e = release(rc);
+  return e ? e : send_answer(rc);
+}
+
+/* Where the message in slot keeps its bytes. */
+static const char *rx_bytes(const rdma_chan_t *rc, int slot) {
+  return rc->rx_kind[slot] == KIND_WRITE ? rc->wr_dest : rc->rx + (size_t)slot * SLOT + HDR;
+}
+
 static void rdma_consume(tl_chan_t *ch, size_t n) {
   rdma_chan_t *rc = ch->t;
   while (n) {
     int slot = rc->ready[rc->rx_next % WINDOW];
-    if (slot < 0) return; /* the core consumes only what it saw */
+    if (slot < 0 || rc->rx_kind[slot] == KIND_RTS) return; /* the core consumes only what it saw */
     size_t m = tl__min(n, rc->rx_len[slot] - rc->rx_off);
     rc->rx_off += m;
     n -= m;
@@ -1120,8 +1618,20 @@ static long rdma_recv(tl_chan_t *ch, const struct iovec *iov, int n, int peek) {
     while (done < iov[i].iov_len) {
       int slot = rc->ready[seq % WINDOW];
       if (slot < 0 || seq - rc->rx_next >= WINDOW) goto out;
+      char *dst = (char *)iov[i].iov_base + done;
+      if (rc->rx_kind[slot] == KIND_RTS) {
+        /* Answered at the head of the stream, by a read that takes the
+         * bytes: in place if this destination holds them all. */
+        if (peek || moved || seq != rc->rx_next) goto out;
+        e = rdv_answer(rc, iov[i].iov_len - done >= rc->rx_len[slot] ? dst : NULL);
+        if (e) return e;
+        seq = rc->rx_next;
+        off = 0;
+        continue;
+      }
       size_t m = tl__min(iov[i].iov_len - done, rc->rx_len[slot] - off);
-      memcpy((char *)iov[i].iov_base + done, rc->rx + (size_t)slot * SLOT + HDR + off, m);
+      const char *src = rx_bytes(rc, slot) + off;
+      if (src != dst) memmove(dst, src, m); /* a write landed where it belongs: no copy */
       done += m;
       moved += m;
       off += m;
@@ -1129,18 +1639,37 @@ static long rdma_recv(tl_chan_t *ch, const struct iovec *iov, int n, int peek) {
     }
   }
 out:
-  if (!moved) return drained_gone(rc) ? -EPIPE : 0;
+  if (!moved) return rc->failed ? rc->failed : drained_gone(rc) ? -EPIPE : 0;
   if (!peek) rdma_consume(ch, moved);
   return rc->failed ? rc->failed : (long)moved;
 }
 
+/* Reduce-on-receive (progress.c's reduce_some) reads in place. An RTS at
+ * the head is taken into the receive's own buffer when that buffer is not
+ * the other operand (an out-of-place all_reduce): the reduction then runs
+ * in place there, dst = dst op other. */
 static long rdma_view(tl_chan_t *ch, const char **p) {
   rdma_chan_t *rc = ch->t;
   int e = drain(rc);
   if (e) return e;
   int slot = rc->ready[rc->rx_next % WINDOW];
+  if (slot >= 0 && rc->rx_kind[slot] == KIND_RTS) {
+    const tl_slice_t *s = ch->rq;
+    const size_t H = sizeof(tl_frame_t), len = rc->rx_len[slot];
+    char *dest = NULL;
+    if (s && s->other && s->done >= H) {
+      size_t pdone = s->done - H, es = tl_dtype_size(s->dtype);
+      char *d = s->buf + pdone;
+      const char *o = s->other + pdone;
+      if (es && pdone % es == 0 && len % es == 0 && s->len - pdone >= len &&
+          (d + len <= o || o + len <= d))
+        dest = d;
+    }
+    if ((e = rdv_answer(rc, dest))) return e;
+    slot = rc->ready[rc->rx_next % WINDOW];
+  }
   if (slot < 0) return drained_gone(rc) ? -EPIPE : 0;
-  *p = rc->rx + (size_t)slot * SLOT + HDR + rc->rx_off;
+  *p = rx_bytes(rc, slot) + rc->rx_off;
   return (long)(rc->rx_len[slot] - rc->rx_off);
 }
 
@@ -1201,13 +1730,85 @@ static void rdma_close(tl_chan_t *ch) {
   if (!rc || rc->failed || peer_gone(ch)) return;
   rc->closing = 1;
   int64_t until = tl__now_ns() + CLOSE_WAIT_NS;
-  while ((rc->ntx_free < WINDOW || rc->nctl_free < NCTL) && tl__now_ns() < until) {
+#define BUSY (rc->ntx_free < WINDOW || rc->nctl_free < NCTL || rc->tx_done_seq != rc->tx_seq)
+  while (BUSY && tl__now_ns() < until) {
     if (drain(rc)) return;
-    if (rc->ntx_free < WINDOW || rc->nctl_free < NCTL) {
+    if (BUSY) {
       struct timespec ts = {0, 100000};
       nanosleep(&ts, NULL);
     }
   }
+#undef BUSY
+}
+
+/* The call ended: its buffers' registrations go (see "Registration cache":
+ * the program may free that memory next). Nothing holds them on a healthy
+ * link (every write of the call has completed, every one into it has been
+ * consumed); after a failure they go all the same, so that no write of the
+ * peer lands in memory the call no longer owns (the peer's fails instead). */
+static void rdma_op_end(tl_link_t *l) {
+  rdma_link_t *rl = l->t;
+  if (!rl) return;
+  int failed = l->comm->status != 0;
+  if (failed)
+    for (int k = 0; k < RDMA_STREAMS; k++) {
+      rdma_chan_t *rc = &rl->ch[k];
+      rc->rdv_mr = rc->wr_mr = NULL;
+      rc->wr_on = 0;
+      memset(rc->tx_mr, 0, sizeof rc->tx_mr);
+    }
+  for (mr_entry_t **pp = &rl->mrs; *pp;) {
+    if (!(*pp)->declared && (!(*pp)->refs || failed)) mr_drop(rl, pp);
+    else pp = &(*pp)->next;
+  }
+}
+
+/* tl_comm_register_memory: a region kept across calls (the caller promised
+ * not to free the memory while it is registered). Counted once per
+ * register call, so that registering twice needs two deregisters. */
+static int rdma_register_memory(tl_link_t *l, void *addr, size_t len, int add) {
+  rdma_link_t *rl = l->t;
+  if (!rl || !rl->pd || !rl->zcopy) return TL_OK; /* zero copy is off: nothing to keep */
+  for (mr_entry_t **pp = &rl->mrs; *pp; pp = &(*pp)->next) {
+    mr_entry_t *e = *pp;
+    if (!e->declared || e->daddr != addr || e->dlen != len) continue;
+    if (add) e->declared++;
+    else if (e->declared > 1) e->declared--;
+    else mr_drop(rl, pp);
+    return TL_OK;
+  }
+  if (!add) return TL_ERR_INVALID;
+  mr_entry_t *e = calloc(1, sizeof *e);
+  if (!e) return tl__error(l->comm, TL_ERR_NOMEM, "out of memory");
+  unsigned access = IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE;
+  uintptr_t lo = (uintptr_t)addr, hi = lo + len;
+  struct ibv_mr *mr = reg_pages(rl, lo, hi, access);
+  if (!mr) {
+    access = 0; /* read-only memory: it can still be sent from */
+    mr = reg_pages(rl, lo, hi, access);
+  }
+  if (!mr) {
+    int err = errno;
+    free(e);
+    return tl__error(l->comm, err == ENOMEM ? TL_ERR_CONFIG : TL_ERR_SYSTEM,
+                     "register_memory: rdma to rank %d: ibv_reg_mr of %zu B at %p on %s: %s%s",
+                     l->peer, len, addr, rl->port.dev, strerror(err),
+                     err == ENOMEM ? " (the device's memory regions are used up: Apple's allow "
+                                     "about 100; or raise the locked-memory limit: ulimit -l)"
+                     : err == EFAULT ? " (the range is not mapped memory)" : "");
+  }
+  size_t pg = page_size();
+  e->mr = mr;
+  e->lo = lo & ~(uintptr_t)(pg - 1);
+  e->hi = (hi + pg - 1) & ~(uintptr_t)(pg - 1);
+  e->access = access;
+  e->declared = 1;
+  e->daddr = addr;
+  e->dlen = len;
+  e->next = rl->mrs;
+  rl->mrs = e;
+  l->comm->stats.mr_registered++;
+  return TL_OK;
 }
 
 const tl_transport_ops_t tl__rdma_ops = {
@@ -1226,4 +1827,6 @@ const tl_transport_ops_t tl__rdma_ops = {
     .abort = rdma_abort,
     .close = rdma_close,
     .close_link = rdma_close_link,
+    .op_end = rdma_op_end,
+    .register_memory = rdma_register_memory,
 };

@@ -36,6 +36,8 @@ Environment read by the library (in each process that loads it):
                        transmits is lost (its sender still completes it
                        successfully, as UC does; later messages arrive). RC
                        queue pairs are unaffected (RC retransmits). 0: none
+  SOFTVERBS_DROP_WRITES 1: count (and lose) RDMA writes only, so that a test
+                       can lose a zero-copy write for sure
   SOFTVERBS_DROP_AFTER K: count the Nth from the Kth message of each queue
                        pair on (the first K always arrive: a set-up exchange)
   SOFTVERBS_DIR        directory of the queue pairs' sockets
@@ -54,6 +56,7 @@ __all__ = ["path", "ENV_VARS"]
 
 ENV_VARS = ("SOFTVERBS_DEVICES", "SOFTVERBS_UC_ONLY", "SOFTVERBS_JITTER_US", "SOFTVERBS_MAX_MR",
             "SOFTVERBS_MAX_QP", "SOFTVERBS_UC_NORECV", "SOFTVERBS_DROP_EVERY", "SOFTVERBS_DROP_AFTER",
+            "SOFTVERBS_DROP_WRITES",
             "SOFTVERBS_DIR", "SOFTVERBS_SEED", "SOFTVERBS_LOG")
 
 

@@ -77,6 +77,8 @@
  *                       is lost (the sender completes it successfully, the
  *                       receiver never sees it; later ones arrive). RC QPs
  *                       are unaffected (RC retransmits). 0: none (default)
+ *   SOFTVERBS_DROP_WRITES 1: ... counting (and losing) RDMA writes only, so
+ *                       that a test can lose a zero-copy write for sure
  *   SOFTVERBS_DROP_AFTER K: ... counting from the Kth message of each QP on,
  *                       so that a set-up exchange can get through (default 0)
  *   SOFTVERBS_DIR       directory of the QPs' sockets (/tmp/softverbs-<uid>)
@@ -343,6 +345,7 @@ static struct {
     int uc_only, log, uc_wait;
     int max_qp;
     uint64_t drop_every, drop_after; /* UC loss injection; 0: none */
+    int drop_writes;                 /* ... counting RDMA writes only */
     uint64_t jitter_ns;
     int max_mr;
     char dir[80], lodir[96];
@@ -607,6 +610,8 @@ static void sv_init(void)
     G.drop_every = v;
     err |= env_uint("SOFTVERBS_DROP_AFTER", 0, UINT64_MAX, &v);
     G.drop_after = v;
+    err |= env_uint("SOFTVERBS_DROP_WRITES", 0, 1, &v);
+    G.drop_writes = (int)v;
     err |= env_uint("SOFTVERBS_LOG", 0, 2, &v);
     G.log = (int)v;
     err |= env_uint("SOFTVERBS_SEED", 0, UINT64_MAX, &v);
@@ -1739,7 +1744,8 @@ static uint64_t progress_tx(struct sv_qp *qp, int *want_pollout)
              * socket, marked, so that the responder discards it as a lost
              * message's packets: its PSN advances and the next message is
              * taken; the requester completes it successfully, as UC does. */
-            if (qp->type == IBV_QPT_UC && G.drop_every) {
+            if (qp->type == IBV_QPT_UC && G.drop_every &&
+                (!G.drop_writes || w->opcode == IBV_WR_RDMA_WRITE || w->opcode == IBV_WR_RDMA_WRITE_WITH_IMM)) {
                 uint64_t n = ++qp->out_msgs;
                 qp->out_hdr.lost = n > G.drop_after && (n - G.drop_after) % G.drop_every == 0;
             }
