@@ -322,6 +322,20 @@ def links_report(_):
     emit({"links": {str(p): list(v) for p, v in comm.links().items()}, "stats": comm.stats()})
 
 
+def cpu_while_waiting(delay):
+    """Rank 0 enters an all_sum at once, the others `delay` s later: the CPU
+    time rank 0's process spends waiting, and whether the sum is right."""
+    comm = thunderlink.connect()
+    x = np.full(1 << 16, comm.rank + 1, np.float32)
+    comm.barrier()
+    if comm.rank:
+        time.sleep(delay)
+    wall, cpu = time.monotonic(), time.process_time()
+    comm.all_sum(x, x)
+    emit({"cpu": time.process_time() - cpu, "wall": time.monotonic() - wall,
+          "right": bool((x == comm.size * (comm.size + 1) / 2).all())})
+
+
 def loop_all_sum(seconds):
     """all_sum of 4 MiB over and over until it fails or time is up."""
     comm = thunderlink.connect()

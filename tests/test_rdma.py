@@ -245,3 +245,18 @@ def test_a_buffer_overwritten_after_the_collective_returns_changes_nothing(ranks
     assert r.status == 0, r.all_text()
     for v in r.results():
         assert v == {"done": 12, "wrong": []}, v
+
+
+def test_without_completion_channels_a_wait_sleeps(ranks, monkeypatch):
+    """A provider without completion channels (the real libibverbs has none
+    without a kernel driver; whether Apple's has them is not known): the
+    transport polls its completion queues, and a rank that waits for a late
+    peer backs off into short sleeps instead of burning its core (which, on a
+    loaded host, also starves the peer it waits for)."""
+    use_softverbs(monkeypatch)
+    env = {"THUNDERLINK_TRANSPORT": "rdma", "SOFTVERBS_NO_COMP_CHANNEL": "1"}
+    r = ranks(2, "cpu_while_waiting", 2.0, env=env)
+    assert r.status == 0, r.all_text()
+    v = r.values[0]
+    assert all(x["right"] for x in r.values), r.values
+    assert v["wall"] >= 1.5 and v["cpu"] < 0.35 * v["wall"], v

@@ -167,7 +167,11 @@ typedef struct tl_transport_ops {
   void (*consume)(tl_chan_t *ch, size_t n);
   /* About to sleep waiting for the channel to become readable (want_in) or
    * writable (want_out): fill *pfd with a descriptor to poll (fd -1 for
-   * none) and return 0, or return 1 if it is ready now (don't sleep). */
+   * none) and return 0, or return 1 if it is ready now (don't sleep), or
+   * TL_ARM_SOON when it has no descriptor that would wake the loop (RDMA
+   * without completion channels) or must be looked at again soon whatever
+   * happens: the loop then sleeps a short while, growing from
+   * TL_ARM_SOON_MIN_NS to TL_ARM_SOON_MAX_NS, and tries it again. */
   int (*arm)(tl_chan_t *ch, int want_in, int want_out, struct pollfd *pfd);
   /* Woken: undo arm. */
   void (*disarm)(tl_chan_t *ch);
@@ -190,6 +194,9 @@ typedef struct tl_transport_ops {
 } tl_transport_ops_t;
 
 #define TL_SETUP_PHASES 3
+#define TL_ARM_SOON 2
+#define TL_ARM_SOON_MIN_NS 10000ll   /* 10 us */
+#define TL_ARM_SOON_MAX_NS 1000000ll /* 1 ms */
 
 extern const tl_transport_ops_t tl__tcp_ops;
 extern const tl_transport_ops_t tl__shm_ops;

@@ -24,6 +24,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "internal.h"
@@ -485,8 +486,9 @@ int tl__progress(tl_comm_t *c) {
     }
     sched_yield();
   }
+  int64_t soon_ns = TL_ARM_SOON_MIN_NS;
   for (;;) {
-    int n = 0, busy = 0, ready = 0;
+    int n = 0, busy = 0, ready = 0, soon = 0;
     for (int i = 0; i < c->nchans; i++) {
       tl_chan_t *k = c->chans[i];
       int want_in = k->rq || (!k->peeked && !k->eof);
@@ -495,7 +497,8 @@ int tl__progress(tl_comm_t *c) {
       if (!want_in && !want_out) continue;
       c->pfds[n].fd = -1;
       c->pfds[n].events = c->pfds[n].revents = 0;
-      ready |= k->ops->arm(k, want_in, want_out, &c->pfds[n]);
+      int a = k->ops->arm(k, want_in, want_out, &c->pfds[n]);
+      if (a == TL_ARM_SOON) soon = 1; else ready |= a;
       c->pchan[n++] = k;
     }
     if (!busy) {
@@ -511,6 +514,17 @@ int tl__progress(tl_comm_t *c) {
     int64_t left = wake - now;
     int timeout = ready || left <= 0 ? 0
                                      : (int)tl__min((size_t)((left + 999999) / 1000000), 1000);
+    if (soon && timeout) {
+      /* A channel that cannot wake us: sleep a little (poll counts only
+       * whole milliseconds), growing while nothing happens, then look at
+       * every descriptor and channel without waiting. Never a busy loop:
+       * on a loaded host that would also starve the peer we wait for. */
+      int64_t d = soon_ns < left ? soon_ns : left;
+      struct timespec ts = {(time_t)(d / 1000000000), (long)(d % 1000000000)};
+      nanosleep(&ts, NULL);
+      soon_ns = soon_ns * 2 < TL_ARM_SOON_MAX_NS ? soon_ns * 2 : TL_ARM_SOON_MAX_NS;
+      timeout = 0;
+    }
     int npoll = n, ipipe = tl__intr_fd();
     if (ipipe >= 0) {
       c->pfds[npoll].fd = ipipe;

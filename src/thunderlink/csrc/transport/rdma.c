@@ -1685,13 +1685,13 @@ static int rdma_arm(tl_chan_t *ch, int want_in, int want_out, struct pollfd *pfd
   pfd->fd = -1;
   drain(rc);
   if (ready_now(rc, want_in, want_out)) return 1;
-  if (!rc->cc) return 1; /* no completion channel: keep polling */
-  if (ibv_req_notify_cq(rc->cq, 0)) return 1;
+  /* No completion channel (the provider has none): poll again soon. */
+  if (!rc->cc || ibv_req_notify_cq(rc->cq, 0)) return TL_ARM_SOON;
   /* A completion that came before the request raises no event. */
   drain(rc);
   if (ready_now(rc, want_in, want_out)) return 1;
   /* Waiting for a lost message's successor: wake in time to call it lost. */
-  if (rc->gap_since) return 1;
+  if (rc->gap_since) return TL_ARM_SOON;
   pfd->fd = rc->cc->fd;
   pfd->events = POLLIN;
   rc->armed = 1;

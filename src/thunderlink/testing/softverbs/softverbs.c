@@ -81,6 +81,9 @@
  *                       that a test can lose a zero-copy write for sure
  *   SOFTVERBS_DROP_AFTER K: ... counting from the Kth message of each QP on,
  *                       so that a set-up exchange can get through (default 0)
+ *   SOFTVERBS_NO_COMP_CHANNEL 1: ibv_create_comp_channel fails (ENOSYS), as it
+ *                       does in the real libibverbs without a kernel driver:
+ *                       a program must poll its completion queues
  *   SOFTVERBS_DIR       directory of the QPs' sockets (/tmp/softverbs-<uid>)
  *   SOFTVERBS_SEED      seed of the jitter's random numbers
  *   SOFTVERBS_LOG       1: say on stderr why a message was dropped or failed;
@@ -346,6 +349,7 @@ static struct {
     int max_qp;
     uint64_t drop_every, drop_after; /* UC loss injection; 0: none */
     int drop_writes;                 /* ... counting RDMA writes only */
+    int no_comp_channel;             /* SOFTVERBS_NO_COMP_CHANNEL */
     uint64_t jitter_ns;
     int max_mr;
     char dir[80], lodir[96];
@@ -612,6 +616,8 @@ static void sv_init(void)
     G.drop_after = v;
     err |= env_uint("SOFTVERBS_DROP_WRITES", 0, 1, &v);
     G.drop_writes = (int)v;
+    err |= env_uint("SOFTVERBS_NO_COMP_CHANNEL", 0, 1, &v);
+    G.no_comp_channel = (int)v;
     err |= env_uint("SOFTVERBS_LOG", 0, 2, &v);
     G.log = (int)v;
     err |= env_uint("SOFTVERBS_SEED", 0, UINT64_MAX, &v);
@@ -1070,6 +1076,10 @@ SV_EXPORT struct ibv_comp_channel *ibv_create_comp_channel(struct ibv_context *c
     struct sv_ctx *c = (struct sv_ctx *)context;
     if (!c) {
         errno = EINVAL;
+        return NULL;
+    }
+    if (G.no_comp_channel) {
+        errno = ENOSYS;
         return NULL;
     }
     struct sv_chan *ch = calloc(1, sizeof *ch);
