@@ -199,6 +199,7 @@ struct tl_chan {
   int eof;                  /* peer closed or reset (seen while idle) */
   int fd;                   /* socket, or -1 */
   void *t;                  /* the transport's state */
+  struct tl_io *io;         /* its I/O thread (tcpio.c), or NULL */
 };
 
 struct tl_link {
@@ -290,6 +291,12 @@ struct tl_comm {
   int hb_registered;  /* heartbeat.c sends on this communicator's links */
   uint64_t intr_gen;  /* tl_interrupt()s counted when the operation began */
   int64_t intr_ns;    /* when the operation first saw a later one, or 0 */
+
+  /* TCP I/O threads (tcpio.c): 0 not decided yet, 1 off, 2 on; the pipe
+   * on which they tell the progress loop (made with the first of them). */
+  int io_state;
+  int io_started;
+  int io_note[2];
 };
 
 /* ---- options (options.c, from the table in options.h) ---------------------- */
@@ -416,6 +423,54 @@ static inline int tl__tcp_has_ctl(const tl_comm_t *c) { return c->opts.heartbeat
 uint64_t tl__intr_count(void);
 int tl__intr_fd(void);
 void tl__intr_drain(void);
+
+/* ---- I/O threads of TCP data channels (tcpio.c) ----------------------------
+ *
+ * A thread per TCP data channel moves the bytes of large slices the progress
+ * loop hands it (a prefix of the channel's send and receive queues, in
+ * order); the loop keeps the queues, the rules and the failures. The
+ * hand-over is one-producer one-consumer: the loop writes job[d][i % CAP]
+ * then tail[d]; the thread moves slice fin[d] and then advances fin[d]; the
+ * loop retires slices seen[d] .. fin[d]-1. d: 0 send, 1 receive. */
+
+#define TL_IO_QCAP 64
+#define TL_IO_MIN_BYTES ((size_t)64 << 10) /* smaller slices move inline */
+#define TL_IO_MISMATCH (-1000000)         /* a received header differs */
+
+typedef struct tl_io {
+  tl_chan_t *k;
+  pthread_t thread;
+  int pid;                      /* that started it (a forked child has no thread) */
+  int wake[2];                  /* the loop wakes a sleeping thread here */
+  int note;                     /* c->io_note[1] */
+  pthread_mutex_t mu;           /* with cv: halting and resuming */
+  pthread_cond_t cv;
+  tl_slice_t *job[2][TL_IO_QCAP];
+  atomic_uint tail[2];          /* slices handed over */
+  atomic_uint fin[2];           /* slices finished by the thread */
+  unsigned seen[2];             /* finished slices the loop retired */
+  atomic_int err[2];            /* why the direction stopped: -errno, TL_IO_MISMATCH */
+  atomic_int halt, halted, quit, sleeping;
+  _Atomic int64_t heard_ns;     /* bytes last came from the peer */
+} tl_io_t;
+
+/* Should large slices of c's TCP data channels move on I/O threads
+ * (tl_options_t.tcp_threads; auto: usable CPUs >= 2 x ranks on this host)?
+ * Decided once, at the first large slice. */
+int tl__io_wanted(tl_comm_t *c);
+/* Start k's thread (k->io). A status, with the message recorded. */
+int tl__io_start(tl_comm_t *c, tl_chan_t *k);
+/* New slices were handed over: wake the thread if it sleeps. */
+void tl__io_kick(tl_io_t *io);
+/* Park the thread (returns once it has: it then touches no slice and no
+ * socket), and let it go on. */
+void tl__io_halt(tl_io_t *io);
+void tl__io_resume(tl_io_t *io);
+/* End and join k's thread (before its socket closes); free its state. */
+void tl__io_stop(tl_comm_t *c, tl_chan_t *k);
+/* Empty / close the communicator's note pipe. */
+void tl__io_drain_note(tl_comm_t *c);
+void tl__io_close_comm(tl_comm_t *c);
 
 /* ---- errors and logging --------------------------------------------------- */
 

@@ -102,11 +102,141 @@ static size_t payload(size_t done) {
   return done > sizeof(tl_frame_t) ? done - sizeof(tl_frame_t) : 0;
 }
 
+/* ---- I/O threads (tcpio.c) ------------------------------------------------------
+ *
+ * Where c's TCP data channels have threads, the large slices at the head of
+ * a channel's queues move on its thread: io_offload hands over the longest
+ * prefix of not-yet-started large slices, io_collect retires what the thread
+ * finished (in queue order) and judges a stop, io_reclaim takes back what it
+ * holds. While the thread holds slices of a direction, this loop neither
+ * polls nor reads nor writes that direction of the socket. */
+
+static int header_in(tl_comm_t *c, tl_chan_t *k, tl_slice_t *s);
+
+static unsigned io_held(const tl_chan_t *k, int d) {
+  return k->io ? atomic_load(&k->io->tail[d]) - k->io->seen[d] : 0;
+}
+
+/* Hand direction d's eligible slices to k's thread (starting it). Returns
+ * whether the thread now holds the head of the queue. */
+static int io_offload(tl_comm_t *c, tl_chan_t *k, int d) {
+  if (k->index < 0 || k->ops != &tl__tcp_ops || k->eof || k->fd < 0 || c->status)
+    return io_held(k, d) > 0;
+  unsigned held = io_held(k, d), handed = 0;
+  tl_slice_t *s = d ? k->rq : k->sq;
+  for (unsigned i = 0; i < held && s; i++) s = s->next;
+  for (; s && held < TL_IO_QCAP; s = s->next, held++) {
+    if (s->other || s->done || s->len < TL_IO_MIN_BYTES) break;
+    if (!k->io) {
+      if (!tl__io_wanted(c)) break;
+      if (tl__io_start(c, k)) {
+        tl__log(c, TL_LOG_WARN, "%s; moving TCP bytes on the calling thread", c->err);
+        c->io_state = 1;
+        break;
+      }
+    }
+    tl_io_t *io = k->io;
+    unsigned t = atomic_load(&io->tail[d]);
+    io->job[d][t % TL_IO_QCAP] = s;
+    atomic_store(&io->tail[d], t + 1);
+    handed++;
+  }
+  if (handed) tl__io_kick(k->io);
+  return io_held(k, d) > 0;
+}
+
+/* Retire the slices k's thread finished. Returns how many, or a status. */
+static int io_retire(tl_comm_t *c, tl_chan_t *k) {
+  tl_io_t *io = k->io;
+  int completed = 0;
+  for (int d = 0; d < 2; d++) {
+    unsigned f = atomic_load(&io->fin[d]);
+    while (io->seen[d] != f) {
+      tl_slice_t *s = d ? pop(&k->rq, &k->rq_tail) : pop(&k->sq, &k->sq_tail);
+      io->seen[d]++;
+      if (d) {
+        k->peeked = 0;
+        c->stats.bytes_received += s->len;
+        c->stats.bytes_received_by[k->ops->id] += s->len;
+      } else {
+        c->stats.bytes_sent += s->len;
+        c->stats.bytes_sent_by[k->ops->id] += s->len;
+      }
+      tl__slice_done(c, s);
+      completed++;
+    }
+  }
+  if (completed && atomic_load(&io->heard_ns) > k->link->heard_ns)
+    k->link->heard_ns = atomic_load(&io->heard_ns);
+  return completed;
+}
+
+/* Park k's thread and take back what it holds: afterwards the slices, with
+ * the bytes the thread moved of them (s->done), are this loop's alone.
+ * Returns the slices it had finished (retired here). */
+static int io_reclaim(tl_comm_t *c, tl_chan_t *k) {
+  tl_io_t *io = k->io;
+  if (!io) return 0;
+  tl__io_halt(io);
+  int completed = io_retire(c, k);
+  for (int d = 0; d < 2; d++) {
+    unsigned t = atomic_load(&io->tail[d]);
+    tl_slice_t *s = d ? k->rq : k->sq;
+    for (unsigned i = io->seen[d]; i != t && s; i++, s = s->next) {
+      size_t moved = payload(s->done);
+      if (d) {
+        c->stats.bytes_received += moved;
+        c->stats.bytes_received_by[k->ops->id] += moved;
+      } else {
+        c->stats.bytes_sent += moved;
+        c->stats.bytes_sent_by[k->ops->id] += moved;
+      }
+    }
+    atomic_store(&io->fin[d], io->seen[d]);
+    atomic_store(&io->tail[d], io->seen[d]);
+    atomic_store(&io->err[d], 0);
+  }
+  if (atomic_load(&io->heard_ns) > k->link->heard_ns)
+    k->link->heard_ns = atomic_load(&io->heard_ns);
+  tl__io_resume(io);
+  return completed;
+}
+
+static void io_reclaim_all(tl_comm_t *c) {
+  for (int i = 0; i < c->nchans; i++)
+    if (c->chans[i]->io) io_reclaim(c, c->chans[i]);
+}
+
+/* Retire what k's thread finished, and judge why it stopped, if it did, as
+ * the calling thread would have: the same messages, the same rules.
+ * Returns slices completed, or a status. */
+static int io_collect(tl_comm_t *c, tl_chan_t *k) {
+  tl_io_t *io = k->io;
+  int completed = io_retire(c, k);
+  int es = atomic_load(&io->err[0]), er = atomic_load(&io->err[1]);
+  if (!es && !er) return completed;
+  completed += io_reclaim(c, k);
+  if (er == TL_IO_MISMATCH && k->rq) {
+    int rc = header_in(c, k, k->rq);
+    if (rc) return rc > 0 ? completed : rc;
+  } else if (er) {
+    return lost(c, k, "receiving from", er == -EPIPE ? 0 : -er);
+  }
+  if (es) return lost(c, k, "sending to", -es);
+  return completed;
+}
+
 /* Write queued frames until the channel takes no more. Returns the number of
  * slices completed, or a negative status. */
 static int send_some(tl_comm_t *c, tl_chan_t *k) {
   int completed = 0;
+  if (k->io) {
+    int x = io_collect(c, k);
+    if (x < 0) return x;
+    completed += x;
+  }
   while (k->sq) {
+    if (io_offload(c, k, 0)) break; /* the channel's thread has the head */
     tl_slice_t *s = k->sq;
     struct iovec iov[2];
     int n = frame_iov(s, &s->hdr, iov);
@@ -204,10 +334,31 @@ static long reduce_some(tl_chan_t *k, tl_slice_t *s) {
   return (long)moved;
 }
 
+/* The header of s has arrived (in s->got; the first s->done - H bytes of
+ * the payload are in s->buf): an abort notice, or the frame expected?
+ * Returns 0 when it is, 1 when a peer's abort notice concerns a later
+ * collective (kept for the next call), or the failure. */
+static int header_in(tl_comm_t *c, tl_chan_t *k, tl_slice_t *s) {
+  const size_t H = sizeof(tl_frame_t);
+  if (s->got.magic == TL_FRAME_MAGIC && s->got.type == TL_FRAME_ABORT) {
+    int rc = peer_aborted(c, k, &s->got, s->buf, s->done - H);
+    return rc ? rc : 1;
+  }
+  char w[TL_HOST_LEN + 64];
+  where(k, w, sizeof w);
+  return tl__check_frame(c, k->link->peer, &s->hdr, &s->got, w);
+}
+
 static int recv_some(tl_comm_t *c, tl_chan_t *k) {
   int completed = 0;
   const size_t H = sizeof(tl_frame_t);
+  if (k->io) {
+    int x = io_collect(c, k);
+    if (x < 0) return x;
+    completed += x;
+  }
   while (k->rq) {
+    if (io_offload(c, k, 1)) break; /* the channel's thread has the head */
     tl_slice_t *s = k->rq;
     struct iovec iov[2];
     int n = frame_iov(s, &s->got, iov);
@@ -223,12 +374,8 @@ static int recv_some(tl_comm_t *c, tl_chan_t *k) {
     c->stats.bytes_received += moved;
     c->stats.bytes_received_by[k->ops->id] += moved;
     if (before < H && s->done >= H) {
-      if (s->got.magic == TL_FRAME_MAGIC && s->got.type == TL_FRAME_ABORT)
-        return peer_aborted(c, k, &s->got, s->buf, s->done - H);
-      char w[TL_HOST_LEN + 64];
-      where(k, w, sizeof w);
-      int rc = tl__check_frame(c, k->link->peer, &s->hdr, &s->got, w);
-      if (rc) return rc;
+      int rc = header_in(c, k, s);
+      if (rc) return rc > 0 ? 0 : rc;
     }
     if (s->done == H + s->len) {
       pop(&k->rq, &k->rq_tail);
@@ -341,11 +488,15 @@ int tl__chan_post(tl_comm_t *c, tl_chan_t *k, tl_slice_t *s, int is_send) {
   if (!is_send) {
     push(&k->rq, &k->rq_tail, s);
     k->peeked = 0;
+    if (k->io || k->rq == s) io_offload(c, k, 1);
     return TL_OK;
   }
   int was_empty = k->sq == NULL;
   push(&k->sq, &k->sq_tail, s);
-  if (!was_empty) return TL_OK;
+  if (!was_empty) {
+    if (k->io) io_offload(c, k, 0);
+    return TL_OK;
+  }
   /* Start at once: small messages leave without a trip through poll. */
   int r = send_some(c, k);
   return r < 0 ? r : TL_OK;
@@ -489,8 +640,9 @@ int tl__progress(tl_comm_t *c) {
     int n = 0, busy = 0, ready = 0;
     for (int i = 0; i < c->nchans; i++) {
       tl_chan_t *k = c->chans[i];
-      int want_in = k->rq || (!k->peeked && !k->eof);
-      int want_out = k->sq != NULL;
+      /* A direction whose slices the channel's thread holds is its own. */
+      int want_in = !io_held(k, 1) && (k->rq || (!k->peeked && !k->eof));
+      int want_out = k->sq != NULL && !io_held(k, 0);
       if (k->sq || k->rq) busy++;
       if (!want_in && !want_out) continue;
       c->pfds[n].fd = -1;
@@ -511,9 +663,15 @@ int tl__progress(tl_comm_t *c) {
     int64_t left = wake - now;
     int timeout = ready || left <= 0 ? 0
                                      : (int)tl__min((size_t)((left + 999999) / 1000000), 1000);
-    int npoll = n, ipipe = tl__intr_fd();
+    int npoll = n, ipipe = tl__intr_fd(), inote = -1;
     if (ipipe >= 0) {
       c->pfds[npoll].fd = ipipe;
+      c->pfds[npoll].events = POLLIN;
+      c->pfds[npoll++].revents = 0;
+    }
+    if (c->io_started) { /* the I/O threads' news */
+      inote = npoll;
+      c->pfds[npoll].fd = c->io_note[0];
       c->pfds[npoll].events = POLLIN;
       c->pfds[npoll++].revents = 0;
     }
@@ -527,8 +685,22 @@ int tl__progress(tl_comm_t *c) {
       continue;
     }
     now = tl__now_ns();
-    if (npoll > n && c->pfds[n].revents) tl__intr_drain();
+    if (ipipe >= 0 && c->pfds[n].revents) tl__intr_drain();
     int completed = 0;
+    if (inote >= 0) {
+      /* Empty the pipe first: news after this leaves a byte for the next
+       * poll. Then every thread's finished slices and stops. */
+      if (c->pfds[inote].revents) tl__io_drain_note(c);
+      for (int i = 0; i < c->nchans; i++) {
+        tl_chan_t *k = c->chans[i];
+        if (!k->io) continue;
+        int x = io_collect(c, k);
+        if (x < 0) return x;
+        completed += x;
+        int64_t h = atomic_load(&k->io->heard_ns);
+        if (h > k->link->heard_ns) k->link->heard_ns = h;
+      }
+    }
     for (int i = 0; i < n; i++) {
       /* A channel without a descriptor (shared memory) is simply tried. */
       short re = c->pfds[i].fd < 0 || (c->pfds[i].revents && c->pchan[i]->ops->wake_fd)
@@ -550,6 +722,7 @@ int tl__progress(tl_comm_t *c) {
     if (rc) return rc;
     if (now >= c->deadline_ns) {
       char what[600] = "";
+      io_reclaim_all(c); /* what each slice moved, exactly */
       describe_wait(c, what, sizeof what);
       return tl__fail(c, TL_ERR_TIMEOUT, "timed out after %.1f s waiting%s. A peer "
                       "may be stopped, hung or still busy elsewhere, or a cable is "
@@ -565,8 +738,8 @@ static int add_chan(tl_comm_t *c, tl_chan_t *k) {
   tl_chan_t **all = realloc(c->chans, (size_t)(c->nchans + 1) * sizeof *all);
   if (!all) return TL_ERR_NOMEM;
   c->chans = all;
-  /* one slot more than channels: the interrupt pipe */
-  struct pollfd *pf = realloc(c->pfds, (size_t)(c->nchans + 2) * sizeof *pf);
+  /* two slots more than channels: the interrupt pipe, the I/O threads' */
+  struct pollfd *pf = realloc(c->pfds, (size_t)(c->nchans + 3) * sizeof *pf);
   if (!pf) return TL_ERR_NOMEM;
   c->pfds = pf;
   tl_chan_t **pc = realloc(c->pchan, (size_t)(c->nchans + 1) * sizeof *pc);
@@ -625,6 +798,7 @@ void tl__abort_all(tl_comm_t *c, const char *why) {
   f.op = (uint8_t)c->cur.op; /* where we failed: see peer_aborted */
   f.seq = c->cur.seq;
   f.len = (uint32_t)len;
+  io_reclaim_all(c); /* no thread touches a socket or a slice from here */
   for (int i = 0; i < 2 * c->nchans; i++) {
     /* Control channels first: the peer looks there for the reason when
      * another channel breaks (see told()). */
@@ -644,6 +818,9 @@ void tl__abort_all(tl_comm_t *c, const char *why) {
 
 void tl__links_close(tl_comm_t *c) {
   if (!c->links) return;
+  /* Threads first: they may be using the sockets and the slices. */
+  for (int i = 0; i < c->nchans; i++) tl__io_stop(c, c->chans[i]);
+  tl__io_close_comm(c);
   for (int p = 0; p < c->size; p++) {
     tl_link_t *l = &c->links[p];
     for (int k = 0; k < l->nchans; k++) {
