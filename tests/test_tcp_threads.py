@@ -262,8 +262,8 @@ def test_every_op_is_right_and_threads_exist_only_when_on(mode):
     assert v["wrong"] == [], v["wrong"]
     assert v["before"] == 0 and v["after"] == 0, v
     if mode == "on":
-        # Two ranks, two data connections each, a thread per connection.
-        assert v["during"] == 4, v
+        # Two ranks, two data connections each, a thread per direction.
+        assert v["during"] == 8, v
     else:
         assert v["during"] == 0, v
     # The threads' bytes are counted: what one rank sent, the other received.
@@ -281,14 +281,14 @@ def test_both_paths_count_the_same_bytes():
 def test_auto_follows_the_spare_cores():
     v = _child("auto", timeout=120)
     # Two ranks of this host: on where the process may use 4 CPUs or more.
-    assert v["threads"] == (4 if v["cpus"] >= 4 else 0), v
+    assert v["threads"] == (8 if v["cpus"] >= 4 else 0), v
 
 
 @needs_proc
 def test_threads_and_descriptors_stay_flat_over_many_communicators():
     v = _child("many", "on", 40, 10, timeout=200)
     assert "samples" in v, v
-    assert v["seen"] == 4, v
+    assert v["seen"] == 8, v
     first, last = v["samples"][0], v["samples"][-1]
     assert last["fds"] <= first["fds"], (first, last)
     assert last["threads"] <= first["threads"], (first, last)

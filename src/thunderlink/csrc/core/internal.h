@@ -199,7 +199,7 @@ struct tl_chan {
   int eof;                  /* peer closed or reset (seen while idle) */
   int fd;                   /* socket, or -1 */
   void *t;                  /* the transport's state */
-  struct tl_io *io;         /* its I/O thread (tcpio.c), or NULL */
+  struct tl_io *io[2];      /* its I/O threads (tcpio.c): sends, receives; or NULL */
 };
 
 struct tl_link {
@@ -426,12 +426,12 @@ void tl__intr_drain(void);
 
 /* ---- I/O threads of TCP data channels (tcpio.c) ----------------------------
  *
- * A thread per TCP data channel moves the bytes of large slices the progress
- * loop hands it (a prefix of the channel's send and receive queues, in
- * order); the loop keeps the queues, the rules and the failures. The
- * hand-over is one-producer one-consumer: the loop writes job[d][i % CAP]
- * then tail[d]; the thread moves slice fin[d] and then advances fin[d]; the
- * loop retires slices seen[d] .. fin[d]-1. d: 0 send, 1 receive. */
+ * Two threads per TCP data channel, one per direction, move the bytes of
+ * large slices the progress loop hands them (a prefix of the channel's send
+ * or receive queue, in order); the loop keeps the queues, the rules and the
+ * failures. The hand-over is one-producer one-consumer: the loop writes
+ * job[i % CAP] then tail; the thread moves slice fin and then advances fin;
+ * the loop retires slices seen .. fin-1. */
 
 #define TL_IO_QCAP 64
 #define TL_IO_MIN_BYTES ((size_t)64 << 10) /* smaller slices move inline */
@@ -439,17 +439,18 @@ void tl__intr_drain(void);
 
 typedef struct tl_io {
   tl_chan_t *k;
+  int dir;                      /* 0: sends, 1: receives */
   pthread_t thread;
   int pid;                      /* that started it (a forked child has no thread) */
   int wake[2];                  /* the loop wakes a sleeping thread here */
   int note;                     /* c->io_note[1] */
   pthread_mutex_t mu;           /* with cv: halting and resuming */
   pthread_cond_t cv;
-  tl_slice_t *job[2][TL_IO_QCAP];
-  atomic_uint tail[2];          /* slices handed over */
-  atomic_uint fin[2];           /* slices finished by the thread */
-  unsigned seen[2];             /* finished slices the loop retired */
-  atomic_int err[2];            /* why the direction stopped: -errno, TL_IO_MISMATCH */
+  tl_slice_t *job[TL_IO_QCAP];
+  atomic_uint tail;             /* slices handed over */
+  atomic_uint fin;              /* slices finished by the thread */
+  unsigned seen;                /* finished slices the loop retired */
+  atomic_int err;               /* why it stopped: -errno, TL_IO_MISMATCH */
   atomic_int halt, halted, quit, sleeping;
   _Atomic int64_t heard_ns;     /* bytes last came from the peer */
 } tl_io_t;
@@ -458,15 +459,16 @@ typedef struct tl_io {
  * (tl_options_t.tcp_threads; auto: usable CPUs >= 2 x ranks on this host)?
  * Decided once, at the first large slice. */
 int tl__io_wanted(tl_comm_t *c);
-/* Start k's thread (k->io). A status, with the message recorded. */
-int tl__io_start(tl_comm_t *c, tl_chan_t *k);
+/* Start k's thread for direction d (k->io[d]). A status, with the message
+ * recorded. */
+int tl__io_start(tl_comm_t *c, tl_chan_t *k, int d);
 /* New slices were handed over: wake the thread if it sleeps. */
 void tl__io_kick(tl_io_t *io);
 /* Park the thread (returns once it has: it then touches no slice and no
  * socket), and let it go on. */
 void tl__io_halt(tl_io_t *io);
 void tl__io_resume(tl_io_t *io);
-/* End and join k's thread (before its socket closes); free its state. */
+/* End and join k's threads (before its socket closes); free their state. */
 void tl__io_stop(tl_comm_t *c, tl_chan_t *k);
 /* Empty / close the communicator's note pipe. */
 void tl__io_drain_note(tl_comm_t *c);

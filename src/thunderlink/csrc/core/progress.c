@@ -114,11 +114,12 @@ static size_t payload(size_t done) {
 static int header_in(tl_comm_t *c, tl_chan_t *k, tl_slice_t *s);
 
 static unsigned io_held(const tl_chan_t *k, int d) {
-  return k->io ? atomic_load(&k->io->tail[d]) - k->io->seen[d] : 0;
+  const tl_io_t *io = k->io[d];
+  return io ? atomic_load(&io->tail) - io->seen : 0;
 }
 
-/* Hand direction d's eligible slices to k's thread (starting it). Returns
- * whether the thread now holds the head of the queue. */
+/* Hand direction d's eligible slices to k's thread for it (starting it).
+ * Returns whether the thread now holds the head of the queue. */
 static int io_offload(tl_comm_t *c, tl_chan_t *k, int d) {
   if (k->index < 0 || k->ops != &tl__tcp_ops || k->eof || k->fd < 0 || c->status)
     return io_held(k, d) > 0;
@@ -127,33 +128,40 @@ static int io_offload(tl_comm_t *c, tl_chan_t *k, int d) {
   for (unsigned i = 0; i < held && s; i++) s = s->next;
   for (; s && held < TL_IO_QCAP; s = s->next, held++) {
     if (s->other || s->done || s->len < TL_IO_MIN_BYTES) break;
-    if (!k->io) {
+    if (!k->io[d]) {
       if (!tl__io_wanted(c)) break;
-      if (tl__io_start(c, k)) {
+      if (tl__io_start(c, k, d)) {
         tl__log(c, TL_LOG_WARN, "%s; moving TCP bytes on the calling thread", c->err);
         c->io_state = 1;
         break;
       }
     }
-    tl_io_t *io = k->io;
-    unsigned t = atomic_load(&io->tail[d]);
-    io->job[d][t % TL_IO_QCAP] = s;
-    atomic_store(&io->tail[d], t + 1);
+    tl_io_t *io = k->io[d];
+    unsigned t = atomic_load(&io->tail);
+    io->job[t % TL_IO_QCAP] = s;
+    atomic_store(&io->tail, t + 1);
     handed++;
   }
-  if (handed) tl__io_kick(k->io);
+  if (handed) tl__io_kick(k->io[d]);
   return io_held(k, d) > 0;
 }
 
-/* Retire the slices k's thread finished. Returns how many, or a status. */
+static void io_heard(tl_chan_t *k) {
+  tl_io_t *io = k->io[1];
+  int64_t h = io ? atomic_load(&io->heard_ns) : 0;
+  if (h > k->link->heard_ns) k->link->heard_ns = h;
+}
+
+/* Retire the slices k's threads finished. Returns how many. */
 static int io_retire(tl_comm_t *c, tl_chan_t *k) {
-  tl_io_t *io = k->io;
   int completed = 0;
   for (int d = 0; d < 2; d++) {
-    unsigned f = atomic_load(&io->fin[d]);
-    while (io->seen[d] != f) {
+    tl_io_t *io = k->io[d];
+    if (!io) continue;
+    unsigned f = atomic_load(&io->fin);
+    while (io->seen != f) {
       tl_slice_t *s = d ? pop(&k->rq, &k->rq_tail) : pop(&k->sq, &k->sq_tail);
-      io->seen[d]++;
+      io->seen++;
       if (d) {
         k->peeked = 0;
         c->stats.bytes_received += s->len;
@@ -166,23 +174,24 @@ static int io_retire(tl_comm_t *c, tl_chan_t *k) {
       completed++;
     }
   }
-  if (completed && atomic_load(&io->heard_ns) > k->link->heard_ns)
-    k->link->heard_ns = atomic_load(&io->heard_ns);
+  if (completed) io_heard(k);
   return completed;
 }
 
-/* Park k's thread and take back what it holds: afterwards the slices, with
- * the bytes the thread moved of them (s->done), are this loop's alone.
- * Returns the slices it had finished (retired here). */
+/* Park k's threads and take back what they hold: afterwards the slices,
+ * with the bytes the threads moved of them (s->done), are this loop's
+ * alone. Returns the slices they had finished (retired here). */
 static int io_reclaim(tl_comm_t *c, tl_chan_t *k) {
-  tl_io_t *io = k->io;
-  if (!io) return 0;
-  tl__io_halt(io);
+  if (!k->io[0] && !k->io[1]) return 0;
+  for (int d = 0; d < 2; d++)
+    if (k->io[d]) tl__io_halt(k->io[d]);
   int completed = io_retire(c, k);
   for (int d = 0; d < 2; d++) {
-    unsigned t = atomic_load(&io->tail[d]);
+    tl_io_t *io = k->io[d];
+    if (!io) continue;
+    unsigned t = atomic_load(&io->tail);
     tl_slice_t *s = d ? k->rq : k->sq;
-    for (unsigned i = io->seen[d]; i != t && s; i++, s = s->next) {
+    for (unsigned i = io->seen; i != t && s; i++, s = s->next) {
       size_t moved = payload(s->done);
       if (d) {
         c->stats.bytes_received += moved;
@@ -192,28 +201,26 @@ static int io_reclaim(tl_comm_t *c, tl_chan_t *k) {
         c->stats.bytes_sent_by[k->ops->id] += moved;
       }
     }
-    atomic_store(&io->fin[d], io->seen[d]);
-    atomic_store(&io->tail[d], io->seen[d]);
-    atomic_store(&io->err[d], 0);
+    atomic_store(&io->fin, io->seen);
+    atomic_store(&io->tail, io->seen);
+    atomic_store(&io->err, 0);
+    tl__io_resume(io);
   }
-  if (atomic_load(&io->heard_ns) > k->link->heard_ns)
-    k->link->heard_ns = atomic_load(&io->heard_ns);
-  tl__io_resume(io);
+  io_heard(k);
   return completed;
 }
 
 static void io_reclaim_all(tl_comm_t *c) {
-  for (int i = 0; i < c->nchans; i++)
-    if (c->chans[i]->io) io_reclaim(c, c->chans[i]);
+  for (int i = 0; i < c->nchans; i++) io_reclaim(c, c->chans[i]);
 }
 
-/* Retire what k's thread finished, and judge why it stopped, if it did, as
- * the calling thread would have: the same messages, the same rules.
+/* Retire what k's threads finished, and judge why one stopped, if one did,
+ * as the calling thread would have: the same messages, the same rules.
  * Returns slices completed, or a status. */
 static int io_collect(tl_comm_t *c, tl_chan_t *k) {
-  tl_io_t *io = k->io;
   int completed = io_retire(c, k);
-  int es = atomic_load(&io->err[0]), er = atomic_load(&io->err[1]);
+  int es = k->io[0] ? atomic_load(&k->io[0]->err) : 0;
+  int er = k->io[1] ? atomic_load(&k->io[1]->err) : 0;
   if (!es && !er) return completed;
   completed += io_reclaim(c, k);
   if (er == TL_IO_MISMATCH && k->rq) {
@@ -230,7 +237,7 @@ static int io_collect(tl_comm_t *c, tl_chan_t *k) {
  * slices completed, or a negative status. */
 static int send_some(tl_comm_t *c, tl_chan_t *k) {
   int completed = 0;
-  if (k->io) {
+  if (k->io[0] || k->io[1]) {
     int x = io_collect(c, k);
     if (x < 0) return x;
     completed += x;
@@ -352,7 +359,7 @@ static int header_in(tl_comm_t *c, tl_chan_t *k, tl_slice_t *s) {
 static int recv_some(tl_comm_t *c, tl_chan_t *k) {
   int completed = 0;
   const size_t H = sizeof(tl_frame_t);
-  if (k->io) {
+  if (k->io[0] || k->io[1]) {
     int x = io_collect(c, k);
     if (x < 0) return x;
     completed += x;
@@ -488,13 +495,13 @@ int tl__chan_post(tl_comm_t *c, tl_chan_t *k, tl_slice_t *s, int is_send) {
   if (!is_send) {
     push(&k->rq, &k->rq_tail, s);
     k->peeked = 0;
-    if (k->io || k->rq == s) io_offload(c, k, 1);
+    if (k->io[1] || k->rq == s) io_offload(c, k, 1);
     return TL_OK;
   }
   int was_empty = k->sq == NULL;
   push(&k->sq, &k->sq_tail, s);
   if (!was_empty) {
-    if (k->io) io_offload(c, k, 0);
+    if (k->io[0]) io_offload(c, k, 0);
     return TL_OK;
   }
   /* Start at once: small messages leave without a trip through poll. */
@@ -693,12 +700,11 @@ int tl__progress(tl_comm_t *c) {
       if (c->pfds[inote].revents) tl__io_drain_note(c);
       for (int i = 0; i < c->nchans; i++) {
         tl_chan_t *k = c->chans[i];
-        if (!k->io) continue;
+        if (!k->io[0] && !k->io[1]) continue;
         int x = io_collect(c, k);
         if (x < 0) return x;
         completed += x;
-        int64_t h = atomic_load(&k->io->heard_ns);
-        if (h > k->link->heard_ns) k->link->heard_ns = h;
+        io_heard(k);
       }
     }
     for (int i = 0; i < n; i++) {

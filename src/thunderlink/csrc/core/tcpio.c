@@ -5,26 +5,29 @@
  * bound by the CPU: every byte is copied into the kernel by the sender and
  * out of it by the receiver. With one thread driving every channel
  * (progress.c) those copies and the ring's reductions share one core. Where
- * the machine has cores to spare, each TCP data channel gets a thread of its
- * own that moves the bytes of the large frames the core queued on it, both
- * directions, while the calling thread reduces and does the bookkeeping.
+ * the machine has cores to spare, each TCP data channel gets two threads,
+ * one per direction, that move the bytes of the large frames the core
+ * queued on it, while the calling thread reduces and does the bookkeeping.
+ * (One thread for both directions of a connection, as MLX's ring has, left
+ * its busiest thread with about twice the calling thread's CPU time per
+ * all_sum: bench/tcp_threads_cpu.py.)
  *
  * The division of labour:
  *
  *  - The progress loop (the calling thread) still owns every queue, every
- *    rule and every failure. It hands the thread a prefix of a channel's
+ *    rule and every failure. It hands a thread a prefix of its channel's
  *    send or receive queue (tl__io_* below; io_offload in progress.c): large
  *    slices not yet started, in queue order, so that the bytes on the wire
  *    keep the queue's order. It does not touch that direction of the socket
  *    while the thread has slices of it, and retires the slices the thread
  *    finished (their number, io->fin) in order.
- *  - The thread only moves bytes: header and payload of each slice, with the
+ *  - A thread only moves bytes: header and payload of each slice, with the
  *    transport's own non-blocking send/recv, sleeping in poll(2) on the
  *    socket and its wake-up pipe when the socket can take or give nothing
  *    (never spinning: a machine without spare cores pays a sleep and a
  *    wake-up, not a burnt core). A received header that differs from the
  *    expected one by one byte (a peer's abort notice, another collective)
- *    stops the direction; so does any error of the socket. The thread
+ *    stops the thread; so does any error of the socket. The thread
  *    records why (io->err) and tells the progress loop, which takes the
  *    slices back (tl__io_halt) and judges the case with the same code as
  *    without threads (lost(), the header checks, abort notices).
@@ -36,7 +39,7 @@
  *    calls: it acknowledges, and the slices it held, with what they moved
  *    (s->done), are the progress loop's again. Closing joins it.
  *
- * Threads start with the first large slice a channel gets, block all
+ * Threads start with the first large slice of their direction, block all
  * signals (Ctrl-C reaches the program's threads), are named tl-io and end
  * with the communicator.
  */
@@ -144,40 +147,40 @@ static int rest_iov(tl_slice_t *s, tl_frame_t *hdr, struct iovec iov[2]) {
   return n;
 }
 
-/* Move bytes of direction d's current slice. Returns 1 when something moved,
- * 0 when the socket would block, or -1 when the direction stopped (err set). */
-static int step(tl_io_t *io, int d) {
+/* Move bytes of the current slice. Returns 1 when something moved, 0 when
+ * the socket would block, or -1 when the thread stopped (err set). */
+static int step(tl_io_t *io) {
   tl_chan_t *k = io->k;
-  unsigned f = atomic_load(&io->fin[d]);
-  tl_slice_t *s = io->job[d][f % TL_IO_QCAP];
+  unsigned f = atomic_load(&io->fin);
+  tl_slice_t *s = io->job[f % TL_IO_QCAP];
   const size_t H = sizeof(tl_frame_t);
   struct iovec iov[2];
-  int n = rest_iov(s, d ? &s->got : &s->hdr, iov);
-  long r = n == 0 ? 0 : d ? k->ops->recv(k, iov, n, 0) : k->ops->send(k, iov, n);
+  int n = rest_iov(s, io->dir ? &s->got : &s->hdr, iov);
+  long r = n == 0 ? 0 : io->dir ? k->ops->recv(k, iov, n, 0) : k->ops->send(k, iov, n);
   if (r < 0) {
-    atomic_store(&io->err[d], (int)r);
+    atomic_store(&io->err, (int)r);
     ping(io->note);
     return -1;
   }
   size_t before = s->done;
   s->done += (size_t)r;
-  if (d && r > 0) atomic_store(&io->heard_ns, tl__now_ns());
-  if (d && before < H && s->done >= H && memcmp(&s->got, &s->hdr, H) != 0) {
+  if (io->dir && r > 0) atomic_store(&io->heard_ns, tl__now_ns());
+  if (io->dir && before < H && s->done >= H && memcmp(&s->got, &s->hdr, H) != 0) {
     /* Not the frame expected: the progress loop says what it is. */
-    atomic_store(&io->err[d], TL_IO_MISMATCH);
+    atomic_store(&io->err, TL_IO_MISMATCH);
     ping(io->note);
     return -1;
   }
   if (s->done == H + s->len) {
-    atomic_store(&io->fin[d], f + 1);
+    atomic_store(&io->fin, f + 1);
     ping(io->note);
     return 1;
   }
   return r > 0;
 }
 
-static int has_job(tl_io_t *io, int d) {
-  return !atomic_load(&io->err[d]) && atomic_load(&io->fin[d]) != atomic_load(&io->tail[d]);
+static int has_job(tl_io_t *io) {
+  return !atomic_load(&io->err) && atomic_load(&io->fin) != atomic_load(&io->tail);
 }
 
 static void *run(void *arg) {
@@ -196,39 +199,31 @@ static void *run(void *arg) {
       pthread_mutex_unlock(&io->mu);
       continue;
     }
-    int moved = 0, want_out = 0, want_in = 0;
-    if (has_job(io, 0)) {
-      int x = step(io, 0);
-      moved |= x != 0;
-      want_out = x == 0;
+    int want = 0;
+    if (has_job(io)) {
+      int x = step(io);
+      if (x) continue;
+      want = 1; /* the socket is full (sends) or empty (receives) */
     }
-    if (has_job(io, 1)) {
-      int x = step(io, 1);
-      moved |= x != 0;
-      want_in = x == 0;
-    }
-    if (moved) continue;
     /* Sleep: announce it, then look again, so that a hand-over published
      * after the look is followed by a wake-up (tl__io_kick). */
     atomic_store(&io->sleeping, 1);
-    if (atomic_load(&io->halt) || atomic_load(&io->quit) ||
-        (!want_out && has_job(io, 0)) || (!want_in && has_job(io, 1))) {
+    if (atomic_load(&io->halt) || atomic_load(&io->quit) || (!want && has_job(io))) {
       atomic_store(&io->sleeping, 0);
       continue;
     }
     struct pollfd p[2] = {{io->wake[0], POLLIN, 0},
-                          {io->k->fd, (short)((want_in ? POLLIN : 0) | (want_out ? POLLOUT : 0)), 0}};
-    int np = want_in || want_out ? 2 : 1;
-    /* Idle (np == 1): until the next hand-over, halt or close. Busy: the
-     * progress loop keeps the operation's deadline and halts us at it. */
-    poll(p, (nfds_t)np, np == 2 ? 1000 : -1);
+                          {io->k->fd, (short)(io->dir ? POLLIN : POLLOUT), 0}};
+    /* Idle: until the next hand-over, halt or close. Busy: the progress
+     * loop keeps the operation's deadline and halts us at it. */
+    poll(p, want ? 2 : 1, want ? 1000 : -1);
     atomic_store(&io->sleeping, 0);
     if (p[0].revents) drain(io->wake[0]);
   }
   return NULL;
 }
 
-int tl__io_start(tl_comm_t *c, tl_chan_t *k) {
+int tl__io_start(tl_comm_t *c, tl_chan_t *k, int d) {
   if (!c->io_started) {
     int e = make_pipe(c->io_note);
     if (e) return tl__error(c, TL_ERR_SYSTEM, "cannot make the I/O threads' pipe: %s",
@@ -238,6 +233,7 @@ int tl__io_start(tl_comm_t *c, tl_chan_t *k) {
   tl_io_t *io = calloc(1, sizeof *io);
   if (!io) return tl__error(c, TL_ERR_NOMEM, "out of memory starting an I/O thread");
   io->k = k;
+  io->dir = d;
   io->note = c->io_note[1];
   io->pid = getpid();
   int e = make_pipe(io->wake);
@@ -263,7 +259,7 @@ int tl__io_start(tl_comm_t *c, tl_chan_t *k) {
 #if defined(__linux__)
   pthread_setname_np(io->thread, "tl-io");
 #endif
-  k->io = io;
+  k->io[d] = io;
   return TL_OK;
 }
 
@@ -290,21 +286,23 @@ void tl__io_resume(tl_io_t *io) {
 }
 
 void tl__io_stop(tl_comm_t *c, tl_chan_t *k) {
-  tl_io_t *io = k->io;
-  if (!io) return;
-  k->io = NULL;
-  pthread_mutex_lock(&io->mu);
-  atomic_store(&io->quit, 1);
-  pthread_cond_broadcast(&io->cv);
-  pthread_mutex_unlock(&io->mu);
-  ping(io->wake[1]);
-  /* A forked child has the communicator but not the thread. */
-  if (getpid() == io->pid) pthread_join(io->thread, NULL);
-  close(io->wake[0]);
-  close(io->wake[1]);
-  pthread_mutex_destroy(&io->mu);
-  pthread_cond_destroy(&io->cv);
-  free(io);
+  for (int d = 0; d < 2; d++) {
+    tl_io_t *io = k->io[d];
+    if (!io) continue;
+    k->io[d] = NULL;
+    pthread_mutex_lock(&io->mu);
+    atomic_store(&io->quit, 1);
+    pthread_cond_broadcast(&io->cv);
+    pthread_mutex_unlock(&io->mu);
+    ping(io->wake[1]);
+    /* A forked child has the communicator but not the thread. */
+    if (getpid() == io->pid) pthread_join(io->thread, NULL);
+    close(io->wake[0]);
+    close(io->wake[1]);
+    pthread_mutex_destroy(&io->mu);
+    pthread_cond_destroy(&io->cv);
+    free(io);
+  }
   (void)c;
 }
 
