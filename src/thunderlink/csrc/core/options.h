@@ -96,7 +96,8 @@ TL_OPTION(listen_all, "listen_all", "THUNDERLINK_LISTEN_ALL", TL_OPT_INT, "",
           "own (NAT, a name that resolves elsewhere)")
 TL_OPTION(tcp_threads, "tcp_threads", "THUNDERLINK_TCP_THREADS", TL_OPT_CHOICE, "",
           TL_TCP_THREADS_AUTO, TL_TCP_THREADS_AUTO, TL_TCP_THREADS_ON, 0, "auto,off,on",
-          "`on`: each TCP connection's large frames move on a thread of its own, which sleeps in "
-          "the kernel while it waits, so the copies into and out of the kernel run beside the "
-          "reductions on other cores; `off`: one thread drives every connection; `auto`: `on` "
-          "where the CPUs this process may use are at least twice the ranks on this host")
+          "`on`: the large frames of each TCP connection move on two threads of its own, one per "
+          "direction, which sleep in the kernel while they wait, so that the copies into and out "
+          "of the kernel run on other cores than the reductions; `off`: the calling thread drives "
+          "every connection; `auto`: `on` where the CPUs this process may use are at least twice "
+          "the ranks on this host")
