@@ -121,7 +121,8 @@ static unsigned io_held(const tl_chan_t *k, int d) {
 /* Hand direction d's eligible slices to k's thread for it (starting it).
  * Returns whether the thread now holds the head of the queue. */
 static int io_offload(tl_comm_t *c, tl_chan_t *k, int d) {
-  if (k->index < 0 || k->ops != &tl__tcp_ops || k->eof || k->fd < 0 || c->status)
+  if (k->index < 0 || k->ops != &tl__tcp_ops || k->eof || k->fd < 0 || c->status ||
+      c->cur.total < TL_IO_MIN_OP_BYTES)
     return io_held(k, d) > 0;
   unsigned held = io_held(k, d), handed = 0;
   tl_slice_t *s = d ? k->rq : k->sq;
