@@ -271,6 +271,7 @@ void tl__io_kick(tl_io_t *io) {
  * calls that do not block, or in a poll(2) that the wake-up ends, so it
  * parks within microseconds. */
 void tl__io_halt(tl_io_t *io) {
+  if (getpid() != io->pid) return; /* a forked child: no thread to park */
   pthread_mutex_lock(&io->mu);
   atomic_store(&io->halt, 1);
   ping(io->wake[1]);
