@@ -142,7 +142,7 @@ def prog_modes(mode: str):
 
 
 def prog_auto():
-    """tcp_threads=auto: threads iff usable CPUs >= 2 x ranks on this host."""
+    """tcp_threads=auto: threads iff usable CPUs >= 4 x ranks on this host."""
     import numpy as np
 
     a, b = _pair("auto")
@@ -280,8 +280,8 @@ def test_both_paths_count_the_same_bytes():
 @needs_proc
 def test_auto_follows_the_spare_cores():
     v = _child("auto", timeout=120)
-    # Two ranks of this host: on where the process may use 4 CPUs or more.
-    assert v["threads"] == (8 if v["cpus"] >= 4 else 0), v
+    # Two ranks of this host: on where the process may use 8 CPUs or more.
+    assert v["threads"] == (8 if v["cpus"] >= 8 else 0), v
 
 
 @needs_proc

@@ -460,7 +460,7 @@ typedef struct tl_io {
 } tl_io_t;
 
 /* Should large slices of c's TCP data channels move on I/O threads
- * (tl_options_t.tcp_threads; auto: usable CPUs >= 2 x ranks on this host)?
+ * (tl_options_t.tcp_threads; auto: usable CPUs >= 4 x ranks on this host)?
  * Decided once, at the first large slice. */
 int tl__io_wanted(tl_comm_t *c);
 /* Start k's thread for direction d (k->io[d]). A status, with the message

@@ -99,5 +99,5 @@ TL_OPTION(tcp_threads, "tcp_threads", "THUNDERLINK_TCP_THREADS", TL_OPT_CHOICE, 
           "`on`: the large frames of each TCP connection move on two threads of its own, one per "
           "direction, which sleep in the kernel while they wait, so that the copies into and out "
           "of the kernel run on other cores than the reductions; `off`: the calling thread drives "
-          "every connection; `auto`: `on` where the CPUs this process may use are at least twice "
-          "the ranks on this host")
+          "every connection; `auto`: `on` where the CPUs this process may use are at least four "
+          "times the ranks on this host")

@@ -114,13 +114,16 @@ int tl__io_wanted(tl_comm_t *c) {
   } else if (c->opts.tcp_threads == TL_TCP_THREADS_OFF) {
     on = 0;
   } else {
-    /* Spare cores: the calling thread of every rank on this host has one,
-     * and its channels' threads need at least one more each. */
+    /* Spare cores. With threads, a rank's all_sum took about 3.7-3.9
+     * times as much CPU as its busiest thread (bench/tcp_threads_cpu.py:
+     * calling thread plus four tl-io threads): it gains in full where each
+     * rank on the host has four cores, and where fewer, the threads only
+     * add hand-overs to a machine already busy. */
     int local = 1;
     for (int p = 0; p < c->size; p++)
       if (p != c->rank && c->links[p].ops && c->links[p].host_id == c->host_id) local++;
     int cpus = usable_cpus();
-    on = cpus >= 2 * local;
+    on = cpus >= 4 * local;
     tl__log(c, TL_LOG_INFO, "TCP I/O threads %s (auto: %d usable CPUs, %d ranks on this "
             "host)", on ? "on" : "off", cpus, local);
   }
