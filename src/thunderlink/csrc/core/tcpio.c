@@ -114,7 +114,7 @@ int tl__io_wanted(tl_comm_t *c) {
   } else if (c->opts.tcp_threads == TL_TCP_THREADS_OFF) {
     on = 0;
   } else {
-    /* Spare cores. With threads, a rank's all_sum took about 3.7-3.9
+    /* Spare cores. With threads, a rank's all_sum took about 3.7-5
      * times as much CPU as its busiest thread (bench/tcp_threads_cpu.py:
      * calling thread plus four tl-io threads): it gains in full where each
      * rank on the host has four cores, and where fewer, the threads only
