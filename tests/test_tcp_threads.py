@@ -211,8 +211,9 @@ def prog_close_mid_transfer(mode: str, rounds: int):
         t = threading.Thread(target=call)
         t.start()
         # The peer never joins: rank 0's threads wait on the sockets (the
-        # receives) or fill them (the sends) until the close.
-        time.sleep(0.05 + 0.05 * (i % 3))
+        # receives) or fill them (the sends) until the close, which comes
+        # before, while or after they start.
+        time.sleep((0, 0.0005, 0.002, 0.02, 0.1, 0.2)[i % 6])
         t0 = time.monotonic()
         a.close()
         worst["close"] = max(worst["close"], time.monotonic() - t0)
@@ -296,7 +297,7 @@ def test_threads_and_descriptors_stay_flat_over_many_communicators():
 
 @needs_proc
 def test_close_from_another_thread_while_threads_block():
-    v = _child("close_mid_transfer", "on", 6, timeout=150)
+    v = _child("close_mid_transfer", "on", 12, timeout=150)
     assert "worst" in v, v
     assert v["left"] == 0, v
     assert v["worst"]["close"] < 5 and v["worst"]["call"] < 5, v
