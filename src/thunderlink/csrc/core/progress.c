@@ -63,8 +63,10 @@ static void where(const tl_chan_t *k, char *buf, size_t cap) {
 /* A channel failed while we needed it. `what` is "sending to" or
  * "receiving from"; err 0 means the peer closed it. */
 static int told(tl_comm_t *c, tl_chan_t *k);
+static int io_reclaim(tl_comm_t *c, tl_chan_t *k);
 
 static int lost(tl_comm_t *c, tl_chan_t *k, const char *what, int err) {
+  io_reclaim(c, k); /* told() reads the channel: its threads must not */
   int said = told(c, k);
   if (said) return said;
   char w[TL_HOST_LEN + 64];
