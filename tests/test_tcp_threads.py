@@ -154,6 +154,23 @@ def prog_auto():
     print("RESULT " + json.dumps({"threads": n, "cpus": len(os.sched_getaffinity(0))}))
 
 
+def prog_min_bytes():
+    """tcp_threads=on, tcp_threads_min_bytes=32M: a 16 MiB all_sum stays on
+    the calling thread, a 32 MiB one starts the threads."""
+    import numpy as np
+
+    a, b = _pair("on", tcp_threads_min_bytes=32 << 20)
+    counts = []
+    for size in (16 << 20, 32 << 20):
+        x = np.ones(size // 4, np.float32)
+        got = _both(a, b, lambda c: c.all_sum(x), lambda c: c.all_sum(x))
+        assert all(isinstance(g, np.ndarray) and np.all(g == 2) for g in got), got
+        counts.append(io_threads())
+    a.close()
+    b.close()
+    print("RESULT " + json.dumps({"threads": counts}))
+
+
 def prog_many(mode: str, n: int, sample_every: int):
     """n jobs: connect, a large all_sum (threads start), close. Usage sampled."""
     import gc
@@ -163,7 +180,7 @@ def prog_many(mode: str, n: int, sample_every: int):
 
     p = psutil.Process()
     samples, seen = [], 0
-    x = np.ones(1 << 20, np.float32)
+    x = np.ones(1 << 21, np.float32)  # 8 MiB: THUNDERLINK_TCP_THREADS_MIN_BYTES
     for i in range(1, n + 1):
         a, b = _pair(mode)
         got = _both(a, b, lambda c: c.all_sum(x), lambda c: c.all_sum(x))
@@ -286,6 +303,12 @@ def test_auto_follows_the_spare_cores():
 
 
 @needs_proc
+def test_small_operations_stay_on_the_calling_thread():
+    v = _child("min_bytes", timeout=120)
+    assert v["threads"] == [0, 8], v
+
+
+@needs_proc
 def test_threads_and_descriptors_stay_flat_over_many_communicators():
     v = _child("many", "on", 40, 10, timeout=200)
     assert "samples" in v, v
@@ -316,14 +339,15 @@ def test_collectives_over_processes(ranks, mode):
         cases = [["sum", "float32", big, ip] for ip in (False, True)]
         cases += [["max", "bfloat16", 1000003, False], ["sum", "float64", (1 << 18) + 1, True]]
         check(ranks(n, "reductions", cases, env=env, timeout=180), n)
-        cases = [[k, "float32", (1 << 20) + 3 * n, ip] for k in ("all_gather", "broadcast")
-                 for ip in (False, True)] + [["reduce_scatter", "float32", 1 << 20, False]]
+        cases = [[k, "float32", (1 << 21) + 3 * n, ip] for k in ("all_gather", "broadcast")
+                 for ip in (False, True)] + [["reduce_scatter", "float32", 1 << 21, False]]
         check_gathers(ranks(n, "gathers", cases, env=env, timeout=180), n)
 
 
 def test_large_frames_that_differ_are_a_mismatch(ranks):
     """A header that differs reaches a thread first; the error is the same."""
-    env = {"THUNDERLINK_TRANSPORT": "tcp", "THUNDERLINK_TCP_THREADS": "on"}
+    env = {"THUNDERLINK_TRANSPORT": "tcp", "THUNDERLINK_TCP_THREADS": "on",
+           "THUNDERLINK_TCP_THREADS_MIN_BYTES": "1M"}  # the case is 4 MiB
     r = ranks(2, "mismatch", "large_size", env=env)
     assert r.status == 0, r.all_text()
     values = r.results()

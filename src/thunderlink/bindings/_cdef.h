@@ -115,6 +115,7 @@ typedef struct tl_options {
   int32_t heartbeat_ms;
   int32_t listen_all;
   int32_t tcp_threads;
+  int64_t tcp_threads_min_bytes;
   int32_t ntune;
   tl_tune_row_t tune[64];
 } tl_options_t;

@@ -193,6 +193,7 @@ typedef struct tl_options {
                                  lost; heartbeats every fifth; 0 = off      */
   int32_t listen_all;         /* listen on every interface, not just the hostfile's addresses */
   int32_t tcp_threads;        /* TL_TCP_THREADS_*: I/O threads for TCP connections */
+  int64_t tcp_threads_min_bytes; /* operations below this: no I/O threads */
   /* A tuning profile's rows (not in the options table: not knobs of their
    * own). Checked by tl_options_check; in the handshake digest. */
   int32_t ntune;

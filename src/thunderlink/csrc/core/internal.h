@@ -434,11 +434,9 @@ void tl__intr_drain(void);
  * the loop retires slices seen .. fin-1. */
 
 #define TL_IO_QCAP 64
-#define TL_IO_MIN_BYTES ((size_t)64 << 10) /* smaller slices move inline */
-/* and so does every slice of an operation below this (its hand-overs would
- * cost more than they save: at 1 MiB the calling thread alone was already
- * ahead of MLX's ring on 16 cores, BENCHMARKS.md) */
-#define TL_IO_MIN_OP_BYTES ((uint64_t)2 << 20)
+#define TL_IO_MIN_BYTES ((size_t)64 << 10) /* smaller slices move inline, and
+                                             so does every slice of an operation
+                                             below opts.tcp_threads_min_bytes */
 #define TL_IO_MISMATCH (-1000000)         /* a received header differs */
 
 typedef struct tl_io {

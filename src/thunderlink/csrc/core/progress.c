@@ -124,7 +124,7 @@ static unsigned io_held(const tl_chan_t *k, int d) {
  * Returns whether the thread now holds the head of the queue. */
 static int io_offload(tl_comm_t *c, tl_chan_t *k, int d) {
   if (k->index < 0 || k->ops != &tl__tcp_ops || k->eof || k->fd < 0 || c->status ||
-      c->cur.total < TL_IO_MIN_OP_BYTES)
+      c->cur.total < (uint64_t)c->opts.tcp_threads_min_bytes)
     return io_held(k, d) > 0;
   unsigned held = io_held(k, d), handed = 0;
   tl_slice_t *s = d ? k->rq : k->sq;
