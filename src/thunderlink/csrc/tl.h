@@ -101,7 +101,7 @@ extern "C" {
 /* tl_options_t.tcp_threads: who moves the bytes of TCP connections */
 #define TL_TCP_THREADS_AUTO 0 /* threads where the host has cores to spare       */
 #define TL_TCP_THREADS_OFF 1  /* the calling thread drives every connection        */
-#define TL_TCP_THREADS_ON 2   /* a thread per connection moves large frames         */
+#define TL_TCP_THREADS_ON 2   /* threads per connection move its large frames      */
 
 /* ---- transports ---------------------------------------------------------
  * tl_options_t.transport picks them: AUTO uses shared memory between ranks
