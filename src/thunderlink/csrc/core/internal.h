@@ -532,6 +532,10 @@ int tl__wait_all(tl_comm_t *c, tl_req_t *reqs, int n);
 /* A header template for the current operation. */
 tl_frame_t tl__frame(tl_comm_t *c, uint32_t unit, uint32_t lane);
 
+/* The rest of slice s's frame as iovecs over its header (hdr: s->hdr to
+ * send, &s->got to receive) and payload, from s->done on: how many (0-2). */
+int tl__frame_iov(tl_slice_t *s, tl_frame_t *hdr, struct iovec *iov);
+
 /* Called by transports when a slice is finished (it goes back to the pool). */
 void tl__slice_done(tl_comm_t *c, tl_slice_t *s);
 void tl__slice_free(tl_comm_t *c, tl_slice_t *s);

@@ -84,7 +84,7 @@ static int lost(tl_comm_t *c, tl_chan_t *k, const char *what, int err) {
 
 /* The rest of a frame, as an iovec over its header (hdr: what is sent, or
  * where the received header goes) and its payload; both move in one call. */
-static int frame_iov(tl_slice_t *s, tl_frame_t *hdr, struct iovec iov[2]) {
+int tl__frame_iov(tl_slice_t *s, tl_frame_t *hdr, struct iovec *iov) {
   const size_t H = sizeof(tl_frame_t);
   int n = 0;
   if (s->done < H) {
@@ -249,7 +249,7 @@ static int send_some(tl_comm_t *c, tl_chan_t *k) {
     if (io_offload(c, k, 0)) break; /* the channel's thread has the head */
     tl_slice_t *s = k->sq;
     struct iovec iov[2];
-    int n = frame_iov(s, &s->hdr, iov);
+    int n = tl__frame_iov(s, &s->hdr, iov);
     long w = n ? k->ops->send(k, iov, n) : 0;
     if (w < 0) return lost(c, k, "sending to", (int)-w);
     if (w == 0 && n) break;
@@ -371,7 +371,7 @@ static int recv_some(tl_comm_t *c, tl_chan_t *k) {
     if (io_offload(c, k, 1)) break; /* the channel's thread has the head */
     tl_slice_t *s = k->rq;
     struct iovec iov[2];
-    int n = frame_iov(s, &s->got, iov);
+    int n = tl__frame_iov(s, &s->got, iov);
     /* Reduce-on-receive: the header is read, the payload combined in place. */
     if (s->other && n) n = s->done < H ? 1 : 0;
     long r = n ? k->ops->recv(k, iov, n, 0) : s->other && s->done < H + s->len

@@ -133,23 +133,6 @@ int tl__io_wanted(tl_comm_t *c) {
 
 /* ---- the thread ------------------------------------------------------------ */
 
-/* The bytes of a frame not yet moved, as iovecs over its header and payload
- * (the same cut as progress.c's). */
-static int rest_iov(tl_slice_t *s, tl_frame_t *hdr, struct iovec iov[2]) {
-  const size_t H = sizeof(tl_frame_t);
-  int n = 0;
-  if (s->done < H) {
-    iov[n].iov_base = (char *)hdr + s->done;
-    iov[n++].iov_len = H - s->done;
-  }
-  size_t pdone = s->done > H ? s->done - H : 0;
-  if (pdone < s->len) {
-    iov[n].iov_base = s->buf + pdone;
-    iov[n++].iov_len = s->len - pdone;
-  }
-  return n;
-}
-
 /* Move bytes of the current slice. Returns 1 when something moved, 0 when
  * the socket would block, or -1 when the thread stopped (err set). */
 static int step(tl_io_t *io) {
@@ -158,7 +141,7 @@ static int step(tl_io_t *io) {
   tl_slice_t *s = io->job[f % TL_IO_QCAP];
   const size_t H = sizeof(tl_frame_t);
   struct iovec iov[2];
-  int n = rest_iov(s, io->dir ? &s->got : &s->hdr, iov);
+  int n = tl__frame_iov(s, io->dir ? &s->got : &s->hdr, iov);
   long r = n == 0 ? 0 : io->dir ? k->ops->recv(k, iov, n, 0) : k->ops->send(k, iov, n);
   if (r < 0) {
     atomic_store(&io->err, (int)r);
