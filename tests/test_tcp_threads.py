@@ -257,6 +257,37 @@ def prog_close_mid_transfer(mode: str, rounds: int):
     print("RESULT " + json.dumps({"worst": worst, "left": io_threads()}))
 
 
+def prog_ctrl_c():
+    """Rank 0 waits on the main thread in a 16 MiB all_sum that its peer
+    never joins, its I/O threads blocked on the sockets; SIGINT arrives.
+    The wait ends at once (KeyboardInterrupt), the communicator is poisoned,
+    and closing it leaves no thread."""
+    import signal
+
+    import numpy as np
+
+    a, b = _pair("on", timeout=30.0)
+    x = np.ones(1 << 22, np.float32)
+    _both(a, b, lambda c: c.all_sum(x), lambda c: c.all_sum(x))  # threads up
+    main = threading.main_thread().ident  # as Ctrl-C reaches the program's main thread
+    threading.Timer(0.3, lambda: signal.pthread_kill(main, signal.SIGINT)).start()
+    t0 = time.monotonic()
+    try:
+        a.all_sum(x)
+        raised = None
+    except BaseException as e:  # noqa: BLE001 -- KeyboardInterrupt is the point
+        raised = type(e).__name__
+    took = time.monotonic() - t0
+    try:
+        a.barrier()
+        after = None
+    except BaseException as e:  # noqa: BLE001
+        after = type(e).__name__
+    a.close()
+    b.close()
+    print("RESULT " + json.dumps({"raised": raised, "took": took, "after": after, "left": io_threads()}))
+
+
 # ---- the tests --------------------------------------------------------------------------
 
 
@@ -325,6 +356,15 @@ def test_close_from_another_thread_while_threads_block():
     assert v["left"] == 0, v
     assert v["worst"]["close"] < 5 and v["worst"]["call"] < 5, v
     assert v["worst"]["peer"] < 10, v
+
+
+@needs_proc
+def test_ctrl_c_while_threads_block():
+    v = _child("ctrl_c", timeout=60)
+    assert v["raised"] == "KeyboardInterrupt", v
+    assert 0.2 < v["took"] < 1.5, v
+    assert v["after"] == "InterruptedCollectiveError", v
+    assert v["left"] == 0, v
 
 
 @pytest.mark.parametrize("mode", MODES)
