@@ -64,7 +64,10 @@ with thunderlink.connect() as comm:
         d = {t: c1[t][1] - c0.get(t, (None, 0.0))[1] for t in c1}
         main = d.get(me, 0.0)
         io = [d[t] for t in c1 if c1[t][0] == "tl-io"]
-        per = lambda v: 1e3 * v / iters  # noqa: E731
+
+        def per(v, iters=iters):
+            return 1e3 * v / iters
+
         if comm.rank == 0:
             busiest = max(io) if io else 0.0
             print(f"tcp_threads={mode} size={size >> 20}MiB wall={1e3 * statistics.median(t0):.2f}ms "

@@ -61,7 +61,7 @@ def _pair(mode: str, timeout: float = 20.0, **opts):
         o = Options(transport="tcp", tcp_threads=mode, timeout=timeout, connect_timeout=timeout, **opts)
         out, errs = [None, None], []
 
-        def make(r):
+        def make(r, out=out, errs=errs, eps=eps, o=o):
             try:
                 out[r] = Comm.create(r, 2, eps, o)
             except Exception as e:  # noqa: BLE001 -- reported below
@@ -81,19 +81,21 @@ def _pair(mode: str, timeout: float = 20.0, **opts):
             raise errs[0]
 
 
-def _both(a, b, fa, fb):
-    """fa(a) on this thread and fb(b) on another; both results (or exceptions)."""
+def _both(a, b, name: str, args_a: tuple, args_b: tuple):
+    """a.name(*args_a) on this thread and b.name(*args_b) on another (for
+    send/recv, name is "send/recv"); both results (or exceptions)."""
     res = [None, None]
+    names = name.split("/") * (2 if "/" not in name else 1)
 
-    def run(i, f, c):
+    def run(i, c, method, args):
         try:
-            res[i] = f(c)
+            res[i] = getattr(c, method)(*args)
         except Exception as e:  # noqa: BLE001 -- returned to the caller
             res[i] = e
 
-    t = threading.Thread(target=run, args=(1, fb, b))
+    t = threading.Thread(target=run, args=(1, b, names[1], args_b))
     t.start()
-    run(0, fa, a)
+    run(0, a, names[0], args_a)
     t.join(60)
     assert not t.is_alive(), "rank 1 hung"
     return res
@@ -110,27 +112,27 @@ def prog_modes(mode: str):
     for count in (1000, 1 << 16, (1 << 18) + 3, 1 << 22, (1 << 23) + 5):
         xs = [np.arange(count, dtype=np.float32) % 251 + r for r in range(2)]
         want = xs[0] + xs[1]
-        got = _both(a, b, lambda c: c.all_sum(xs[0]), lambda c: c.all_sum(xs[1]))
+        got = _both(a, b, "all_sum", (xs[0],), (xs[1],))
         if not all(isinstance(g, np.ndarray) and np.array_equal(g, want) for g in got):
             out["wrong"].append(["all_sum", count, [repr(g)[:200] for g in got if not isinstance(g, np.ndarray)]])
         ys = [x.copy() for x in xs]
-        _both(a, b, lambda c: c.all_sum(ys[0], ys[0]), lambda c: c.all_sum(ys[1], ys[1]))
+        _both(a, b, "all_sum", (ys[0], ys[0]), (ys[1], ys[1]))
         if not (np.array_equal(ys[0], want) and np.array_equal(ys[1], want)):
             out["wrong"].append(["all_sum in place", count])
-        got = _both(a, b, lambda c: c.all_gather(xs[0]), lambda c: c.all_gather(xs[1]))
+        got = _both(a, b, "all_gather", (xs[0],), (xs[1],))
         if not all(isinstance(g, np.ndarray) and np.array_equal(g, np.concatenate(xs)) for g in got):
             out["wrong"].append(["all_gather", count])
         if count % 2 == 0:
-            got = _both(a, b, lambda c: c.reduce_scatter(xs[0]), lambda c: c.reduce_scatter(xs[1]))
+            got = _both(a, b, "reduce_scatter", (xs[0],), (xs[1],))
             half = count // 2
             if not (np.array_equal(got[0], want[:half]) and np.array_equal(got[1], want[half:])):
                 out["wrong"].append(["reduce_scatter", count])
         zs = [xs[0].copy(), np.zeros(count, np.float32)]
-        _both(a, b, lambda c: c.broadcast(zs[0], 0), lambda c: c.broadcast(zs[1], 0))
+        _both(a, b, "broadcast", (zs[0], 0), (zs[1], 0))
         if not np.array_equal(zs[1], xs[0]):
             out["wrong"].append(["broadcast", count])
         rx = np.zeros(count, np.float32)
-        _both(a, b, lambda c: c.send(xs[0], 1), lambda c: c.recv(rx, 0))
+        _both(a, b, "send/recv", (xs[0], 1), (rx, 0))
         if not np.array_equal(rx, xs[0]):
             out["wrong"].append(["send/recv", count])
     out["during"] = io_threads()
@@ -147,7 +149,7 @@ def prog_auto():
 
     a, b = _pair("auto")
     x = np.ones(1 << 22, np.float32)
-    _both(a, b, lambda c: c.all_sum(x), lambda c: c.all_sum(x))
+    _both(a, b, "all_sum", (x,), (x,))
     n = io_threads()
     a.close()
     b.close()
@@ -163,7 +165,7 @@ def prog_min_bytes():
     counts = []
     for size in (16 << 20, 32 << 20):
         x = np.ones(size // 4, np.float32)
-        got = _both(a, b, lambda c: c.all_sum(x), lambda c: c.all_sum(x))
+        got = _both(a, b, "all_sum", (x,), (x,))
         assert all(isinstance(g, np.ndarray) and np.all(g == 2) for g in got), got
         counts.append(io_threads())
     a.close()
@@ -183,7 +185,7 @@ def prog_many(mode: str, n: int, sample_every: int):
     x = np.ones(1 << 21, np.float32)  # 8 MiB: THUNDERLINK_TCP_THREADS_MIN_BYTES
     for i in range(1, n + 1):
         a, b = _pair(mode)
-        got = _both(a, b, lambda c: c.all_sum(x), lambda c: c.all_sum(x))
+        got = _both(a, b, "all_sum", (x,), (x,))
         if not all(isinstance(g, np.ndarray) and np.all(g == 2) for g in got):
             print("RESULT " + json.dumps({"wrong": i, "got": [repr(g)[:200] for g in got]}))
             return
@@ -213,10 +215,10 @@ def prog_close_mid_transfer(mode: str, rounds: int):
         a, b = _pair(mode, timeout=30.0)
         x = np.ones(1 << 22, np.float32)
         # One all_sum together first: the threads exist and are idle.
-        _both(a, b, lambda c: c.all_sum(x), lambda c: c.all_sum(x))
+        _both(a, b, "all_sum", (x,), (x,))
         got = []
 
-        def call():
+        def call(a=a, x=x, got=got):
             t0 = time.monotonic()
             try:
                 a.all_sum(x)
@@ -268,7 +270,7 @@ def prog_ctrl_c():
 
     a, b = _pair("on", timeout=30.0)
     x = np.ones(1 << 22, np.float32)
-    _both(a, b, lambda c: c.all_sum(x), lambda c: c.all_sum(x))  # threads up
+    _both(a, b, "all_sum", (x,), (x,))  # threads up
     main = threading.main_thread().ident  # as Ctrl-C reaches the program's main thread
     threading.Timer(0.3, lambda: signal.pthread_kill(main, signal.SIGINT)).start()
     t0 = time.monotonic()
@@ -293,7 +295,7 @@ def prog_ctrl_c():
 
 def _child(*args, timeout: float, env: dict | None = None) -> dict:
     cp = subprocess.run([sys.executable, "-X", "faulthandler", __file__, *map(str, args)],
-                        capture_output=True, text=True, timeout=timeout,
+                        capture_output=True, text=True, timeout=timeout, check=False,
                         env={**os.environ, **(env or {})})
     lines = [ln for ln in cp.stdout.splitlines() if ln.startswith("RESULT ")]
     assert cp.returncode == 0 and lines, (
@@ -322,7 +324,9 @@ def test_every_op_is_right_and_threads_exist_only_when_on(mode):
 
 def test_both_paths_count_the_same_bytes():
     on, off = (_child("modes", m, timeout=180) for m in MODES)
-    key = lambda s: (s["bytes_sent"], s["bytes_received"])  # noqa: E731
+    def key(s):
+        return s["bytes_sent"], s["bytes_received"]
+
     assert [key(s) for s in on["stats"]] == [key(s) for s in off["stats"]]
 
 
@@ -399,6 +403,7 @@ def test_peer_killed_mid_transfer_is_an_error_within_two_seconds(tmp_path):
     """SIGKILL in the middle of 16 MiB all_sums while the other ranks' I/O
     threads are blocked on their sockets: PeerLostError naming it, fast."""
     from conftest import RANKPROGS
+
     from thunderlink.launch import free_ports
 
     hf = tmp_path / "hosts.json"
