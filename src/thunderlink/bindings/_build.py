@@ -26,6 +26,7 @@ SOURCES = [
     "core/auth.c",
     "core/progress.c",
     "core/heartbeat.c",
+    "core/tcpio.c",
     "core/interrupt.c",
     "coll/api.c",
     "coll/select.c",

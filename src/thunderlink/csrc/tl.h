@@ -98,6 +98,11 @@ extern "C" {
 #define TL_ALGO_ONESHOT 2 /* every rank sends its buffer to every other rank */
 #define TL_ALGO_MESH 3    /* every pair linked: direct reduce-scatter + all-gather */
 
+/* tl_options_t.tcp_threads: who moves the bytes of TCP connections */
+#define TL_TCP_THREADS_AUTO 0 /* threads where the host has cores to spare       */
+#define TL_TCP_THREADS_OFF 1  /* the calling thread drives every connection        */
+#define TL_TCP_THREADS_ON 2   /* threads per connection move its large frames      */
+
 /* ---- transports ---------------------------------------------------------
  * tl_options_t.transport picks them: AUTO uses shared memory between ranks
  * of one host and TCP otherwise; TCP forces TCP; SHM requires every linked
@@ -189,6 +194,8 @@ typedef struct tl_options {
   int32_t listen_all;         /* listen on every interface, not just the hostfile's addresses */
   int64_t ibv_zcopy_bytes;    /* RDMA: zero copy from this message size; 0 = off */
   int32_t ibv_mr_cache;       /* RDMA: regions a link's registration cache holds */
+  int32_t tcp_threads;        /* TL_TCP_THREADS_*: I/O threads for TCP connections */
+  int64_t tcp_threads_min_bytes; /* operations below this: no I/O threads */
   /* A tuning profile's rows (not in the options table: not knobs of their
    * own). Checked by tl_options_check; in the handshake digest. */
   int32_t ntune;

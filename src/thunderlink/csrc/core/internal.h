@@ -217,6 +217,7 @@ struct tl_chan {
   int eof;                  /* peer closed or reset (seen while idle) */
   int fd;                   /* socket, or -1 */
   void *t;                  /* the transport's state */
+  struct tl_io *io[2];      /* its I/O threads (tcpio.c): sends, receives; or NULL */
 };
 
 struct tl_link {
@@ -308,6 +309,12 @@ struct tl_comm {
   int hb_registered;  /* heartbeat.c sends on this communicator's links */
   uint64_t intr_gen;  /* tl_interrupt()s counted when the operation began */
   int64_t intr_ns;    /* when the operation first saw a later one, or 0 */
+
+  /* TCP I/O threads (tcpio.c): 0 not decided yet, 1 off, 2 on; the pipe
+   * on which they tell the progress loop (made with the first of them). */
+  int io_state;
+  int io_started;
+  int io_note[2];
 };
 
 /* ---- options (options.c, from the table in options.h) ---------------------- */
@@ -435,6 +442,58 @@ uint64_t tl__intr_count(void);
 int tl__intr_fd(void);
 void tl__intr_drain(void);
 
+/* ---- I/O threads of TCP data channels (tcpio.c) ----------------------------
+ *
+ * Two threads per TCP data channel, one per direction, move the bytes of
+ * large slices the progress loop hands them (a prefix of the channel's send
+ * or receive queue, in order); the loop keeps the queues, the rules and the
+ * failures. The hand-over is one-producer one-consumer: the loop writes
+ * job[i % CAP] then tail; the thread moves slice fin and then advances fin;
+ * the loop retires slices seen .. fin-1. */
+
+#define TL_IO_QCAP 64
+#define TL_IO_MIN_BYTES ((size_t)64 << 10) /* smaller slices move inline, and
+                                             so does every slice of an operation
+                                             below opts.tcp_threads_min_bytes */
+#define TL_IO_MISMATCH (-1000000)         /* a received header differs */
+
+typedef struct tl_io {
+  tl_chan_t *k;
+  int dir;                      /* 0: sends, 1: receives */
+  pthread_t thread;
+  int pid;                      /* that started it (a forked child has no thread) */
+  int wake[2];                  /* the loop wakes a sleeping thread here */
+  int note;                     /* c->io_note[1] */
+  pthread_mutex_t mu;           /* with cv: halting and resuming */
+  pthread_cond_t cv;
+  tl_slice_t *job[TL_IO_QCAP];
+  atomic_uint tail;             /* slices handed over */
+  atomic_uint fin;              /* slices finished by the thread */
+  unsigned seen;                /* finished slices the loop retired */
+  atomic_int err;               /* why it stopped: -errno, TL_IO_MISMATCH */
+  atomic_int halt, halted, quit, sleeping;
+  _Atomic int64_t heard_ns;     /* bytes last came from the peer */
+} tl_io_t;
+
+/* Should large slices of c's TCP data channels move on I/O threads
+ * (tl_options_t.tcp_threads; auto: usable CPUs >= 4 x ranks on this host)?
+ * Decided once, at the first large slice. */
+int tl__io_wanted(tl_comm_t *c);
+/* Start k's thread for direction d (k->io[d]). A status, with the message
+ * recorded. */
+int tl__io_start(tl_comm_t *c, tl_chan_t *k, int d);
+/* New slices were handed over: wake the thread if it sleeps. */
+void tl__io_kick(tl_io_t *io);
+/* Park the thread (returns once it has: it then touches no slice and no
+ * socket), and let it go on. */
+void tl__io_halt(tl_io_t *io);
+void tl__io_resume(tl_io_t *io);
+/* End and join k's threads (before its socket closes); free their state. */
+void tl__io_stop(tl_comm_t *c, tl_chan_t *k);
+/* Empty / close the communicator's note pipe. */
+void tl__io_drain_note(tl_comm_t *c);
+void tl__io_close_comm(tl_comm_t *c);
+
 /* ---- errors and logging --------------------------------------------------- */
 
 /* Record a message on c (formatted after the "rank R: op #seq: " prefix) and
@@ -490,6 +549,10 @@ int tl__wait_all(tl_comm_t *c, tl_req_t *reqs, int n);
 
 /* A header template for the current operation. */
 tl_frame_t tl__frame(tl_comm_t *c, uint32_t unit, uint32_t lane);
+
+/* The rest of slice s's frame as iovecs over its header (hdr: s->hdr to
+ * send, &s->got to receive) and payload, from s->done on: how many (0-2). */
+int tl__frame_iov(tl_slice_t *s, tl_frame_t *hdr, struct iovec *iov);
 
 /* Called by transports when a slice is finished (it goes back to the pool). */
 void tl__slice_done(tl_comm_t *c, tl_slice_t *s);

@@ -104,3 +104,15 @@ TL_OPTION(ibv_mr_cache, "ibv_mr_cache", "THUNDERLINK_IBV_MR_CACHE", TL_OPT_INT, 
           8, 1, 1000, 0, NULL,
           "RDMA: memory regions each link may hold for zero copy at once (least recently used "
           "evicted; Apple's devices allow about 100 in all, 10 queue pairs, 2 per link)")
+TL_OPTION(tcp_threads, "tcp_threads", "THUNDERLINK_TCP_THREADS", TL_OPT_CHOICE, "",
+          TL_TCP_THREADS_AUTO, TL_TCP_THREADS_AUTO, TL_TCP_THREADS_ON, 0, "auto,off,on",
+          "`on`: the large frames of each TCP connection move on two threads of its own, one per "
+          "direction, which sleep in the kernel while they wait, so that the copies into and out "
+          "of the kernel run on other cores than the reductions; `off`: the calling thread drives "
+          "every connection; `auto`: `on` where the CPUs this process may use are at least four "
+          "times the ranks on this host")
+TL_OPTION(tcp_threads_min_bytes, "tcp_threads_min_bytes", "THUNDERLINK_TCP_THREADS_MIN_BYTES",
+          TL_OPT_BYTES, "B", 8 << 20, 0, (int64_t)1 << 62, 0, NULL,
+          "operations (all_sum: the buffer) below this size move their TCP bytes on the calling "
+          "thread even where `THUNDERLINK_TCP_THREADS` is on: their hand-overs to the threads "
+          "would cost more than the threads save")

@@ -64,8 +64,10 @@ static void where(const tl_chan_t *k, char *buf, size_t cap) {
 /* A channel failed while we needed it. `what` is "sending to" or
  * "receiving from"; err 0 means the peer closed it. */
 static int told(tl_comm_t *c, tl_chan_t *k);
+static int io_reclaim(tl_comm_t *c, tl_chan_t *k);
 
 static int lost(tl_comm_t *c, tl_chan_t *k, const char *what, int err) {
+  io_reclaim(c, k); /* told() reads the channel: its threads must not */
   int said = told(c, k);
   if (said) return said;
   char w[TL_HOST_LEN + 64];
@@ -83,7 +85,7 @@ static int lost(tl_comm_t *c, tl_chan_t *k, const char *what, int err) {
 
 /* The rest of a frame, as an iovec over its header (hdr: what is sent, or
  * where the received header goes) and its payload; both move in one call. */
-static int frame_iov(tl_slice_t *s, tl_frame_t *hdr, struct iovec iov[2]) {
+int tl__frame_iov(tl_slice_t *s, tl_frame_t *hdr, struct iovec *iov) {
   const size_t H = sizeof(tl_frame_t);
   int n = 0;
   if (s->done < H) {
@@ -103,14 +105,152 @@ static size_t payload(size_t done) {
   return done > sizeof(tl_frame_t) ? done - sizeof(tl_frame_t) : 0;
 }
 
+/* ---- I/O threads (tcpio.c) ------------------------------------------------------
+ *
+ * Where c's TCP data channels have threads, the large slices at the head of
+ * a channel's queues move on its thread: io_offload hands over the longest
+ * prefix of not-yet-started large slices, io_collect retires what the thread
+ * finished (in queue order) and judges a stop, io_reclaim takes back what it
+ * holds. While the thread holds slices of a direction, this loop neither
+ * polls nor reads nor writes that direction of the socket. */
+
+static int header_in(tl_comm_t *c, tl_chan_t *k, tl_slice_t *s);
+
+static unsigned io_held(const tl_chan_t *k, int d) {
+  const tl_io_t *io = k->io[d];
+  return io ? atomic_load(&io->tail) - io->seen : 0;
+}
+
+/* Hand direction d's eligible slices to k's thread for it (starting it).
+ * Returns whether the thread now holds the head of the queue. */
+static int io_offload(tl_comm_t *c, tl_chan_t *k, int d) {
+  if (k->index < 0 || k->ops != &tl__tcp_ops || k->eof || k->fd < 0 || c->status ||
+      c->cur.total < (uint64_t)c->opts.tcp_threads_min_bytes)
+    return io_held(k, d) > 0;
+  unsigned held = io_held(k, d), handed = 0;
+  tl_slice_t *s = d ? k->rq : k->sq;
+  for (unsigned i = 0; i < held && s; i++) s = s->next;
+  for (; s && held < TL_IO_QCAP; s = s->next, held++) {
+    if (s->other || s->done || s->len < TL_IO_MIN_BYTES) break;
+    if (!k->io[d]) {
+      if (!tl__io_wanted(c)) break;
+      if (tl__io_start(c, k, d)) {
+        tl__log(c, TL_LOG_WARN, "%s; moving TCP bytes on the calling thread", c->err);
+        c->io_state = 1;
+        break;
+      }
+    }
+    tl_io_t *io = k->io[d];
+    unsigned t = atomic_load(&io->tail);
+    io->job[t % TL_IO_QCAP] = s;
+    atomic_store(&io->tail, t + 1);
+    handed++;
+  }
+  if (handed) tl__io_kick(k->io[d]);
+  return io_held(k, d) > 0;
+}
+
+static void io_heard(tl_chan_t *k) {
+  tl_io_t *io = k->io[1];
+  int64_t h = io ? atomic_load(&io->heard_ns) : 0;
+  if (h > k->link->heard_ns) k->link->heard_ns = h;
+}
+
+/* Retire the slices k's threads finished. Returns how many. */
+static int io_retire(tl_comm_t *c, tl_chan_t *k) {
+  int completed = 0;
+  for (int d = 0; d < 2; d++) {
+    tl_io_t *io = k->io[d];
+    if (!io) continue;
+    unsigned f = atomic_load(&io->fin);
+    while (io->seen != f) {
+      tl_slice_t *s = d ? pop(&k->rq, &k->rq_tail) : pop(&k->sq, &k->sq_tail);
+      io->seen++;
+      if (d) {
+        k->peeked = 0;
+        c->stats.bytes_received += s->len;
+        c->stats.bytes_received_by[k->ops->id] += s->len;
+      } else {
+        c->stats.bytes_sent += s->len;
+        c->stats.bytes_sent_by[k->ops->id] += s->len;
+      }
+      tl__slice_done(c, s);
+      completed++;
+    }
+  }
+  if (completed) io_heard(k);
+  return completed;
+}
+
+/* Park k's threads and take back what they hold: afterwards the slices,
+ * with the bytes the threads moved of them (s->done), are this loop's
+ * alone. Returns the slices they had finished (retired here). */
+static int io_reclaim(tl_comm_t *c, tl_chan_t *k) {
+  if (!k->io[0] && !k->io[1]) return 0;
+  for (int d = 0; d < 2; d++)
+    if (k->io[d]) tl__io_halt(k->io[d]);
+  int completed = io_retire(c, k);
+  for (int d = 0; d < 2; d++) {
+    tl_io_t *io = k->io[d];
+    if (!io) continue;
+    unsigned t = atomic_load(&io->tail);
+    tl_slice_t *s = d ? k->rq : k->sq;
+    for (unsigned i = io->seen; i != t && s; i++, s = s->next) {
+      size_t moved = payload(s->done);
+      if (d) {
+        c->stats.bytes_received += moved;
+        c->stats.bytes_received_by[k->ops->id] += moved;
+      } else {
+        c->stats.bytes_sent += moved;
+        c->stats.bytes_sent_by[k->ops->id] += moved;
+      }
+    }
+    atomic_store(&io->fin, io->seen);
+    atomic_store(&io->tail, io->seen);
+    atomic_store(&io->err, 0);
+    tl__io_resume(io);
+  }
+  io_heard(k);
+  return completed;
+}
+
+static void io_reclaim_all(tl_comm_t *c) {
+  for (int i = 0; i < c->nchans; i++) io_reclaim(c, c->chans[i]);
+}
+
+/* Retire what k's threads finished, and judge why one stopped, if one did,
+ * as the calling thread would have: the same messages, the same rules.
+ * Returns slices completed, or a status. */
+static int io_collect(tl_comm_t *c, tl_chan_t *k) {
+  int completed = io_retire(c, k);
+  int es = k->io[0] ? atomic_load(&k->io[0]->err) : 0;
+  int er = k->io[1] ? atomic_load(&k->io[1]->err) : 0;
+  if (!es && !er) return completed;
+  completed += io_reclaim(c, k);
+  if (er == TL_IO_MISMATCH && k->rq) {
+    int rc = header_in(c, k, k->rq);
+    if (rc) return rc > 0 ? completed : rc;
+  } else if (er) {
+    return lost(c, k, "receiving from", er == -EPIPE ? 0 : -er);
+  }
+  if (es) return lost(c, k, "sending to", -es);
+  return completed;
+}
+
 /* Write queued frames until the channel takes no more. Returns the number of
  * slices completed, or a negative status. */
 static int send_some(tl_comm_t *c, tl_chan_t *k) {
   int completed = 0;
+  if (k->io[0] || k->io[1]) {
+    int x = io_collect(c, k);
+    if (x < 0) return x;
+    completed += x;
+  }
   while (k->sq) {
+    if (io_offload(c, k, 0)) break; /* the channel's thread has the head */
     tl_slice_t *s = k->sq;
     struct iovec iov[2];
-    int n = frame_iov(s, &s->hdr, iov);
+    int n = tl__frame_iov(s, &s->hdr, iov);
     long w = n ? k->ops->send(k, iov, n) : 0;
     if (w < 0) return lost(c, k, "sending to", (int)-w);
     if (w == 0 && n) break;
@@ -205,13 +345,34 @@ static long reduce_some(tl_chan_t *k, tl_slice_t *s) {
   return (long)moved;
 }
 
+/* The header of s has arrived (in s->got; the first s->done - H bytes of
+ * the payload are in s->buf): an abort notice, or the frame expected?
+ * Returns 0 when it is, 1 when a peer's abort notice concerns a later
+ * collective (kept for the next call), or the failure. */
+static int header_in(tl_comm_t *c, tl_chan_t *k, tl_slice_t *s) {
+  const size_t H = sizeof(tl_frame_t);
+  if (s->got.magic == TL_FRAME_MAGIC && s->got.type == TL_FRAME_ABORT) {
+    int rc = peer_aborted(c, k, &s->got, s->buf, s->done - H);
+    return rc ? rc : 1;
+  }
+  char w[TL_HOST_LEN + 64];
+  where(k, w, sizeof w);
+  return tl__check_frame(c, k->link->peer, &s->hdr, &s->got, w);
+}
+
 static int recv_some(tl_comm_t *c, tl_chan_t *k) {
   int completed = 0;
   const size_t H = sizeof(tl_frame_t);
+  if (k->io[0] || k->io[1]) {
+    int x = io_collect(c, k);
+    if (x < 0) return x;
+    completed += x;
+  }
   while (k->rq) {
+    if (io_offload(c, k, 1)) break; /* the channel's thread has the head */
     tl_slice_t *s = k->rq;
     struct iovec iov[2];
-    int n = frame_iov(s, &s->got, iov);
+    int n = tl__frame_iov(s, &s->got, iov);
     /* Reduce-on-receive: the header is read, the payload combined in place. */
     if (s->other && n) n = s->done < H ? 1 : 0;
     long r = n ? k->ops->recv(k, iov, n, 0) : s->other && s->done < H + s->len
@@ -224,12 +385,8 @@ static int recv_some(tl_comm_t *c, tl_chan_t *k) {
     c->stats.bytes_received += moved;
     c->stats.bytes_received_by[k->ops->id] += moved;
     if (before < H && s->done >= H) {
-      if (s->got.magic == TL_FRAME_MAGIC && s->got.type == TL_FRAME_ABORT)
-        return peer_aborted(c, k, &s->got, s->buf, s->done - H);
-      char w[TL_HOST_LEN + 64];
-      where(k, w, sizeof w);
-      int rc = tl__check_frame(c, k->link->peer, &s->hdr, &s->got, w);
-      if (rc) return rc;
+      int rc = header_in(c, k, s);
+      if (rc) return rc > 0 ? 0 : rc;
     }
     if (s->done == H + s->len) {
       pop(&k->rq, &k->rq_tail);
@@ -342,11 +499,15 @@ int tl__chan_post(tl_comm_t *c, tl_chan_t *k, tl_slice_t *s, int is_send) {
   if (!is_send) {
     push(&k->rq, &k->rq_tail, s);
     k->peeked = 0;
+    if (k->io[1] || k->rq == s) io_offload(c, k, 1);
     return TL_OK;
   }
   int was_empty = k->sq == NULL;
   push(&k->sq, &k->sq_tail, s);
-  if (!was_empty) return TL_OK;
+  if (!was_empty) {
+    if (k->io[0]) io_offload(c, k, 0);
+    return TL_OK;
+  }
   /* Start at once: small messages leave without a trip through poll. */
   int r = send_some(c, k);
   return r < 0 ? r : TL_OK;
@@ -491,8 +652,9 @@ int tl__progress(tl_comm_t *c) {
     int n = 0, busy = 0, ready = 0, soon = 0;
     for (int i = 0; i < c->nchans; i++) {
       tl_chan_t *k = c->chans[i];
-      int want_in = k->rq || (!k->peeked && !k->eof);
-      int want_out = k->sq != NULL;
+      /* A direction whose slices the channel's thread holds is its own. */
+      int want_in = !io_held(k, 1) && (k->rq || (!k->peeked && !k->eof));
+      int want_out = k->sq != NULL && !io_held(k, 0);
       if (k->sq || k->rq) busy++;
       if (!want_in && !want_out) continue;
       c->pfds[n].fd = -1;
@@ -525,9 +687,15 @@ int tl__progress(tl_comm_t *c) {
       soon_ns = soon_ns * 2 < TL_ARM_SOON_MAX_NS ? soon_ns * 2 : TL_ARM_SOON_MAX_NS;
       timeout = 0;
     }
-    int npoll = n, ipipe = tl__intr_fd();
+    int npoll = n, ipipe = tl__intr_fd(), inote = -1;
     if (ipipe >= 0) {
       c->pfds[npoll].fd = ipipe;
+      c->pfds[npoll].events = POLLIN;
+      c->pfds[npoll++].revents = 0;
+    }
+    if (c->io_started) { /* the I/O threads' news */
+      inote = npoll;
+      c->pfds[npoll].fd = c->io_note[0];
       c->pfds[npoll].events = POLLIN;
       c->pfds[npoll++].revents = 0;
     }
@@ -541,8 +709,21 @@ int tl__progress(tl_comm_t *c) {
       continue;
     }
     now = tl__now_ns();
-    if (npoll > n && c->pfds[n].revents) tl__intr_drain();
+    if (ipipe >= 0 && c->pfds[n].revents) tl__intr_drain();
     int completed = 0;
+    if (inote >= 0) {
+      /* Empty the pipe first: news after this leaves a byte for the next
+       * poll. Then every thread's finished slices and stops. */
+      if (c->pfds[inote].revents) tl__io_drain_note(c);
+      for (int i = 0; i < c->nchans; i++) {
+        tl_chan_t *k = c->chans[i];
+        if (!k->io[0] && !k->io[1]) continue;
+        int x = io_collect(c, k);
+        if (x < 0) return x;
+        completed += x;
+        io_heard(k);
+      }
+    }
     for (int i = 0; i < n; i++) {
       /* A channel without a descriptor (shared memory) is simply tried. */
       short re = c->pfds[i].fd < 0 || (c->pfds[i].revents && c->pchan[i]->ops->wake_fd)
@@ -564,6 +745,7 @@ int tl__progress(tl_comm_t *c) {
     if (rc) return rc;
     if (now >= c->deadline_ns) {
       char what[600] = "";
+      io_reclaim_all(c); /* what each slice moved, exactly */
       describe_wait(c, what, sizeof what);
       return tl__fail(c, TL_ERR_TIMEOUT, "timed out after %.1f s waiting%s. A peer "
                       "may be stopped, hung or still busy elsewhere, or a cable is "
@@ -579,8 +761,8 @@ static int add_chan(tl_comm_t *c, tl_chan_t *k) {
   tl_chan_t **all = realloc(c->chans, (size_t)(c->nchans + 1) * sizeof *all);
   if (!all) return TL_ERR_NOMEM;
   c->chans = all;
-  /* one slot more than channels: the interrupt pipe */
-  struct pollfd *pf = realloc(c->pfds, (size_t)(c->nchans + 2) * sizeof *pf);
+  /* two slots more than channels: the interrupt pipe, the I/O threads' */
+  struct pollfd *pf = realloc(c->pfds, (size_t)(c->nchans + 3) * sizeof *pf);
   if (!pf) return TL_ERR_NOMEM;
   c->pfds = pf;
   tl_chan_t **pc = realloc(c->pchan, (size_t)(c->nchans + 1) * sizeof *pc);
@@ -639,6 +821,7 @@ void tl__abort_all(tl_comm_t *c, const char *why) {
   f.op = (uint8_t)c->cur.op; /* where we failed: see peer_aborted */
   f.seq = c->cur.seq;
   f.len = (uint32_t)len;
+  io_reclaim_all(c); /* no thread touches a socket or a slice from here */
   for (int i = 0; i < 2 * c->nchans; i++) {
     /* Control channels first: the peer looks there for the reason when
      * another channel breaks (see told()). */
@@ -658,6 +841,9 @@ void tl__abort_all(tl_comm_t *c, const char *why) {
 
 void tl__links_close(tl_comm_t *c) {
   if (!c->links) return;
+  /* Threads first: they may be using the sockets and the slices. */
+  for (int i = 0; i < c->nchans; i++) tl__io_stop(c, c->chans[i]);
+  tl__io_close_comm(c);
   for (int p = 0; p < c->size; p++) {
     tl_link_t *l = &c->links[p];
     for (int k = 0; k < l->nchans; k++) {
