@@ -4,7 +4,9 @@
 
 Prints, per size, each series' median p50 time and median busbw, and the
 ratio of MLX's ring p50 to each other series' (above 1: faster than the
-ring). On a shared machine one sweep can hit a noisy moment at any size;
+ring), of the same variant: an in-place series against the ring in place
+(Gloo, in place only, too), an out-of-place one against the ring out of
+place; and Gloo's p50 to each thunderlink series' where Gloo ran. On a shared machine one sweep can hit a noisy moment at any size;
 the median of a few interleaved sweeps is what BENCHMARKS.md reports.
 """
 
@@ -40,18 +42,27 @@ def main(paths: list[str]) -> int:
                 sizes.append(k)
             p50[s, k].append(m["p50_us"])
             bw[s, k].append(m["busbw"])
-    ratios = [n for n in names if n != "mlx-ring"] if "mlx-ring" in names else []
-    print(f"# median of {len(runs)} runs: p50 time (us) / busbw (GB/s); x ring = ring p50 / series p50")
+    def ring_of(n: str) -> str:
+        """The ring series a series is compared with: the same variant."""
+        inplace = n.endswith("-in") or n.startswith("gloo")
+        return "mlx-ring-in" if inplace and "mlx-ring-in" in names else "mlx-ring"
+
+    rings = ("mlx-ring", "mlx-ring-in")
+    ratios = [("x ring " + n, ring_of(n), n) for n in names if n not in rings and ring_of(n) in names]
+    gloos = [n for n in names if n.startswith("gloo")]
+    ratios += [(f"x {g} " + n, g, n) for g in gloos for n in names if n.startswith(("core", "mlx-group"))]
+    print(f"# median of {len(runs)} runs: p50 time (us) / busbw (GB/s); x P S = P's p50 / S's p50 "
+          "(above 1: S is faster), in place against in place where P has it")
     print(f"# {'size':>12}" + "".join(f"  {n + ' p50':>14} {'busbw':>6}" for n in names)
-          + "".join(f"  {'x ring ' + n:>16}" for n in ratios))
+          + "".join(f"  {title:>16}" for title, _, _ in ratios))
     for k in sorted(sizes):
         line = f"  {k:>12}"
         for n in names:
             line += (f"  {statistics.median(p50[n, k]):>14.1f} {statistics.median(bw[n, k]):>6.2f}"
                      if p50[n, k] else f"  {'n/a':>14} {'':>6}")
-        for n in ratios:
-            if p50[n, k] and p50["mlx-ring", k]:
-                line += f"  {statistics.median(p50['mlx-ring', k]) / statistics.median(p50[n, k]):>16.2f}"
+        for _, ref, n in ratios:
+            if p50[n, k] and p50[ref, k]:
+                line += f"  {statistics.median(p50[ref, k]) / statistics.median(p50[n, k]):>16.2f}"
             else:
                 line += f"  {'n/a':>16}"
         print(line)
