@@ -27,6 +27,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
+from pairs import comm_pair
+
 pytestmark = pytest.mark.multiproc
 TEST_TIMEOUT_S = 150
 
@@ -47,39 +49,6 @@ def usage() -> dict:
 # ---- the child programs -------------------------------------------------------------
 
 
-def _pair(transport: str, timeout: float = 20.0):
-    """Ranks 0 and 1 of a fresh job, each connected by its own thread."""
-    from thunderlink.bindings import Comm, Endpoint, Options
-    from thunderlink.errors import ConfigError
-    from thunderlink.launch import free_ports
-
-    for attempt in range(5):
-        ports = free_ports(2)
-        eps = [Endpoint(owner=r, host="127.0.0.1", port=ports[r]) for r in range(2)]
-        opts = Options(transport=transport, timeout=timeout, connect_timeout=timeout)
-        out, errs = [None, None], []
-
-        def make(r):
-            try:
-                out[r] = Comm.create(r, 2, eps, opts)
-            except Exception as e:  # noqa: BLE001 -- reported below
-                errs.append(e)
-
-        threads = [threading.Thread(target=make, args=(r,)) for r in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if not errs:
-            return out
-        for c in out:
-            if c is not None:
-                c.close()
-        # Another process took a port between free_ports and the bind: again.
-        if not (isinstance(errs[0], ConfigError) and "already in use" in str(errs[0])) or attempt == 4:
-            raise errs[0]
-
-
 def prog_create_close(transport: str, n: int, sample_every: int):
     """n jobs of two ranks: connect, one all_sum each, close. Usage sampled."""
     import numpy as np
@@ -87,7 +56,7 @@ def prog_create_close(transport: str, n: int, sample_every: int):
     samples = []
     x0, x1 = np.arange(64, dtype=np.float32), np.ones(64, np.float32)
     for i in range(1, n + 1):
-        a, b = _pair(transport)
+        a, b = comm_pair(transport=transport)
         res = [None, None]
 
         def call(r, comm, x):
@@ -123,7 +92,7 @@ def prog_close_race(transport: str, n: int, seed: int):
     worst_close = 0.0
     worst_peer = 0.0
     for i in range(n):
-        a, b = _pair(transport, timeout=30.0)
+        a, b = comm_pair(30.0, transport=transport)
         size = rng.choice([1, 1000, 1 << 18])
         op = rng.choice(["all_sum", "all_gather", "barrier", "broadcast"])
         got = []

@@ -7,12 +7,10 @@ axis); this file holds what only this transport has.
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+from pairs import sigkill_mid_collective
 
-from conftest import RANKPROGS
 from thunderlink.bindings import transport_available
 from thunderlink.launch import free_ports
 
@@ -59,30 +57,7 @@ def test_sigkilled_peer_is_an_error_within_two_seconds_and_leaves_nothing(tmp_pa
     raise PeerLostError naming it within 2 s, and /dev/shm holds nothing new
     (the segments have no name once both ends mapped them)."""
     before = _dev_shm()
-    hf = _hostfile(tmp_path, 3)
-    stamp = tmp_path / "killed_at"
-    procs = []
-    try:
-        for rank in range(3):
-            env = dict(os.environ, THUNDERLINK_HOSTFILE=hf, THUNDERLINK_RANK=str(rank), THUNDERLINK_TRANSPORT="shm",
-                       THUNDERLINK_TIMEOUT="60", THUNDERLINK_CONNECT_TIMEOUT="20")
-            procs.append(subprocess.Popen([sys.executable, RANKPROGS, "killed_mid_collective", json.dumps([str(stamp)])],
-                                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-        outs = [p.communicate(timeout=90) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    assert procs[2].returncode == -9, outs[2]
-    killed_at = float(stamp.read_text())
-    for rank in (0, 1):
-        line = next((l for l in outs[rank][0].splitlines() if l.startswith("RESULT ")), None)
-        assert line, outs[rank]
-        v = json.loads(line[7:])
-        assert v["raised"] == "PeerLostError", v
-        assert "rank 2" in v["message"], v
-        assert v["at"] - killed_at < 2.0, (v, killed_at)
+    sigkill_mid_collective(tmp_path, {"THUNDERLINK_TRANSPORT": "shm"})
     assert _dev_shm() - before == set()
 
 

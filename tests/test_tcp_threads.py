@@ -28,6 +28,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
+from pairs import comm_pair, sigkill_mid_collective
+
 pytestmark = pytest.mark.multiproc
 TEST_TIMEOUT_S = 240
 
@@ -47,38 +49,6 @@ def io_threads() -> int:
         except FileNotFoundError:
             pass
     return n
-
-
-def _pair(mode: str, timeout: float = 20.0, **opts):
-    """Ranks 0 and 1 of a fresh job over TCP, tcp_threads=mode."""
-    from thunderlink.bindings import Comm, Endpoint, Options
-    from thunderlink.errors import ConfigError
-    from thunderlink.launch import free_ports
-
-    for attempt in range(5):
-        ports = free_ports(2)
-        eps = [Endpoint(owner=r, host="127.0.0.1", port=ports[r]) for r in range(2)]
-        o = Options(transport="tcp", tcp_threads=mode, timeout=timeout, connect_timeout=timeout, **opts)
-        out, errs = [None, None], []
-
-        def make(r, out=out, errs=errs, eps=eps, o=o):
-            try:
-                out[r] = Comm.create(r, 2, eps, o)
-            except Exception as e:  # noqa: BLE001 -- reported below
-                errs.append(e)
-
-        ts = [threading.Thread(target=make, args=(r,)) for r in range(2)]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
-        if not errs:
-            return out
-        for c in out:
-            if c is not None:
-                c.close()
-        if not (isinstance(errs[0], ConfigError) and "already in use" in str(errs[0])) or attempt == 4:
-            raise errs[0]
 
 
 def _both(a, b, name: str, args_a: tuple, args_b: tuple):
@@ -106,7 +76,7 @@ def prog_modes(mode: str):
     hand-over threshold, checked; the tl-io threads seen; stats."""
     import numpy as np
 
-    a, b = _pair(mode)
+    a, b = comm_pair(transport="tcp", tcp_threads=mode)
     before = io_threads()
     out = {"before": before, "wrong": []}
     for count in (1000, 1 << 16, (1 << 18) + 3, 1 << 22, (1 << 23) + 5):
@@ -147,7 +117,7 @@ def prog_auto():
     """tcp_threads=auto: threads iff usable CPUs >= 4 x ranks on this host."""
     import numpy as np
 
-    a, b = _pair("auto")
+    a, b = comm_pair(transport="tcp", tcp_threads="auto")
     x = np.ones(1 << 22, np.float32)
     _both(a, b, "all_sum", (x,), (x,))
     n = io_threads()
@@ -161,7 +131,7 @@ def prog_min_bytes():
     the calling thread, a 32 MiB one starts the threads."""
     import numpy as np
 
-    a, b = _pair("on", tcp_threads_min_bytes=32 << 20)
+    a, b = comm_pair(transport="tcp", tcp_threads="on", tcp_threads_min_bytes=32 << 20)
     counts = []
     for size in (16 << 20, 32 << 20):
         x = np.ones(size // 4, np.float32)
@@ -184,7 +154,7 @@ def prog_many(mode: str, n: int, sample_every: int):
     samples, seen = [], 0
     x = np.ones(1 << 21, np.float32)  # 8 MiB: THUNDERLINK_TCP_THREADS_MIN_BYTES
     for i in range(1, n + 1):
-        a, b = _pair(mode)
+        a, b = comm_pair(transport="tcp", tcp_threads=mode)
         got = _both(a, b, "all_sum", (x,), (x,))
         if not all(isinstance(g, np.ndarray) and np.all(g == 2) for g in got):
             print("RESULT " + json.dumps({"wrong": i, "got": [repr(g)[:200] for g in got]}))
@@ -212,7 +182,7 @@ def prog_close_mid_transfer(mode: str, rounds: int):
 
     worst = {"close": 0.0, "call": 0.0, "peer": 0.0}
     for i in range(rounds):
-        a, b = _pair(mode, timeout=30.0)
+        a, b = comm_pair(30.0, transport="tcp", tcp_threads=mode)
         x = np.ones(1 << 22, np.float32)
         # One all_sum together first: the threads exist and are idle.
         _both(a, b, "all_sum", (x,), (x,))
@@ -268,7 +238,7 @@ def prog_ctrl_c():
 
     import numpy as np
 
-    a, b = _pair("on", timeout=30.0)
+    a, b = comm_pair(30.0, transport="tcp", tcp_threads="on")
     x = np.ones(1 << 22, np.float32)
     _both(a, b, "all_sum", (x,), (x,))  # threads up
     main = threading.main_thread().ident  # as Ctrl-C reaches the program's main thread
@@ -402,36 +372,7 @@ def test_large_frames_that_differ_are_a_mismatch(ranks):
 def test_peer_killed_mid_transfer_is_an_error_within_two_seconds(tmp_path):
     """SIGKILL in the middle of 16 MiB all_sums while the other ranks' I/O
     threads are blocked on their sockets: PeerLostError naming it, fast."""
-    from conftest import RANKPROGS
-
-    from thunderlink.launch import free_ports
-
-    hf = tmp_path / "hosts.json"
-    hf.write_text(json.dumps({"ranks": [{"addresses": [f"127.0.0.1:{p}"]} for p in free_ports(3)]}))
-    stamp = tmp_path / "killed_at"
-    procs = []
-    try:
-        for rank in range(3):
-            env = dict(os.environ, THUNDERLINK_HOSTFILE=str(hf), THUNDERLINK_RANK=str(rank),
-                       THUNDERLINK_TRANSPORT="tcp", THUNDERLINK_TCP_THREADS="on",
-                       THUNDERLINK_TIMEOUT="60", THUNDERLINK_CONNECT_TIMEOUT="20")
-            procs.append(subprocess.Popen([sys.executable, RANKPROGS, "killed_mid_collective", json.dumps([str(stamp)])],
-                                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-        outs = [p.communicate(timeout=90) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    assert procs[2].returncode == -9, outs[2]
-    killed_at = float(stamp.read_text())
-    for rank in (0, 1):
-        line = next((ln for ln in outs[rank][0].splitlines() if ln.startswith("RESULT ")), None)
-        assert line, outs[rank]
-        v = json.loads(line[7:])
-        assert v["raised"] == "PeerLostError", v
-        assert "rank 2" in v["message"], v
-        assert v["at"] - killed_at < 2.0, (v, killed_at)
+    sigkill_mid_collective(tmp_path, {"THUNDERLINK_TRANSPORT": "tcp", "THUNDERLINK_TCP_THREADS": "on"})
 
 
 if __name__ == "__main__":
