@@ -152,7 +152,7 @@ def prog_many(mode: str, n: int, sample_every: int):
 
     p = psutil.Process()
     samples, seen = [], 0
-    x = np.ones(1 << 21, np.float32)  # 8 MiB: THUNDERLINK_TCP_THREADS_MIN_BYTES
+    x = np.ones(1 << 21, np.float32)  # 8 MiB: above THUNDERLINK_TCP_THREADS_MIN_BYTES
     for i in range(1, n + 1):
         a, b = comm_pair(transport="tcp", tcp_threads=mode)
         got = _both(a, b, "all_sum", (x,), (x,))

@@ -32,3 +32,11 @@ for t in auto on; do
   step 90 env THUNDERLINK_TCP_THREADS=$t thunderlink bench -n 8 --transport tcp --vs mlx-ring --inplace out --warmup 3 --sizes 1M,4M,16M,64M,256M --json $R/tcp-n8-$t.json
 done
 step 160 thunderlink bench -n 8 --via mlx --vs mlx-ring --vs gloo --inplace both --warmup 3 --sizes 1M,16M,64M,256M --json $R/main-n8-r2.json
+# N=2 over TCP, in place and out, 4-64 MiB: where the I/O threads start to pay, and the knobs around them
+S=2M,4M,16M,64M
+step 45 thunderlink bench -n 2 --transport tcp --vs mlx-ring --inplace both --warmup 3 --sizes $S --json $R/k-default.json
+for kv in THUNDERLINK_TCP_THREADS_MIN_BYTES=1M "THUNDERLINK_TCP_THREADS_MIN_BYTES=1M THUNDERLINK_CONNS=4" "THUNDERLINK_TCP_THREADS_MIN_BYTES=1M THUNDERLINK_CHUNK_BYTES=1M" "THUNDERLINK_TCP_THREADS_MIN_BYTES=1M THUNDERLINK_PIPELINE_DEPTH=4" "THUNDERLINK_TCP_THREADS_MIN_BYTES=1M THUNDERLINK_CHUNK_BYTES=2M THUNDERLINK_PIPELINE_DEPTH=4"; do
+  name=$(echo "$kv" | sed 's/THUNDERLINK_//g; s/ /_/g; s/=/-/g')
+  step 45 env $kv thunderlink bench -n 2 --transport tcp --vs mlx-ring --inplace both --warmup 3 --sizes $S --json $R/k-$name.json
+done
+step 45 thunderlink bench -n 2 --transport tcp --vs mlx-ring --inplace both --warmup 3 --sizes $S --json $R/k-default2.json

@@ -112,7 +112,7 @@ TL_OPTION(tcp_threads, "tcp_threads", "THUNDERLINK_TCP_THREADS", TL_OPT_CHOICE, 
           "every connection; `auto`: `on` where the CPUs this process may use are at least four "
           "times the ranks on this host")
 TL_OPTION(tcp_threads_min_bytes, "tcp_threads_min_bytes", "THUNDERLINK_TCP_THREADS_MIN_BYTES",
-          TL_OPT_BYTES, "B", 8 << 20, 0, (int64_t)1 << 62, 0, NULL,
+          TL_OPT_BYTES, "B", 2 << 20, 0, (int64_t)1 << 62, 0, NULL,
           "operations (all_sum: the buffer) below this size move their TCP bytes on the calling "
           "thread even where `THUNDERLINK_TCP_THREADS` is on: their hand-overs to the threads "
           "would cost more than the threads save")
