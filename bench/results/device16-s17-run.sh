@@ -40,3 +40,8 @@ for kv in THUNDERLINK_TCP_THREADS_MIN_BYTES=1M "THUNDERLINK_TCP_THREADS_MIN_BYTE
   step 45 env $kv thunderlink bench -n 2 --transport tcp --vs mlx-ring --inplace both --warmup 3 --sizes $S --json $R/k-$name.json
 done
 step 45 thunderlink bench -n 2 --transport tcp --vs mlx-ring --inplace both --warmup 3 --sizes $S --json $R/k-default2.json
+# phase4.sh (written on the machine by the run command):
+S=1M,2M,4M,16M
+for rep in 1 2; do for m in 2M 8M; do
+step 40 env THUNDERLINK_TCP_THREADS_MIN_BYTES=$m thunderlink bench -n 2 --transport tcp --vs mlx-ring --inplace both --warmup 3 --sizes $S --json $R/m-$m-r$rep.json
+done; done
