@@ -301,7 +301,8 @@ def zero_copy(mib):
     ring = mx.distributed.init(strict=True, backend="ring")
     count = (mib << 20) // 4
     peaks = {}
-    for name, group in (("thunderlink", g), ("ring", ring), ("thunderlink2", g), ("ring2", ring)):
+    for name, group in (("thunderlink", g), ("ring", ring), ("thunderlink2", g), ("ring2", ring),
+                        ("thunderlink3", g), ("ring3", ring)):
         big = mx.ones((count,), dtype=mx.float32)
         mx.eval(big)
         mx.synchronize()
