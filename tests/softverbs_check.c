@@ -481,6 +481,11 @@ static void bad_rkey_rc(int variant)
 {
     struct end e;
     struct opts o = defaults(IBV_QPT_RC);
+    /* The responder's NAK must come back within the requester's retry
+     * window, or the requester rightly reports RETRY_EXC_ERR: the default
+     * 67 ms is too short for a responder process descheduled on a loaded
+     * 2-core host. timeout 18: 1.07 s x 4. */
+    o.timeout = 18;
     make_end(&e, &o, 1 << 16);
     struct info peer = connect_end(&e, &o, NULL);
     if (RANK == 1) {
