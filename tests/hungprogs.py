@@ -14,7 +14,7 @@ import numpy as np
 
 import thunderlink
 
-from progmain import emit, run  # noqa: E402  (tests/ is on sys.path)
+from progmain import emit, run, threads_named  # noqa: E402  (tests/ is on sys.path)
 
 
 def threads() -> int:
@@ -22,16 +22,9 @@ def threads() -> int:
 
 
 def heartbeat_threads() -> int:
-    """This process's threads named by the core's heartbeat thread (other
-    threads come and go with a transport: softverbs runs one per queue pair)."""
-    n = 0
-    for t in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{t}/comm") as f:
-                n += f.read().strip() == "tl-heartbeat"
-        except OSError:
-            pass  # the thread ended meanwhile
-    return n
+    """The core's heartbeat threads (other threads come and go with a
+    transport: softverbs runs one per queue pair)."""
+    return threads_named("tl-heartbeat")
 
 
 def stop_mid_job(stopper: int, size_bytes: int):

@@ -355,11 +355,12 @@ def loop_all_sum(seconds):
 
 
 def lossy_all_sums(params):
-    """all_sum of `count` float32 `iters` times, each result checked, until
-    one raises (a lossy link: SOFTVERBS_DROP_EVERY). Reports the collectives
-    that completed, those whose result was wrong, and the error with the
-    seconds the failing collective took."""
-    count, iters = params
+    """all_sum of `count` float32 `iters` times (in place, or out of place
+    with a third param False), each result checked, until one raises (a
+    lossy link: SOFTVERBS_DROP_EVERY). Reports the collectives that
+    completed, those whose result was wrong, and the error with the seconds
+    the failing collective took and the RDMA counters."""
+    count, iters, inplace = (list(params) + [True])[:3]
     comm = thunderlink.connect()
     n = comm.size
     want = np.full(count, n * (n + 1) / 2, np.float32)
@@ -369,13 +370,13 @@ def lossy_all_sums(params):
         for i in range(iters):
             x = np.full(count, comm.rank + 1, np.float32)
             t = time.monotonic()
-            comm.all_sum(x, x)
+            y = comm.all_sum(x, x) if inplace else comm.all_sum(x)
             done += 1
-            wrong += not np.array_equal(x, want)
+            wrong += not np.array_equal(x if inplace else y, want)
         emit({"raised": None, "done": done, "wrong": wrong})
     except thunderlink.ThunderlinkError as e:
         emit({"raised": type(e).__name__, "message": str(e), "done": done, "wrong": wrong,
-              "seconds": time.monotonic() - t})
+              "seconds": time.monotonic() - t, "stats": comm.stats().get("rdma")})
 
 
 def reuse_buffer(params):

@@ -29,6 +29,7 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 from pairs import comm_pair, sigkill_mid_collective
+from progmain import threads_named
 
 pytestmark = pytest.mark.multiproc
 TEST_TIMEOUT_S = 240
@@ -41,14 +42,7 @@ MODES = ("on", "off")
 
 def io_threads() -> int:
     """Threads of this process named tl-io."""
-    n = 0
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{tid}/comm") as f:
-                n += f.read().strip() == "tl-io"
-        except FileNotFoundError:
-            pass
-    return n
+    return threads_named("tl-io")
 
 
 def _both(a, b, name: str, args_a: tuple, args_b: tuple):

@@ -7,13 +7,12 @@ Each prints one line ``RESULT <json>``. Inputs come from rankprogs.data
 from __future__ import annotations
 
 import os
-import time
 
 import numpy as np
 
 import thunderlink
 from progmain import emit, run  # noqa: E402  (tests/ is on sys.path)
-from rankprogs import data, digest
+from rankprogs import data, digest, lossy_all_sums
 
 
 def across(counts, zcopy_by_rank=None):
@@ -127,24 +126,8 @@ def register_too_much(_):
 
 
 def lossy(params):
-    """all_sum of `count` float32 until one raises (a lossy link)."""
-    count, iters = params
-    comm = thunderlink.connect()
-    n = comm.size
-    want = np.full(count, n * (n + 1) / 2, np.float32)
-    done = wrong = 0
-    t = time.monotonic()
-    try:
-        for i in range(iters):
-            x = np.full(count, comm.rank + 1, np.float32)
-            t = time.monotonic()
-            y = comm.all_sum(x)
-            done += 1
-            wrong += not np.array_equal(y, want)
-        emit({"raised": None, "done": done, "wrong": wrong})
-    except thunderlink.ThunderlinkError as e:
-        emit({"raised": type(e).__name__, "message": str(e), "done": done, "wrong": wrong,
-              "seconds": time.monotonic() - t, "stats": comm.stats()["rdma"]})
+    """rankprogs.lossy_all_sums out of place: the zero-copy path."""
+    lossy_all_sums(list(params) + [False])
 
 
 if __name__ == "__main__":
