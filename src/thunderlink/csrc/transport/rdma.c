@@ -751,6 +751,19 @@ static struct ibv_mr *reg_pages(rdma_link_t *rl, uintptr_t lo, uintptr_t hi, uns
   return rl->api->reg_mr(rl->pd, (void *)lo, hi - lo, (int)access);
 }
 
+/* Fill e with mr, registered by reg_pages over [lo, hi) (the whole pages),
+ * and put it on the link's list. */
+static void mr_insert(rdma_link_t *rl, mr_entry_t *e, struct ibv_mr *mr, uintptr_t lo,
+                      uintptr_t hi, unsigned access) {
+  size_t pg = page_size();
+  e->mr = mr;
+  e->lo = lo & ~(uintptr_t)(pg - 1);
+  e->hi = (hi + pg - 1) & ~(uintptr_t)(pg - 1);
+  e->access = access;
+  e->next = rl->mrs;
+  rl->mrs = e;
+}
+
 /*
  * A region holding [ptr, ptr + len) for a write from it (dest 0: local
  * read) or into it by the peer (dest 1), with a reference taken; NULL when
@@ -800,15 +813,9 @@ static mr_entry_t *mr_get(rdma_link_t *rl, const void *ptr, size_t len, int dest
     free(e);
     return NULL;
   }
-  size_t pg = page_size();
-  e->mr = mr;
-  e->lo = lo & ~(uintptr_t)(pg - 1);
-  e->hi = (hi + pg - 1) & ~(uintptr_t)(pg - 1);
-  e->access = access;
+  mr_insert(rl, e, mr, lo, hi, access);
   e->refs = 1;
   e->used = ++rl->clock;
-  e->next = rl->mrs;
-  rl->mrs = e;
   rl->ncall++;
   c->stats.mr_registered++;
   return e;
@@ -1797,16 +1804,10 @@ static int rdma_register_memory(tl_link_t *l, void *addr, size_t len, int add) {
                                      "about 100; or raise the locked-memory limit: ulimit -l)"
                      : err == EFAULT ? " (the range is not mapped memory)" : "");
   }
-  size_t pg = page_size();
-  e->mr = mr;
-  e->lo = lo & ~(uintptr_t)(pg - 1);
-  e->hi = (hi + pg - 1) & ~(uintptr_t)(pg - 1);
-  e->access = access;
+  mr_insert(rl, e, mr, lo, hi, access);
   e->declared = 1;
   e->daddr = addr;
   e->dlen = len;
-  e->next = rl->mrs;
-  rl->mrs = e;
   l->comm->stats.mr_registered++;
   return TL_OK;
 }
